@@ -1,0 +1,1 @@
+"""Wire protocols: parse requests into neutral types, render neutral results back."""

@@ -1,0 +1,298 @@
+"""The OpenAI surface: /v1/chat/completions, /v1/completions and /v1/models.
+
+Requests are parsed into neutral GenerationRequests, run through the gateway, and rendered back
+exactly as OpenAI's API renders them, so the official SDKs work unchanged. Protocol models accept
+unknown fields (new SDK versions add them), but a field that would change the answer and that
+Serai does not implement is refused with a 400 rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from serai.api.deps import KeyDep, ServicesDep
+from serai.api.errors import json_response, openai_error_body
+from serai.api.sse import (
+    SSE_DONE,
+    ClientDisconnected,
+    EventStreamResponse,
+    sse_event,
+    until_disconnect,
+)
+from serai.engines.base import ModelInfo
+from serai.errors import InvalidRequest, SeraiError
+from serai.gateway import Run
+from serai.types import Chunk, GenerationRequest, Message, SamplingParams, Usage
+
+router = APIRouter(tags=["OpenAI"])
+
+MAX_STOP_SEQUENCES = 4
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Lenient):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Lenient):
+    model: str
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+    def _refuse_unsupported(self, fields: tuple[str, ...]) -> None:
+        if self.n not in (None, 1):
+            raise InvalidRequest("Serai returns one choice per request: n must be 1.", param="n")
+        extras = self.model_extra or {}
+        for name in fields:
+            value = extras.get(name)
+            if value not in (None, False, 0, [], {}):
+                raise InvalidRequest(f"'{name}' is not supported by this server yet.", param=name)
+
+    def _stops(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise InvalidRequest(f"'stop' takes at most {MAX_STOP_SEQUENCES} sequences.",
+                                 param="stop")
+        return tuple(s for s in stops if s)
+
+    def _sampling(self, max_tokens: int | None) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            seed=self.seed,
+            stop=self._stops(),
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    def to_generation(self, request_id: str) -> GenerationRequest:
+        self._refuse_unsupported(("tools", "functions", "logprobs", "top_logprobs", "audio",
+                                  "prediction"))
+        response_format = (self.model_extra or {}).get("response_format")
+        if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
+            raise InvalidRequest("Structured output (response_format) is not supported by this "
+                                 "server yet.", param="response_format.type")
+        messages = tuple(_neutral_message(i, m) for i, m in enumerate(self.messages))
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        return GenerationRequest(request_id=request_id, model=self.model, messages=messages,
+                                 sampling=self._sampling(max_tokens))
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str]
+    # The legacy completions API answers with 16 tokens unless told otherwise.
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+
+    def to_generation(self, request_id: str) -> GenerationRequest:
+        self._refuse_unsupported(("echo", "logprobs", "suffix"))
+        if (self.model_extra or {}).get("best_of") not in (None, 1):
+            raise InvalidRequest("best_of must be 1.", param="best_of")
+        if isinstance(self.prompt, list):
+            if len(self.prompt) != 1:
+                raise InvalidRequest("'prompt' must be a string or a list of exactly one string.",
+                                     param="prompt")
+            prompt = self.prompt[0]
+        else:
+            prompt = self.prompt
+        return GenerationRequest(request_id=request_id, model=self.model, prompt=prompt,
+                                 sampling=self._sampling(self.max_tokens))
+
+
+def _neutral_message(index: int, message: ChatMessage) -> Message:
+    role = "system" if message.role == "developer" else message.role
+    content = message.content
+    if content is None:
+        raise InvalidRequest(f"messages[{index}].content must not be empty.",
+                             param=f"messages.[{index}].content")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise InvalidRequest(
+                    f"messages[{index}].content[{j}] is of type '{part.type}', but this model "
+                    "only reads text parts.", param=f"messages.[{index}].content.[{j}].type")
+            texts.append(part.text)
+        content = "\n".join(texts)
+    return Message(role=role, content=content)  # type: ignore[arg-type]
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+class _Rendering:
+    """How one endpoint renders results: the whole answer, and each streamed chunk."""
+
+    def __init__(self, *, id: str, model: str, object: str, chunk_object: str) -> None:
+        self.id, self.model = id, model
+        self.object, self.chunk_object = object, chunk_object
+        self.created = int(time.time())
+
+    def head(self, object: str) -> dict[str, Any]:
+        return {"id": self.id, "object": object, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+
+class ChatRendering(_Rendering):
+    def answer(self, text: str, finish: str | None, usage: Usage) -> dict[str, Any]:
+        return {**self.head(self.object), "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None, "finish_reason": finish}], "usage": _usage(usage)}
+
+    def start(self) -> dict[str, Any] | None:
+        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def piece(self, chunk: Chunk) -> dict[str, Any]:
+        delta = {"content": chunk.text} if chunk.text else {}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}
+
+
+class CompletionRendering(_Rendering):
+    def answer(self, text: str, finish: str | None, usage: Usage) -> dict[str, Any]:
+        return {**self.head(self.object), "choices": [{
+            "index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": _usage(usage)}
+
+    def start(self) -> dict[str, Any] | None:
+        return None
+
+    def piece(self, chunk: Chunk) -> dict[str, Any]:
+        return {"index": 0, "text": chunk.text, "logprobs": None,
+                "finish_reason": chunk.finish_reason}
+
+
+async def _events(run: Run, rendering: ChatRendering | CompletionRendering,
+                  include_usage: bool) -> AsyncIterator[bytes]:
+    def event(choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
+        payload = {**rendering.head(rendering.chunk_object), "choices": choices}
+        if include_usage:
+            payload["usage"] = None if usage is None else _usage(usage)
+        return sse_event(payload)
+
+    start = rendering.start()
+    if start is not None:
+        yield event([start])
+    try:
+        async for chunk in run:
+            if chunk.text or chunk.finish_reason:
+                yield event([rendering.piece(chunk)])
+    except SeraiError as exc:
+        yield sse_event(openai_error_body(exc.message, type=exc.error_type, code=exc.code))
+        return
+    if include_usage:
+        yield event([], run.usage)
+    yield SSE_DONE
+
+
+async def _serve(
+    request: Request, services: ServicesDep, key: KeyDep, generation: GenerationRequest, *,
+    endpoint: str, stream: bool, include_usage: bool,
+    rendering: Callable[[str, str], ChatRendering | CompletionRendering],
+) -> Response:
+    gateway = services.gateway
+    try:
+        run = await until_disconnect(request.receive, gateway.start(
+            key=key, request=generation, endpoint=endpoint))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    render = rendering(generation.request_id, generation.model)
+    if stream:
+        return EventStreamResponse(_events(run, render, include_usage),
+                                   on_close=run.close)
+    try:
+        text = await until_disconnect(request.receive, _collect(run))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        await run.close()
+    return json_response(200, render.answer(text, run.finish_reason, run.usage))
+
+
+async def _collect(run: Run) -> str:
+    return "".join([chunk.text async for chunk in run])
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, key: KeyDep, services: ServicesDep
+) -> Response:
+    """Creates a model response for the given chat conversation (OpenAI-compatible)."""
+    generation = body.to_generation(request.state.request_id)
+    return await _serve(
+        request, services, key, generation, endpoint="chat.completions",
+        stream=bool(body.stream), include_usage=body.include_usage,
+        rendering=lambda rid, model: ChatRendering(
+            id=f"chatcmpl-{rid}", model=model, object="chat.completion",
+            chunk_object="chat.completion.chunk"),
+    )
+
+
+@router.post("/v1/completions")
+async def create_completion(
+    body: CompletionRequest, request: Request, key: KeyDep, services: ServicesDep
+) -> Response:
+    """Creates a completion for the provided prompt (OpenAI's legacy completions API)."""
+    generation = body.to_generation(request.state.request_id)
+    return await _serve(
+        request, services, key, generation, endpoint="completions",
+        stream=bool(body.stream), include_usage=body.include_usage,
+        rendering=lambda rid, model: CompletionRendering(
+            id=f"cmpl-{rid}", model=model, object="text_completion",
+            chunk_object="text_completion"),
+    )
+
+
+def _model_object(info: ModelInfo) -> dict[str, Any]:
+    return {"id": info.name, "object": "model", "created": info.created,
+            "owned_by": info.owned_by, "context_length": info.context_length}
+
+
+@router.get("/v1/models")
+async def list_models(_key: KeyDep, services: ServicesDep) -> Response:
+    """Lists the models this server serves."""
+    models = services.gateway.router.models()
+    return json_response(200, {"object": "list", "data": [_model_object(m) for m in models]})
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, _key: KeyDep, services: ServicesDep) -> Response:
+    """Describes one model."""
+    engine = services.gateway.router.engine_for(model_id)
+    return json_response(200, _model_object(engine.model))

@@ -1,0 +1,94 @@
+"""Server-sent events and the client-disconnect watch every generation runs under.
+
+Starlette's StreamingResponse notices a client that went away differently depending on the
+ASGI spec version the server announces, and a plain JSON endpoint never notices. Generation is
+expensive, so Serai watches `receive()` for `http.disconnect` itself: when it arrives, the work
+is cancelled, which closes the engine stream and stops the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the answer was complete."""
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Run `work`; cancel it and raise ClientDisconnected if the client goes away first."""
+    work_task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        await asyncio.wait({work_task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work_task.done():
+            work_task.cancel()
+            await asyncio.gather(work_task, return_exceptions=True)
+    if work_task.cancelled():
+        raise ClientDisconnected()
+    return work_task.result()
+
+
+def sse_event(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class EventStreamResponse(Response):
+    """A text/event-stream response that stops producing when the client disconnects.
+
+    `on_close` runs exactly once when the stream ends for any reason (finished, client gone,
+    error), so the caller can settle what the stream cost.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        *,
+        on_close: Callable[[], Awaitable[None]],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status_code=200, media_type=self.media_type)
+        self._events = events
+        self._on_close = on_close
+        self._headers = headers or {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ] + [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self._headers.items()]
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await until_disconnect(receive, self._pump(send))
+        except (ClientDisconnected, OSError):
+            pass
+        finally:
+            await self._on_close()
+
+    async def _pump(self, send: Send) -> None:
+        async for event in self._events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

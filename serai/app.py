@@ -1,0 +1,86 @@
+"""create_app(settings) -> FastAPI. The lifespan opens the database, starts the ledger writer and
+loads the engines; shutting down drains the ledger so no usage row is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.responses import Response
+
+from serai import __version__
+from serai.api import admin, openai
+from serai.api.deps import Services, ServicesDep
+from serai.api.errors import install_error_handlers, json_response
+from serai.api.middleware import BodySizeLimit, JsonBodies, RequestContext
+from serai.config import Settings
+from serai.engines.base import Engine
+from serai.engines.router import Router
+from serai.gateway import Gateway
+from serai.ledger import LedgerWriter
+from serai.storage.db import Database
+
+log = logging.getLogger("serai")
+
+
+def load_engines(settings: Settings) -> list[Engine]:
+    """The engines `settings` describe: today, the one embedded GGUF model."""
+    from serai.engines.llamacpp import LlamaCppEngine
+    from serai.models import resolve_model
+
+    path, name = resolve_model(settings)
+    return [LlamaCppEngine(path, name=name, context_length=settings.context_length,
+                           threads=settings.threads, prompt_format=settings.prompt_format,
+                           default_max_tokens=settings.default_max_tokens)]
+
+
+def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -> FastAPI:
+    """Build the app. `engines` replaces the configured ones (tests pass a fake engine)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        database = Database(settings.resolved_database_url)
+        await asyncio.to_thread(database.upgrade)
+        ledger = LedgerWriter(database)
+        ledger.start()
+        loaded = list(engines) if engines is not None else await asyncio.to_thread(
+            load_engines, settings)
+        router = Router(loaded)
+        app.state.services = Services(settings=settings, database=database,
+                                      gateway=Gateway(router=router, ledger=ledger))
+        try:
+            yield
+        finally:
+            await router.aclose()
+            await ledger.aclose()
+            database.dispose()
+
+    app = FastAPI(title="Serai", version=__version__, lifespan=lifespan,
+                  description="Open-weight models behind an OpenAI-compatible API.")
+    install_error_handlers(app)
+    app.include_router(openai.router)
+    app.include_router(admin.router)
+
+    @app.get("/health", tags=["Operations"])
+    async def health() -> Response:
+        """The process is up."""
+        return json_response(200, {"status": "ok"})
+
+    @app.get("/ready", tags=["Operations"])
+    async def ready(services: ServicesDep) -> Response:
+        """The models are loaded and the database answers."""
+        try:
+            await asyncio.to_thread(services.database.ping)
+        except Exception as exc:
+            log.warning("readiness: database unreachable: %s", exc)
+            return json_response(503, {"status": "unavailable", "database": "unreachable"})
+        models = [m.name for m in services.gateway.router.models()]
+        return json_response(200, {"status": "ready", "database": "ok", "models": models})
+
+    app.add_middleware(JsonBodies)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext)
+    return app

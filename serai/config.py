@@ -1,0 +1,105 @@
+"""Serai's settings: one pydantic-settings class, read from SERAI_* variables and serai.toml.
+
+Precedence, highest first: values passed in code (the CLI's flags), SERAI_* environment
+variables, the TOML file (`./serai.toml`, or the path in SERAI_CONFIG), then the defaults here.
+Every field carries its help text; docs/configuration.md lists them all and a test keeps the two
+in step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+BUNDLED_MODEL_NAME = "gemma-3-270m"
+
+
+def _config_file() -> Path:
+    return Path(os.environ.get("SERAI_CONFIG", "serai.toml"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SERAI_", extra="forbid")
+
+    data_dir: Path = Field(
+        Path("serai-data"),
+        description="Directory for the SQLite database and the prepared bundled model. "
+        "Every command acts on the data dir it is given.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the database. Unset: SQLite at <data_dir>/serai.db. "
+        "PostgreSQL: postgresql+psycopg://user@host:5432/db.",
+    )
+    host: str = Field("127.0.0.1", description="Address `serai serve` listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `serai serve` listens on (0 picks a free one).")
+    model: Path | None = Field(
+        None,
+        description="GGUF file to serve. Unset: the bundled Gemma 3 270M, prepared into "
+        "<data_dir>/models on first start.",
+    )
+    model_name: str | None = Field(
+        None,
+        description="Name the model is listed and requested under. Unset: `gemma-3-270m` for the "
+        "bundled model, otherwise the GGUF file name without its extension.",
+    )
+    prompt_format: Literal["auto", "transcript", "template"] = Field(
+        "auto",
+        description="How chat messages become a prompt. `template`: the GGUF's own chat template "
+        "(instruction-tuned models). `transcript`: a plain 'User:/Assistant:' transcript with stop "
+        "sequences (base models). `auto` decides from the GGUF metadata.",
+    )
+    context_length: int = Field(
+        4096, ge=256, description="Context window (prompt + completion tokens) of the embedded model."
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for the embedded engine. Unset: all cores."
+    )
+    default_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Completion limit for requests that give no max_tokens. Unset: the rest of the "
+        "context window, as OpenAI does.",
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of the server."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file())
+        return (init_settings, env_settings, toml)
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'serai.db').resolve()}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings once; `overrides` are CLI flags the user actually gave (None is dropped)."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,1 @@
+"""Engines: what turns a neutral generation request into text."""

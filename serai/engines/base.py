@@ -1,0 +1,39 @@
+"""The Engine seam: one async generator from a neutral request to neutral chunks.
+
+An engine knows nothing of wire protocols, keys or prices. Errors it raises before its first
+chunk (a prompt longer than the context, say) are domain errors from serai.errors, which the API
+turns into 4xx responses; once chunks flow, the consumer owns the outcome. Closing the generator
+early (a client that went away) must stop the generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from serai.types import Chunk, GenerationRequest
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What an engine tells the world about the model it serves."""
+
+    name: str
+    context_length: int
+    created: int
+    owned_by: str = "serai"
+
+
+@runtime_checkable
+class Engine(Protocol):
+    @property
+    def model(self) -> ModelInfo: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Stream the completion of `request`; the last chunk carries a finish_reason."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop accepting work and release the model."""
+        ...

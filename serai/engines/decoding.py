@@ -1,0 +1,71 @@
+"""Turning a stream of token bytes into client text: UTF-8 reassembly and stop sequences.
+
+A token can end in the middle of a UTF-8 character, and a stop sequence can arrive split over
+several tokens. Text is only released once it can no longer become part of either, so a client
+never sees half a character or the first letters of a stop sequence.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Sequence
+
+
+class StopMatcher:
+    """Releases text that cannot be the start of a stop sequence; reports when one is hit."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Add generated text; return the part that is safe to send. Sets `stopped` on a match."""
+        if self.stopped:
+            return ""
+        if not self._stops:
+            return text
+        buffer = self._held + text
+        first = min(
+            (i for i in (buffer.find(s) for s in self._stops) if i >= 0),
+            default=-1,
+        )
+        if first >= 0:
+            self.stopped = True
+            self._held = ""
+            return buffer[:first]
+        keep = self._longest_stop_prefix_suffix(buffer)
+        self._held = buffer[len(buffer) - keep :] if keep else ""
+        return buffer[: len(buffer) - keep]
+
+    def flush(self) -> str:
+        """The generation ended without a stop: release whatever was held back."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+    def _longest_stop_prefix_suffix(self, buffer: str) -> int:
+        best = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(buffer)), best, -1):
+                if buffer.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
+
+
+class TextAssembler:
+    """Token bytes in, safe text out: UTF-8 reassembly followed by stop matching."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stops = StopMatcher(stops)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stops.stopped
+
+    def feed(self, piece: bytes) -> str:
+        return self._stops.feed(self._utf8.decode(piece))
+
+    def finish(self) -> str:
+        return self._stops.feed(self._utf8.decode(b"", final=True)) + self._stops.flush()

@@ -1,0 +1,66 @@
+"""Domain errors. Each names what went wrong in the domain; the API layer renders them into
+the client's own error envelope with the status code given here."""
+
+from __future__ import annotations
+
+
+class SeraiError(Exception):
+    """Base of every error a client can cause or must be told about."""
+
+    status_code = 500
+    error_type = "api_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(SeraiError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class RequestTooLarge(SeraiError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class AuthenticationFailed(SeraiError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(SeraiError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
+class UnknownModel(SeraiError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class NotFound(SeraiError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class EngineUnavailable(SeraiError):
+    status_code = 503
+    error_type = "server_error"
+    code = "engine_unavailable"
+
+
+class ModelFileError(Exception):
+    """A model file cannot be served (missing, unreadable, not a GGUF). Raised at start-up."""

@@ -1,0 +1,128 @@
+"""What every model request goes through between the wire protocol and the engine.
+
+The gateway routes a neutral request to its engine, runs it, and meters it: whatever way a run
+ends (finished, client gone, engine failure), exactly one usage row is recorded for it. It never
+knows which wire protocol the request came in on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from serai.accounts import KeyInfo
+from serai.engines.base import Engine
+from serai.engines.router import Router
+from serai.errors import InvalidRequest
+from serai.ledger import LedgerWriter, UsageRecord, UsageStatus
+from serai.types import Chunk, GenerationRequest, Usage
+
+log = logging.getLogger("serai.gateway")
+
+
+class Run:
+    """One request's generation on an engine, metered into the ledger exactly once."""
+
+    def __init__(
+        self, *, engine: Engine, request: GenerationRequest, key: KeyInfo, endpoint: str,
+        ledger: LedgerWriter,
+    ) -> None:
+        self.request = request
+        self.engine = engine
+        self._key = key
+        self._endpoint = endpoint
+        self._ledger = ledger
+        self._chunks = engine.generate(request)
+        self._started = time.perf_counter()
+        self._first_token_at: float | None = None
+        self._pending: Chunk | None = None
+        self.usage = Usage()
+        self.finish_reason: str | None = None
+        self.failed = False
+        self._closed = False
+
+    async def open(self) -> None:
+        """Wait for the first chunk, so errors the engine raises up front (a prompt too long
+        for the context) reach the client as a 4xx instead of a broken stream."""
+        try:
+            self._pending = await self._next()
+        except InvalidRequest:
+            # Nothing was generated: the request never became a billable run.
+            self._closed = True
+            raise
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _next(self) -> Chunk:
+        try:
+            chunk = await anext(self._chunks)
+        except Exception:
+            self.failed = True
+            raise
+        self.usage = chunk.usage
+        if chunk.text and self._first_token_at is None:
+            self._first_token_at = time.perf_counter()
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+        return chunk
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Chunk]:
+        if self._pending is not None:
+            chunk, self._pending = self._pending, None
+            yield chunk
+        while self.finish_reason is None:
+            yield await self._next()
+
+    async def close(self) -> None:
+        """Stop the engine if it is still generating and record the usage row (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        status: UsageStatus
+        if self.failed:
+            status = "error"
+        elif self.finish_reason is not None:
+            status = "ok"
+        else:
+            status = "cancelled"
+        try:
+            # Shielded: a cancelled request must still stop its engine before the row is written.
+            await asyncio.shield(self._chunks.aclose())
+        except Exception:
+            log.exception("engine stream of %s failed to close", self.request.request_id)
+        finally:
+            now = time.perf_counter()
+            self._ledger.record(
+                UsageRecord(
+                    request_id=self.request.request_id,
+                    key_id=self._key.id,
+                    model=self.request.model,
+                    endpoint=self._endpoint,
+                    prompt_tokens=self.usage.prompt_tokens,
+                    completion_tokens=self.usage.completion_tokens,
+                    status=status,
+                    ttft_ms=None
+                    if self._first_token_at is None
+                    else (self._first_token_at - self._started) * 1000,
+                    latency_ms=(now - self._started) * 1000,
+                )
+            )
+
+
+class Gateway:
+    def __init__(self, *, router: Router, ledger: LedgerWriter) -> None:
+        self.router = router
+        self.ledger = ledger
+
+    async def start(self, *, key: KeyInfo, request: GenerationRequest, endpoint: str) -> Run:
+        """Route and start a run; returns once the engine produced its first chunk."""
+        engine = self.router.engine_for(request.model)
+        run = Run(engine=engine, request=request, key=key, endpoint=endpoint, ledger=self.ledger)
+        await run.open()
+        return run

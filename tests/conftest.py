@@ -1,0 +1,157 @@
+"""Shared fixtures: databases (SQLite always, PostgreSQL when configured) and a live server.
+
+PostgreSQL tests run when SERAI_TEST_POSTGRES_URL is set; each test gets a schema of its own, so
+runs never see each other's rows. Without it they skip, unless SERAI_TEST_REQUIRE_SERVICES=1 (set
+by .ci/run), which turns a missing service into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serai.storage.db import Database
+
+POSTGRES_URL = os.environ.get("SERAI_TEST_POSTGRES_URL")
+REQUIRE_SERVICES = os.environ.get("SERAI_TEST_REQUIRE_SERVICES") == "1"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _missing(reason: str) -> None:
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason} (SERAI_TEST_REQUIRE_SERVICES=1 makes this a failure)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL URL whose search_path is a fresh schema, dropped afterwards."""
+    if not POSTGRES_URL:
+        _missing("SERAI_TEST_POSTGRES_URL is not set: PostgreSQL tests need a server")
+    import psycopg
+
+    assert POSTGRES_URL is not None
+    plain = POSTGRES_URL.replace("postgresql+psycopg://", "postgresql://")
+    schema = f"serai_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'CREATE SCHEMA "{schema}"')
+    except psycopg.OperationalError as exc:
+        _missing(f"PostgreSQL at {POSTGRES_URL} is unreachable: {exc}")
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    yield f"{POSTGRES_URL}{separator}options=-csearch_path%3D{schema}"
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'serai.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[Database]:
+    """A migrated database, on SQLite and on PostgreSQL."""
+    db = Database(database_url)
+    db.upgrade()
+    yield db
+    db.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    base_url: str
+    admin_key: str
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def database(self) -> Database:
+        return Database(f"sqlite:///{self.data_dir / 'serai.db'}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run `serai ARGS --data-dir <this server's data dir>`."""
+        return subprocess.run(
+            [sys.executable, "-m", "serai", *args, "--data-dir", str(self.data_dir)],
+            capture_output=True, text=True, timeout=60, cwd=self.data_dir.parent,
+        )
+
+
+def start_server(data_dir: Path, *, extra_env: dict[str, str] | None = None) -> LiveServer:
+    port = free_port()
+    log_path = data_dir.parent / f"{data_dir.name}-server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERAI_")}
+    env.update(extra_env or {})
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "serai", "serve", "--port", str(port),
+             "--data-dir", str(data_dir)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data_dir.parent,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"serai serve exited: {log_path.read_text()}")
+        try:
+            if httpx.get(f"{base_url}/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    else:
+        process.kill()
+        raise RuntimeError(f"serai serve did not become ready: {log_path.read_text()}")
+    keys = re.findall(r"sk-serai-[A-Za-z0-9_-]{43}", log_path.read_text())
+    return LiveServer(base_url, keys[0] if keys else "", data_dir, log_path, process)
+
+
+def stop_server(server: LiveServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """`serai serve` on a new data dir, serving the real bundled model on an ephemeral port."""
+    root = tmp_path_factory.mktemp("live")
+    server = start_server(root / "serai-data")
+    assert server.admin_key, f"no admin key printed on a new data dir:\n{server.log()}"
+    yield server
+    stop_server(server)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def api_key(live_server: LiveServer) -> str:
+    """An ordinary (non-admin) key, made with the CLI on the server's data dir."""
+    result = live_server.cli("keys", "create", "--name", "tests")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()

@@ -71,9 +71,13 @@ class LedgerWriter:
         """Queue a row; safe to call from cancellation handlers (never awaits)."""
         self._queue.put_nowait(record)
 
+    async def flush(self) -> None:
+        """Wait until every row recorded so far is in the database."""
+        await self._queue.join()
+
     async def aclose(self) -> None:
         """Write everything still queued, then stop."""
-        await self._queue.join()
+        await self.flush()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -103,7 +103,7 @@ class LiveServer:
 
 def start_server(data_dir: Path, *, extra_env: dict[str, str] | None = None) -> LiveServer:
     port = free_port()
-    log_path = data_dir.parent / f"{data_dir.name}-server.log"
+    log_path = data_dir.parent / f"{data_dir.name}-server-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERAI_")}
     env.update(extra_env or {})
     with log_path.open("wb") as log:

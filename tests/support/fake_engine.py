@@ -1,0 +1,68 @@
+"""A scripted engine implementing the real Engine interface, for API tests that must control
+timing and failures. Never used instead of the real model on a user-facing path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from serai.engines.base import ModelInfo
+from serai.errors import ContextLengthExceeded, EngineUnavailable
+from serai.types import Chunk, GenerationRequest, Usage
+
+
+@dataclass
+class FakeEngine:
+    """Answers every request with `reply`, one word per chunk.
+
+    `delay` pauses before each chunk; `fail_after` raises EngineUnavailable after that many
+    chunks. `requests` records what was asked and `closed_early` which generations were
+    stopped before their end.
+    """
+
+    name: str = "fake-model"
+    reply: str = "The capital of Japan is Tokyo."
+    context_length: int = 64
+    delay: float = 0.0
+    fail_after: int | None = None
+    requests: list[GenerationRequest] = field(default_factory=list)
+    closed_early: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> ModelInfo:
+        return ModelInfo(name=self.name, context_length=self.context_length, created=1700000000)
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        text = request.prompt if request.prompt is not None else " ".join(
+            m.content for m in request.messages or ())
+        return len(text.split())
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        self.requests.append(request)
+        prompt = self.prompt_tokens(request)
+        limit = request.sampling.max_tokens
+        if prompt + (limit or 1) > self.context_length:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context_length} tokens.",
+                param="max_tokens")
+        words = [w + " " for w in self.reply.split()]
+        words[-1] = words[-1].rstrip()
+        finish = "stop"
+        if limit is not None and limit < len(words):
+            words, finish = words[:limit], "length"
+        done = False
+        try:
+            for n, word in enumerate(words, start=1):
+                if self.fail_after is not None and n > self.fail_after:
+                    raise EngineUnavailable("The fake engine failed on purpose.")
+                await asyncio.sleep(self.delay)
+                last = n == len(words)
+                done = last  # a consumer stops reading once it sees the finish reason
+                yield Chunk(word, Usage(prompt, n), finish if last else None)  # type: ignore[arg-type]
+        finally:
+            (self.finished if done else self.closed_early).append(request.request_id)
+
+    async def aclose(self) -> None:
+        pass

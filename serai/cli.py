@@ -83,6 +83,11 @@ def serve(
     settings = _settings(host=host, port=port, data_dir=data_dir, model=model,
                          model_name=model_name)
     _configure_logging(settings.log_level)
+    try:
+        path, name = resolve_model(settings, err)
+    except ModelFileError as exc:
+        raise _fail(str(exc)) from None
+    settings = settings.model_copy(update={"model": path, "model_name": name})
     database = _database(settings)
     with database.session() as session:
         first_key = None
@@ -94,11 +99,6 @@ def serve(
             f"[bold]{first_key}[/bold]\n\nThis admin key is shown once. Use it as "
             "`Authorization: Bearer <key>`;\n`serai keys create` makes more.",
             title="New data dir: admin API key", border_style="green"))
-    try:
-        path, name = resolve_model(settings, err)
-    except ModelFileError as exc:
-        raise _fail(str(exc)) from None
-    settings = settings.model_copy(update={"model": path, "model_name": name})
     err.print(f"Serving [bold]{name}[/bold] on http://{settings.host}:{settings.port} "
               f"(data dir {settings.data_dir.resolve()})")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="uvloop",

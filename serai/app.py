@@ -34,7 +34,9 @@ def load_engines(settings: Settings) -> list[Engine]:
     path, name = resolve_model(settings)
     return [LlamaCppEngine(path, name=name, context_length=settings.context_length,
                            threads=settings.threads, prompt_format=settings.prompt_format,
-                           default_max_tokens=settings.default_max_tokens)]
+                           default_max_tokens=settings.default_max_tokens,
+                           parallel=settings.engine_parallel, queue_size=settings.engine_queue_size,
+                           prefill_chunk=settings.engine_prefill_chunk)]
 
 
 def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -> FastAPI:

@@ -59,10 +59,26 @@ class Settings(BaseSettings):
         "sequences (base models). `auto` decides from the GGUF metadata.",
     )
     context_length: int = Field(
-        4096, ge=256, description="Context window (prompt + completion tokens) of the embedded model."
+        4096, ge=256,
+        description="Context window per sequence (prompt + completion tokens) of the embedded model."
     )
     threads: int | None = Field(
         None, ge=1, description="CPU threads for the embedded engine. Unset: all cores."
+    )
+    engine_parallel: int = Field(
+        8, ge=1, le=64,
+        description="Sequences the embedded engine decodes at once (continuous batching). Each "
+        "holds a KV cache of context_length tokens.",
+    )
+    engine_queue_size: int = Field(
+        64, ge=0,
+        description="Requests that may wait for a free sequence; past that the API answers 503 "
+        "with retry-after.",
+    )
+    engine_prefill_chunk: int = Field(
+        256, ge=16,
+        description="Prompt tokens read per decode step, shared by all sequences reading a prompt, "
+        "so a long prompt never freezes running streams.",
     )
     default_max_tokens: int | None = Field(
         None,

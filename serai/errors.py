@@ -11,10 +11,12 @@ class SeraiError(Exception):
     error_type = "api_error"
     code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.headers = headers or {}
 
 
 class InvalidRequest(SeraiError):
@@ -60,6 +62,14 @@ class EngineUnavailable(SeraiError):
     status_code = 503
     error_type = "server_error"
     code = "engine_unavailable"
+
+
+class EngineOverloaded(SeraiError):
+    """Every sequence is busy and the waiting line is full; the client should retry later."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "engine_overloaded"
 
 
 class ModelFileError(Exception):

@@ -155,3 +155,11 @@ def api_key(live_server: LiveServer) -> str:
     result = live_server.cli("keys", "create", "--name", "tests")
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def bundled_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real bundled model file, prepared once per test session."""
+    from serai.models import prepare_bundled_model
+
+    return prepare_bundled_model(tmp_path_factory.mktemp("models"))

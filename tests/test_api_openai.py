@@ -316,3 +316,18 @@ async def test_health_ready_and_unknown_paths(api: Api) -> None:
     assert missing.status_code == 404 and "error" in missing.json()
     spec = (await api.http.get("/openapi.json")).json()
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(spec["paths"])
+
+
+async def test_overloaded_engine_is_a_503_with_retry_after(api: Api) -> None:
+    api.engine.overloaded = True
+    response = await api.http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT},
+                                   headers={"authorization": f"Bearer {api.user_key}"})
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "engine_overloaded"
+
+
+async def test_usage_reports_cached_prompt_tokens(api: Api) -> None:
+    completion = await api.client().chat.completions.create(model=MODEL, messages=CHAT)
+    assert completion.usage is not None and completion.usage.prompt_tokens_details is not None
+    assert completion.usage.prompt_tokens_details.cached_tokens == 0

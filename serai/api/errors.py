@@ -34,7 +34,7 @@ def json_response(status: int, body: Any, headers: dict[str, str] | None = None)
 def error_response(error: SeraiError) -> Response:
     body = openai_error_body(error.message, type=error.error_type, param=error.param,
                              code=error.code)
-    return json_response(error.status_code, body)
+    return json_response(error.status_code, body, headers=error.headers or None)
 
 
 def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -1,8 +1,8 @@
 """The embedded engine: a GGUF model run in-process by llama.cpp (llama-cpp-python).
 
-One worker thread owns the llama context and runs one generation at a time, first come first
-served; the event loop only tokenizes, queues and relays chunks, so it never waits on the model.
-A consumer that stops reading sets its job's cancel flag, and the worker stops at the next token.
+The event loop only tokenizes, checks limits and relays chunks; decoding happens on the
+BatchScheduler's thread, many requests per llama_decode call (see engines/batching.py). A
+consumer that stops reading cancels its sequence, which leaves the batch at the next step.
 """
 
 from __future__ import annotations
@@ -10,38 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
-import random
-import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp
 
 from serai.engines.base import ModelInfo
-from serai.engines.decoding import TextAssembler
+from serai.engines.batching import BatchScheduler, Sequence
 from serai.engines.prompts import PromptFormat, choose_prompt_format
-from serai.errors import ContextLengthExceeded, EngineUnavailable
+from serai.errors import ContextLengthExceeded, EngineOverloaded, EngineUnavailable
 from serai.models import check_gguf
-from serai.types import Chunk, FinishReason, GenerationRequest, Usage
+from serai.types import Chunk, GenerationRequest
 
 log = logging.getLogger("serai.engines.llamacpp")
 
 
-@dataclass(slots=True)
-class _Job:
-    tokens: list[int]
-    max_tokens: int
-    request: GenerationRequest
-    stops: tuple[str, ...]
-    strip_leading_space: bool
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue[Chunk | BaseException] = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def emit(self, item: Chunk | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+RETRY_AFTER_S = 1
 
 
 class LlamaCppEngine:
@@ -54,30 +38,38 @@ class LlamaCppEngine:
         threads: int | None = None,
         prompt_format: str = "auto",
         default_max_tokens: int | None = None,
+        parallel: int = 8,
+        queue_size: int = 64,
+        prefill_chunk: int = 256,
     ) -> None:
         check_gguf(path)
         threads = threads or os.cpu_count() or 1
-        self._llm = llama_cpp.Llama(
-            str(path), n_ctx=context_length, n_threads=threads, n_threads_batch=threads,
-            verbose=False,
-        )
-        self._vocab = self._llm._model.vocab
+        # The tokenizer and metadata only: the weights are loaded once, below, for the
+        # scheduler's context.
+        self._vocab_only = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        model_params = llama_cpp.llama_model_default_params()
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self._model:
+            raise EngineUnavailable(f"llama.cpp could not load {path}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._format: PromptFormat = choose_prompt_format(
             prompt_format,  # type: ignore[arg-type]
-            self._llm.metadata,
+            self._vocab_only.metadata,
             path.name,
-            bos_token=self._token_text(self._llm.token_bos()),
-            eos_token=self._token_text(self._llm.token_eos()),
+            bos_token=self._token_text(self._vocab_only.token_bos()),
+            eos_token=self._token_text(self._vocab_only.token_eos()),
         )
         self._default_max_tokens = default_max_tokens
         self._info = ModelInfo(name=name, context_length=context_length,
                                created=int(path.stat().st_mtime))
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._capacity = parallel + queue_size
+        self._admitted = 0
         self._closed = False
-        self._worker = threading.Thread(target=self._work, name=f"engine-{name}", daemon=True)
-        self._worker.start()
-        log.info("serving %s from %s (%s prompt format, %d threads)", name, path,
-                 self._format.name, threads)
+        self._scheduler = BatchScheduler(
+            model=self._model, vocab=self._vocab, detokenize=self._piece, parallel=parallel,
+            context_per_sequence=context_length, prefill_chunk=prefill_chunk, threads=threads)
+        log.info("serving %s from %s (%s prompt format, %d threads, %d parallel sequences)",
+                 name, path, self._format.name, threads, parallel)
 
     @property
     def model(self) -> ModelInfo:
@@ -88,39 +80,54 @@ class LlamaCppEngine:
         return self._format.name
 
     def _token_text(self, token: int) -> str:
-        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+        return self._vocab_only.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+    def _piece(self, token: int) -> bytes:
+        return self._vocab_only.detokenize([token])
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if self._closed:
             raise EngineUnavailable("The model is shutting down; retry on another server.")
-        job = await asyncio.to_thread(self._prepare, request, asyncio.get_running_loop())
-        self._jobs.put(job)
+        if self._admitted >= self._capacity:
+            raise EngineOverloaded(
+                "The model is serving as many requests as it can and its waiting line is full. "
+                "Retry shortly.", headers={"retry-after": str(RETRY_AFTER_S)})
+        self._admitted += 1
         try:
-            while True:
-                item = await job.out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+            loop = asyncio.get_running_loop()
+            out: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
+            sequence = await asyncio.to_thread(
+                self._prepare, request, lambda item: loop.call_soon_threadsafe(out.put_nowait, item))
+            self._scheduler.submit(sequence)
+            try:
+                while True:
+                    item = await out.get()
+                    if isinstance(item, BaseException):
+                        raise EngineUnavailable(f"The model failed while generating: {item}")
+                    yield item
+                    if item.finish_reason is not None:
+                        return
+            finally:
+                sequence.cancelled.set()
         finally:
-            job.cancelled.set()
+            self._admitted -= 1
 
-    def _prepare(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> _Job:
+    def _prepare(self, request: GenerationRequest, emit) -> Sequence:  # type: ignore[no-untyped-def]
         """Tokenize and check the request against the context window (off the event loop;
-        the tokenizer only reads the vocabulary, so it is safe beside a running generation)."""
+        the tokenizer only reads the vocabulary, so it is safe beside a running decode)."""
         stops = request.sampling.stop
         strip = False
+        llm = self._vocab_only
         if request.messages is not None:
             prompt = self._format.render(request.messages)
-            tokens = self._llm.tokenize(prompt.text.encode(), add_bos=not prompt.has_special_tokens,
-                                        special=prompt.has_special_tokens)
+            tokens = llm.tokenize(prompt.text.encode(), add_bos=not prompt.has_special_tokens,
+                                  special=prompt.has_special_tokens)
             stops = stops + prompt.stops
             strip = prompt.strip_leading_space
             where = "messages"
         else:
             assert request.prompt is not None
-            tokens = self._llm.tokenize(request.prompt.encode(), add_bos=True, special=False)
+            tokens = llm.tokenize(request.prompt.encode(), add_bos=True, special=False)
             where = "prompt"
         n_ctx = self._info.context_length
         room = n_ctx - len(tokens)
@@ -135,61 +142,12 @@ class LlamaCppEngine:
             )
         if wanted is None:
             wanted = min(room, self._default_max_tokens or room)
-        return _Job(tokens=tokens, max_tokens=wanted, request=request, stops=stops,
-                    strip_leading_space=strip, loop=loop)
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if job.cancelled.is_set():
-                continue
-            try:
-                self._run(job)
-            except Exception as exc:
-                log.exception("generation %s failed", job.request.request_id)
-                job.emit(EngineUnavailable(f"The model failed while generating: {exc}"))
-
-    def _run(self, job: _Job) -> None:
-        sampling = job.request.sampling
-        self._llm.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32))
-        text = TextAssembler(job.stops)
-        prompt_tokens = len(job.tokens)
-        generated = 0
-        finish: FinishReason = "length"
-        last = ""  # text released together with the finish reason
-        strip_space = job.strip_leading_space
-        tokens = self._llm.generate(
-            job.tokens, temp=sampling.temperature, top_p=sampling.top_p,
-            top_k=0, min_p=0.0, repeat_penalty=1.0,
-        )
-        try:
-            for token in tokens:
-                if job.cancelled.is_set():
-                    return
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    finish = "stop"
-                    break
-                generated += 1
-                piece = text.feed(self._llm.detokenize([token]))
-                if strip_space and piece:
-                    piece = piece.lstrip(" ")
-                    strip_space = not piece
-                if text.stopped:
-                    finish, last = "stop", piece
-                    break
-                if piece:
-                    job.emit(Chunk(piece, Usage(prompt_tokens, generated)))
-                if generated >= job.max_tokens:
-                    break
-        finally:
-            tokens.close()
-        if not text.stopped:
-            last = text.finish()
-            if strip_space:
-                last = last.lstrip(" ")
-        job.emit(Chunk(last, Usage(prompt_tokens, generated), finish))
+        return Sequence(request_id=request.request_id, tokens=tokens, max_tokens=wanted,
+                        sampling=request.sampling, stops=stops, strip_leading_space=strip,
+                        emit=emit)
 
     async def aclose(self) -> None:
         self._closed = True
-        self._jobs.put(None)
-        await asyncio.to_thread(self._worker.join)
-        self._llm.close()
+        await asyncio.to_thread(self._scheduler.close)
+        llama_cpp.llama_model_free(self._model)
+        self._vocab_only.close()

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from serai.engines.base import ModelInfo
-from serai.errors import ContextLengthExceeded, EngineUnavailable
+from serai.errors import ContextLengthExceeded, EngineOverloaded, EngineUnavailable
 from serai.types import Chunk, GenerationRequest, Usage
 
 
@@ -26,6 +26,7 @@ class FakeEngine:
     context_length: int = 64
     delay: float = 0.0
     fail_after: int | None = None
+    overloaded: bool = False
     requests: list[GenerationRequest] = field(default_factory=list)
     closed_early: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
@@ -40,6 +41,8 @@ class FakeEngine:
         return len(text.split())
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if self.overloaded:
+            raise EngineOverloaded("The fake engine is full.", headers={"retry-after": "1"})
         self.requests.append(request)
         prompt = self.prompt_tokens(request)
         limit = request.sampling.max_tokens

@@ -79,12 +79,10 @@ async def test_a_newcomer_gets_its_first_token_while_others_are_mid_stream(
 async def test_abandoned_stream_frees_its_sequence_and_spares_the_others(
     engine: LlamaCppEngine,
 ) -> None:
-    alone = "".join(c.text for c in await collect(engine.generate(request("In a galaxy far away", 60))))
-
     abandoned = engine.generate(request("1, 2, 3, 4,", 500, "gone"))
     other = asyncio.create_task(collect(engine.generate(request("In a galaxy far away", 60, "b"))))
     seen = 0
-    async for chunk in abandoned:
+    async for _chunk in abandoned:
         seen += 1
         if seen == 2:
             break
@@ -95,7 +93,6 @@ async def test_abandoned_stream_frees_its_sequence_and_spares_the_others(
     finished = await other
     assert finished[-1].finish_reason is not None
     assert "".join(c.text for c in finished).strip()
-    assert alone.strip()
 
 
 @pytest.mark.parametrize("engine", [{"parallel": 1, "queue_size": 1}], indirect=True)

@@ -25,23 +25,28 @@ class StopMatcher:
             return ""
         if not self._stops:
             return text
-        buffer = self._held + text
-        first = min(
-            (i for i in (buffer.find(s) for s in self._stops) if i >= 0),
-            default=-1,
-        )
-        if first >= 0:
-            self.stopped = True
-            self._held = ""
-            return buffer[:first]
-        keep = self._longest_stop_prefix_suffix(buffer)
-        self._held = buffer[len(buffer) - keep :] if keep else ""
-        return buffer[: len(buffer) - keep]
+        return self._resolve(self._held + text, final=False)
 
     def flush(self) -> str:
-        """The generation ended without a stop: release whatever was held back."""
+        """The generation ended: settle what was held back (a complete stop in it still cuts)."""
+        if self.stopped or not self._held:
+            return ""
         held, self._held = self._held, ""
-        return "" if self.stopped else held
+        return self._resolve(held, final=True)
+
+    def _resolve(self, buffer: str, *, final: bool) -> str:
+        match = min((i for i in (buffer.find(s) for s in self._stops) if i >= 0), default=-1)
+        # A longer stop that started earlier may still be completing ("\nUser" of "\nUser:" while
+        # "User" already matched): wait for it, so the cut never depends on how text was split.
+        keep = 0 if final else self._longest_stop_prefix_suffix(buffer)
+        pending = len(buffer) - keep if keep else -1
+        if match >= 0 and not 0 <= pending < match:
+            self.stopped = True
+            self._held = ""
+            return buffer[:match]
+        cut = pending if pending >= 0 else len(buffer)
+        self._held = buffer[cut:]
+        return buffer[:cut]
 
     def _longest_stop_prefix_suffix(self, buffer: str) -> int:
         best = 0

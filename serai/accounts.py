@@ -88,10 +88,14 @@ def list_keys(*, session: Session, include_revoked: bool = True) -> list[KeyInfo
     return [_info(row) for row in session.scalars(query)]
 
 
+MAX_ID = 2**31 - 1  # PostgreSQL INTEGER; SQLite accepts more, but no id gets that far
+
+
 def find_key(*, session: Session, ref: str) -> ApiKey:
     """A key by numeric id or by its display prefix."""
-    if ref.isdigit():
-        row = session.get(ApiKey, int(ref))
+    if ref.isascii() and ref.isdigit():
+        # Ids past the integer column's range cannot exist; the database would raise instead.
+        row = session.get(ApiKey, int(ref)) if int(ref) <= MAX_ID else None
     else:
         rows = session.scalars(select(ApiKey).where(ApiKey.prefix == ref[:PREFIX_LENGTH])).all()
         row = rows[0] if len(rows) == 1 else None

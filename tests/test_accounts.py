@@ -128,8 +128,6 @@ def test_find_unknown_key_is_not_found(database: Database, ref: str) -> None:
         accounts.find_key(session=session, ref=ref)
 
 
-@pytest.mark.xfail(strict=True, reason="an id beyond the integer column's range raises a database error "
-                   "(OverflowError on SQLite, DataError on PostgreSQL) instead of NotFound")
 def test_find_key_with_an_out_of_range_id_is_not_found(database: Database) -> None:
     with database.session() as session, pytest.raises(NotFound):
         accounts.find_key(session=session, ref="99999999999999999999")

@@ -80,8 +80,6 @@ def test_keys_list_shows_prefixes_never_secrets(data_dir: Path) -> None:
         assert secret[accounts.PREFIX_LENGTH : accounts.PREFIX_LENGTH + 8] not in result.output
 
 
-@pytest.mark.xfail(strict=True, reason="at 80 columns (piped output) rich shrinks the prefix column "
-                   "to 'sk-serai-abc…' once a key has a longer name and another is revoked")
 def test_keys_list_shows_whole_prefixes_at_80_columns(data_dir: Path) -> None:
     revoked = create_key(data_dir, "ci-deploy-production")
     kept = create_key(data_dir, "ci-deploy-staging")
@@ -120,8 +118,6 @@ def test_keys_revoke_unknown_id_fails_clearly(data_dir: Path) -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
-@pytest.mark.xfail(strict=True, reason="an id beyond SQLite's integer range crashes with OverflowError "
-                   "instead of the 'No API key' message")
 def test_keys_revoke_huge_id_fails_clearly(data_dir: Path) -> None:
     create_key(data_dir)
     result = serai("keys", "revoke", "99999999999999999999", "--data-dir", str(data_dir))

@@ -36,7 +36,8 @@ def load_engines(settings: Settings) -> list[Engine]:
                            threads=settings.threads, prompt_format=settings.prompt_format,
                            default_max_tokens=settings.default_max_tokens,
                            parallel=settings.engine_parallel, queue_size=settings.engine_queue_size,
-                           prefill_chunk=settings.engine_prefill_chunk)]
+                           prefill_chunk=settings.engine_prefill_chunk,
+                           batch_invariant=settings.engine_batch_invariant)]
 
 
 def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -> FastAPI:

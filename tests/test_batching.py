@@ -51,6 +51,21 @@ async def test_eight_concurrent_requests_all_complete(engine: LlamaCppEngine) ->
         assert 0 < chunks[-1].usage.completion_tokens <= 40
 
 
+async def test_each_greedy_answer_is_the_same_alone_or_in_a_batch_of_eight(
+    engine: LlamaCppEngine,
+) -> None:
+    async def text(i: int, prompt: str) -> str:
+        chunks = await collect(engine.generate(request(prompt, 64, f"r{i}")))
+        assert chunks[-1].finish_reason in ("stop", "length")
+        return "".join(c.text for c in chunks)
+
+    together = await asyncio.gather(*[text(i, p) for i, p in enumerate(PROMPTS)])
+    alone = [await text(i, p) for i, p in enumerate(PROMPTS)]
+    assert all(len(t) > 40 for t in together)  # long enough for a rounding difference to show
+    for prompt, a, b in zip(PROMPTS, alone, together, strict=True):
+        assert a == b, f"{prompt!r}: alone {a!r} batched {b!r}"
+
+
 async def test_a_newcomer_gets_its_first_token_while_others_are_mid_stream(
     engine: LlamaCppEngine,
 ) -> None:

@@ -10,18 +10,22 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from serai.errors import AuthenticationFailed, NotFound
-from serai.storage.tables import ApiKey
+from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
+from serai.storage.tables import ApiKey, BalanceEntry, Organization
 
 KEY_SCHEME = "sk-serai-"
 # Scheme plus six characters of the random part: enough to tell keys apart in a list and to
 # narrow the lookup to one row, far too little to guess the rest.
 PREFIX_LENGTH = len(KEY_SCHEME) + 6
+
+
+ROLES = ("operator", "owner", "admin", "viewer")
+DEFAULT_ORG = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,12 @@ class KeyInfo:
     is_admin: bool
     created_at: datetime
     revoked_at: datetime | None
+    org_id: int | None = None
+    role: str | None = None
+    allowed_models: list[str] | None = None
+    expires_at: datetime | None = None
+    rpm: int | None = None
+    tpm: int | None = None
 
     @property
     def revoked(self) -> bool:
@@ -41,18 +51,111 @@ class KeyInfo:
 
 
 def _info(row: ApiKey) -> KeyInfo:
-    return KeyInfo(row.id, row.name, row.prefix, row.is_admin, row.created_at, row.revoked_at)
+    return KeyInfo(row.id, row.name, row.prefix, row.is_admin, row.created_at, row.revoked_at,
+                   row.org_id, row.role, row.allowed_models, row.expires_at, row.rpm, row.tpm)
+
+
+@dataclass(frozen=True, slots=True)
+class OrgInfo:
+    id: int
+    name: str
+    disabled: bool
+    plan_id: int | None
+    price_book_id: int | None
+    balance_micros: int
+    rpm: int | None
+    tpm: int | None
+    max_concurrency: int | None
+
+
+def _org_info(row: Organization) -> OrgInfo:
+    return OrgInfo(row.id, row.name, row.disabled, row.plan_id, row.price_book_id,
+                   row.balance_micros, row.rpm, row.tpm, row.max_concurrency)
+
+
+def create_org(*, session: Session, name: str, plan_id: int | None = None,
+               price_book_id: int | None = None, rpm: int | None = None, tpm: int | None = None,
+               max_concurrency: int | None = None) -> OrgInfo:
+    if session.scalar(select(Organization).where(Organization.name == name)) is not None:
+        raise Conflict(f"An organization named {name!r} exists already.", param="name")
+    row = Organization(name=name, disabled=False, plan_id=plan_id, price_book_id=price_book_id,
+                       balance_micros=0, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency)
+    session.add(row)
+    session.flush()
+    return _org_info(row)
+
+
+def default_org(*, session: Session) -> OrgInfo:
+    """The organization keys go to when none is named (created on first use)."""
+    row = session.scalar(select(Organization).where(Organization.name == DEFAULT_ORG))
+    return _org_info(row) if row is not None else create_org(session=session, name=DEFAULT_ORG)
+
+
+def find_org(*, session: Session, ref: str | int) -> OrgInfo:
+    """An organization by id or name."""
+    text = str(ref)
+    row = None
+    if text.isascii() and text.isdigit() and int(text) <= MAX_ID:
+        row = session.get(Organization, int(text))
+    if row is None:
+        row = session.scalar(select(Organization).where(Organization.name == text))
+    if row is None:
+        raise NotFound(f"No organization {text!r}. `serai orgs list` shows them.", param="org")
+    return _org_info(row)
+
+
+def list_orgs(*, session: Session) -> list[OrgInfo]:
+    return [_org_info(r) for r in session.scalars(select(Organization).order_by(Organization.id))]
+
+
+def adjust_balance(*, session: Session, org_id: int, amount_micros: int, kind: str,
+                   reason: str) -> OrgInfo:
+    """Add (top-up) or take (adjustment) money; a balance can never go below zero."""
+    if not reason.strip():
+        raise InvalidRequest("Say why the balance changes (reason).", param="reason")
+    # Lock the row first, so the check and the change see the same balance as admissions do.
+    changed = session.execute(
+        update(Organization).where(Organization.id == org_id,
+                                   Organization.balance_micros + amount_micros >= 0)
+        .values(balance_micros=Organization.balance_micros + amount_micros))
+    if changed.rowcount == 0:
+        org = find_org(session=session, ref=org_id)
+        raise InvalidRequest(f"The balance of {org.name} is {org.balance_micros} micro-units; "
+                             f"it cannot go below zero.", param="amount_micros")
+    session.add(BalanceEntry(org_id=org_id, amount_micros=amount_micros, kind=kind, reason=reason))
+    session.flush()
+    return find_org(session=session, ref=org_id)
 
 
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_key(*, session: Session, name: str, is_admin: bool = False) -> tuple[KeyInfo, str]:
-    """Mint a key; returns its public description and the secret (the only time it exists)."""
+def create_key(*, session: Session, name: str, is_admin: bool = False, org_id: int | None = None,
+               role: str | None = None, allowed_models: list[str] | None = None,
+               expires_at: datetime | None = None, rpm: int | None = None,
+               tpm: int | None = None) -> tuple[KeyInfo, str]:
+    """Mint a key; returns its public description and the secret (the only time it exists).
+
+    A model key belongs to `org_id` (the default organization if none). An admin key has a
+    role: `operator` (the whole platform, no organization) unless another role is given.
+    """
+    if is_admin and role is None:
+        role = "operator" if org_id is None else "owner"
+    if role is not None:
+        if role not in ROLES:
+            raise InvalidRequest(f"A role is one of {', '.join(ROLES)}.", param="role")
+        is_admin = True
+        if role != "operator" and org_id is None:
+            raise InvalidRequest(f"A key with role {role} needs an organization.", param="org")
+        if role == "operator":
+            org_id = None
+    elif org_id is None:
+        org_id = default_org(session=session).id
     secret = KEY_SCHEME + secrets.token_urlsafe(32)
     row = ApiKey(name=name, prefix=secret[:PREFIX_LENGTH], secret_hash=_hash(secret),
-                 is_admin=is_admin)
+                 is_admin=is_admin, org_id=org_id, role=role, allowed_models=allowed_models,
+                 expires_at=expires_at, rpm=rpm, tpm=tpm)
     session.add(row)
     session.flush()
     session.refresh(row)
@@ -73,7 +176,15 @@ def authenticate(*, session: Session, secret: str) -> KeyInfo:
         raise AuthenticationFailed(_bad_key_message(secret))
     if match.revoked_at is not None:
         raise AuthenticationFailed(f"The API key {match.prefix}… has been revoked.")
+    if match.expires_at is not None and _aware(match.expires_at) <= datetime.now(UTC):
+        raise AuthenticationFailed(f"The API key {match.prefix}… expired at "
+                                   f"{_aware(match.expires_at):%Y-%m-%d %H:%M} UTC.")
     return _info(match)
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; Serai stores UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _bad_key_message(secret: str) -> str:

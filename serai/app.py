@@ -20,7 +20,7 @@ from serai.config import Settings
 from serai.engines.base import Engine
 from serai.engines.router import Router
 from serai.gateway import Gateway
-from serai.ledger import LedgerWriter
+from serai.ledger import LedgerWriter, sweep_reservations
 from serai.storage.db import Database
 
 log = logging.getLogger("serai")
@@ -40,6 +40,22 @@ def load_engines(settings: Settings) -> list[Engine]:
                            batch_invariant=settings.engine_batch_invariant)]
 
 
+async def _sweep_forever(database: Database, timeout_s: float) -> None:
+    """Release reservations a crashed process left behind, so they stop holding quota."""
+
+    def sweep() -> int:
+        with database.session() as session:
+            return sweep_reservations(session=session, older_than_s=timeout_s)
+
+    while True:
+        try:
+            if released := await asyncio.to_thread(sweep):
+                log.warning("released %d reservations older than %ss", released, timeout_s)
+        except Exception:
+            log.exception("reservation sweep failed; trying again later")
+        await asyncio.sleep(min(60.0, timeout_s / 2))
+
+
 def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -> FastAPI:
     """Build the app. `engines` replaces the configured ones (tests pass a fake engine)."""
 
@@ -53,10 +69,14 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -
             load_engines, settings)
         router = Router(loaded)
         app.state.services = Services(settings=settings, database=database,
-                                      gateway=Gateway(router=router, ledger=ledger))
+                                      gateway=Gateway(router=router, ledger=ledger,
+                                                      database=database))
+        sweeper = asyncio.create_task(_sweep_forever(database, settings.reservation_timeout_s),
+                                      name="reservation-sweeper")
         try:
             yield
         finally:
+            sweeper.cancel()
             await router.aclose()
             await ledger.aclose()
             database.dispose()

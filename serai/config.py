@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         "same text) by using one matmul kernel for every batch width. Off: prompts are read about "
         "20% faster, and greedy answers may differ in late tokens with the load.",
     )
+    reservation_timeout_s: float = Field(
+        1800, gt=0,
+        description="Seconds after which a request's reservation is taken for one a crashed "
+        "process left behind and released (with an `interrupted` usage row). Longer than any "
+        "request may run.",
+    )
     default_max_tokens: int | None = Field(
         None,
         ge=1,

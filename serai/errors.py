@@ -58,6 +58,12 @@ class NotFound(SeraiError):
     code = "not_found"
 
 
+class Conflict(SeraiError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
 class EngineUnavailable(SeraiError):
     status_code = 503
     error_type = "server_error"
@@ -74,3 +80,20 @@ class EngineOverloaded(SeraiError):
 
 class ModelFileError(Exception):
     """A model file cannot be served (missing, unreadable, not a GGUF). Raised at start-up."""
+
+
+class RateLimited(SeraiError):
+    """Too many requests or tokens per minute, or too many in flight: retry after a moment."""
+
+    status_code = 429
+    error_type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(SeraiError):
+    """A plan window or the balance is used up. No retry-after: retrying will not help until
+    the window rolls on or someone tops up, so SDKs must not retry in a storm."""
+
+    status_code = 429
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"

@@ -8,6 +8,7 @@ knows which wire protocol the request came in on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,8 @@ from serai.accounts import KeyInfo
 from serai.engines.base import Engine
 from serai.engines.router import Router
 from serai.errors import InvalidRequest
-from serai.ledger import LedgerWriter, UsageRecord, UsageStatus
+from serai.ledger import UNMETERED, Admission, LedgerWriter, UsageRecord, UsageStatus, admit, release
+from serai.storage.db import Database
 from serai.types import Chunk, GenerationRequest, Usage
 
 log = logging.getLogger("serai.gateway")
@@ -27,9 +29,12 @@ class Run:
 
     def __init__(
         self, *, engine: Engine, request: GenerationRequest, key: KeyInfo, endpoint: str,
-        ledger: LedgerWriter,
+        ledger: LedgerWriter, admission: Admission = UNMETERED,
+        database: Database | None = None,
     ) -> None:
         self.request = request
+        self.admission = admission
+        self._database = database
         self.engine = engine
         self._key = key
         self._endpoint = endpoint
@@ -51,6 +56,7 @@ class Run:
         except InvalidRequest:
             # Nothing was generated: the request never became a billable run.
             self._closed = True
+            await self._release()
             raise
         except BaseException:
             await self.close()
@@ -68,6 +74,17 @@ class Run:
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
         return chunk
+
+    async def _release(self) -> None:
+        if self.admission.reservation_id is None or self._database is None:
+            return
+        database, admission = self._database, self.admission
+
+        def give_back() -> None:
+            with database.session() as session:
+                release(session=session, admission=admission)
+
+        await asyncio.to_thread(give_back)
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._iterate()
@@ -106,6 +123,8 @@ class Run:
                     endpoint=self._endpoint,
                     prompt_tokens=self.usage.prompt_tokens,
                     completion_tokens=self.usage.completion_tokens,
+                    cached_tokens=self.usage.cached_tokens,
+                    admission=self.admission,
                     status=status,
                     ttft_ms=None
                     if self._first_token_at is None
@@ -116,13 +135,36 @@ class Run:
 
 
 class Gateway:
-    def __init__(self, *, router: Router, ledger: LedgerWriter) -> None:
+    def __init__(self, *, router: Router, ledger: LedgerWriter, database: Database) -> None:
         self.router = router
         self.ledger = ledger
+        self.database = database
 
     async def start(self, *, key: KeyInfo, request: GenerationRequest, endpoint: str) -> Run:
-        """Route and start a run; returns once the engine produced its first chunk."""
+        """Route, admit and start a run; returns once the engine produced its first chunk.
+
+        Admission errors (RateLimited, QuotaExceeded, PermissionDenied) and a prompt that does
+        not fit reach the caller before anything is held or generated.
+        """
         engine = self.router.engine_for(request.model)
-        run = Run(engine=engine, request=request, key=key, endpoint=endpoint, ledger=self.ledger)
+        size = await engine.measure(request)
+
+        def reserve() -> Admission:
+            with self.database.session() as session:
+                return admit(session=session, key=key, request_id=request.request_id,
+                             model=request.model, endpoint=endpoint,
+                             prompt_tokens=size.prompt_tokens, max_tokens=size.max_tokens)
+
+        held = asyncio.ensure_future(asyncio.to_thread(reserve))
+        try:
+            admission = await asyncio.shield(held)
+        except asyncio.CancelledError:  # the client left while its reservation was being made
+            with contextlib.suppress(Exception):
+                gone = Run(engine=engine, request=request, key=key, endpoint=endpoint,
+                           ledger=self.ledger, admission=await held, database=self.database)
+                await gone._release()
+            raise
+        run = Run(engine=engine, request=request, key=key, endpoint=endpoint, ledger=self.ledger,
+                  admission=admission, database=self.database)
         await run.open()
         return run

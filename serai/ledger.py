@@ -1,30 +1,60 @@
-"""The usage ledger: one row per request, written off the request path in batches.
+"""The usage ledger: reserve before a request runs, settle after, one usage row per request.
+
+`admit` runs in one locked transaction per organization: it checks every limit (concurrency,
+rates, plan windows, balance) against settled usage plus what running requests hold, and holds
+this request's worst case as a reservation. Both backends serialize it: SQLite has one writer at
+a time, and on PostgreSQL the first statement locks the organization's row.
 
 Requests hand a finished `UsageRecord` to the `LedgerWriter`, which never blocks them: rows are
-queued in memory and inserted in batches by one background task, so the ledger costs no database
-round trip per token, chunk or even per request under load. A failed write is retried, never
-dropped; shutting down drains the queue.
+queued in memory and settled in batches by one background task. Settling deletes the
+reservation, writes the usage row and takes the cost from the balance in one transaction, so
+the ledger and the balance always agree; a reservation already gone (settled or swept) is never
+settled twice. A failed write is retried, never dropped; shutting down drains the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Literal
 
-from sqlalchemy import insert, select
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
+from serai.accounts import KeyInfo
+from serai.errors import PermissionDenied, QuotaExceeded, RateLimited
+from serai.plans import MILLI, Pricing, Window, multiplier_milli, peak_multiplier_milli
 from serai.storage.db import Database
-from serai.storage.tables import UsageRow
+from serai.storage.tables import Organization, Plan, Price, PriceBook, Reservation, UsageRow
 
 log = logging.getLogger("serai.ledger")
 
-UsageStatus = Literal["ok", "cancelled", "error"]
+UsageStatus = Literal["ok", "cancelled", "error", "interrupted"]
 
 BATCH_LIMIT = 500
 RETRY_DELAY_S = 0.5
+
+
+MINUTE_S = 60
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request let in: what it holds, how it is priced, and the rate-limit headers to send."""
+
+    reservation_id: str | None  # None: not metered against any limit (operator keys)
+    org_id: int | None
+    amount_micros: int = 0
+    pricing: Pricing = field(default_factory=Pricing)
+    charged: bool = False
+    multiplier_milli: int = MILLI
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+UNMETERED = Admission(reservation_id=None, org_id=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +68,279 @@ class UsageRecord:
     status: UsageStatus
     ttft_ms: float | None
     latency_ms: float
+    cached_tokens: int = 0
+    admission: Admission = UNMETERED
+
+
+def db_now_ms(session: Session) -> int:
+    """The database clock in epoch milliseconds: every process measures windows by it."""
+    if session.get_bind().dialect.name == "sqlite":
+        query = "SELECT CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+    else:
+        query = "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+    return int(session.execute(text(query)).scalar_one())
+
+
+def _lock_org(session: Session, org_id: int) -> Organization:
+    # A no-op write as the transaction's first statement: PostgreSQL locks the row, SQLite takes
+    # its single write lock, so admissions of one organization run one after the other.
+    session.execute(update(Organization).where(Organization.id == org_id)
+                    .values(balance_micros=Organization.balance_micros))
+    org = session.get(Organization, org_id, populate_existing=True)
+    if org is None:
+        raise PermissionDenied("This key's organization no longer exists.")
+    return org
+
+
+@dataclass(frozen=True, slots=True)
+class _Use:
+    """Units used in a window: settled (with the oldest row's time) plus held."""
+
+    used: int
+    oldest_ms: int | None
+
+
+def _window_use(session: Session, *, column: str, org_id: int, key_id: int | None,
+                since_ms: int) -> _Use:
+    owner_usage = UsageRow.key_id == key_id if key_id is not None else UsageRow.org_id == org_id
+    owner_held = (Reservation.key_id == key_id if key_id is not None
+                  else Reservation.org_id == org_id)
+    if column == "count":
+        settled_expr, held_expr = func.count(), func.count()
+    elif column == "raw_tokens":  # tokens per minute count real tokens, whatever the multiplier
+        settled_expr = func.coalesce(func.sum(UsageRow.prompt_tokens + UsageRow.completion_tokens), 0)
+        held_expr = func.coalesce(func.sum(Reservation.prompt_tokens + Reservation.max_tokens), 0)
+    else:
+        settled_expr = func.coalesce(func.sum(getattr(UsageRow, column)), 0)
+        held_expr = func.coalesce(func.sum(getattr(Reservation, _HELD[column])), 0)
+    settled, oldest = session.execute(
+        select(settled_expr, func.min(UsageRow.created_ms))
+        .where(owner_usage, UsageRow.created_ms > since_ms)).one()
+    held = session.execute(select(held_expr).where(owner_held)).scalar_one()
+    return _Use(int(settled) + int(held), oldest)
+
+
+# Usage columns and what a reservation holds against them.
+_HELD = {"requests_milli": "requests_milli", "tokens_milli": "tokens_milli",
+         "cost_micros": "amount_micros"}
+
+
+def _reset_after(now_ms: int, use: _Use, seconds: int) -> float:
+    """Seconds until the oldest counted row leaves the window (or the whole window)."""
+    if use.oldest_ms is None:
+        return float(seconds)
+    return max(0.001, (use.oldest_ms + seconds * 1000 - now_ms) / 1000)
+
+
+def _duration(seconds: float) -> str:
+    # OpenAI's format: "1s", "6m0s", "1h2m3s"
+    whole = max(1, int(-(-seconds // 1)))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if hours or minutes else "") + f"{secs}s"
+
+
+def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoint: str,
+          prompt_tokens: int, max_tokens: int) -> Admission:
+    """Check every limit and hold this request's worst case; raises RateLimited or
+    QuotaExceeded (or PermissionDenied) without holding anything."""
+    if key.allowed_models is not None and model not in key.allowed_models:
+        raise PermissionDenied(f"This key may not use the model {model!r}; it may use: "
+                               f"{', '.join(key.allowed_models) or 'none'}.", param="model")
+    if key.org_id is None:
+        return UNMETERED  # platform operators are not billed
+    org = _lock_org(session, key.org_id)
+    if org.disabled:
+        raise PermissionDenied(f"The organization {org.name} is disabled.")
+    plan = session.get(Plan, org.plan_id) if org.plan_id is not None else None
+    if plan is not None and plan.disabled:
+        raise PermissionDenied(f"The plan {plan.name} is disabled.")
+    now_ms = db_now_ms(session)
+    mult = multiplier_milli(plan.model_multipliers, model) if plan is not None else MILLI
+    worst_tokens = prompt_tokens + max_tokens
+    pricing = _pricing(session, org, plan, model, now_ms)
+    amount = pricing.cost(prompt_tokens=prompt_tokens, completion_tokens=max_tokens)
+    charged = (plan is None or plan.draws_balance) and amount > 0
+    headers: dict[str, str] = {}
+    tightest: dict[str, tuple[int, int, float]] = {}  # kind -> (limit, remaining, reset)
+
+    def note(kind: str, limit: int, remaining: int, reset: float) -> None:
+        if kind not in tightest or remaining < tightest[kind][1]:
+            tightest[kind] = (limit, remaining, reset)
+
+    # In flight: reservations held now.
+    cap = min((c for c in (org.max_concurrency, plan.max_concurrency if plan else None)
+               if c is not None), default=None)
+    if cap is not None:
+        running = session.scalar(select(func.count()).select_from(Reservation)
+                                 .where(Reservation.org_id == org.id)) or 0
+        if running >= cap:
+            raise RateLimited(f"{running} requests of {org.name} are running, the most its plan "
+                              f"allows at once ({cap}). Retry when one finishes.",
+                              headers={"retry-after": "1"})
+
+    # Requests and tokens per minute: of the key, the organization and its plan.
+    since = now_ms - MINUTE_S * 1000
+    for owner_key, rpm, tpm, who in ((key.id, key.rpm, key.tpm, "key"),
+                                     (None, org.rpm, org.tpm, "organization"),
+                                     (None, plan.rpm if plan else None,
+                                      plan.tpm if plan else None, "plan")):
+        if rpm is not None:
+            use = _window_use(session, column="count", org_id=org.id, key_id=owner_key,
+                              since_ms=since)
+            reset = _reset_after(now_ms, use, MINUTE_S)
+            if use.used + 1 > rpm:
+                raise _rate_limited("requests", f"{rpm} requests per minute", who, reset,
+                                    rpm, headers)
+            note("requests", rpm, rpm - use.used - 1, reset)
+        if tpm is not None:
+            use = _window_use(session, column="raw_tokens", org_id=org.id, key_id=owner_key,
+                              since_ms=since)
+            reset = _reset_after(now_ms, use, MINUTE_S)
+            if use.used + worst_tokens > tpm:
+                raise _rate_limited("tokens", f"{tpm} tokens per minute (this request may use "
+                                    f"{worst_tokens}: prompt plus max_tokens)", who, reset, tpm,
+                                    headers)
+            note("tokens", tpm, tpm - use.used - worst_tokens, reset)
+
+    # The plan's rolling quota windows.
+    needs = {"requests": mult, "tokens": worst_tokens * mult, "credits": amount}
+    columns = {"requests": "requests_milli", "tokens": "tokens_milli", "credits": "cost_micros"}
+    scale = {"requests": MILLI, "tokens": MILLI, "credits": 1}
+    for raw in (plan.windows if plan is not None else []):
+        window = Window.parse(raw)
+        use = _window_use(session, column=columns[window.metric], org_id=org.id, key_id=None,
+                          since_ms=now_ms - window.seconds * 1000)
+        limit = window.limit * scale[window.metric]
+        if use.used + needs[window.metric] > limit:
+            raise QuotaExceeded(
+                f"The plan {plan.name} allows {window.limit} {window.metric} per "  # type: ignore[union-attr]
+                f"{_duration(window.seconds)}, and {org.name} has used them. It frees up as "
+                f"older requests leave the window.")
+        if window.metric in ("requests", "tokens"):
+            note(window.metric, window.limit, (limit - use.used - needs[window.metric])
+                 // scale[window.metric], _reset_after(now_ms, use, window.seconds))
+
+    # Prepaid money: settled balance minus what running requests hold.
+    if charged:
+        held = session.scalar(select(func.coalesce(func.sum(Reservation.amount_micros), 0))
+                              .where(Reservation.org_id == org.id)) or 0
+        available = org.balance_micros - int(held)
+        if amount > available:
+            raise QuotaExceeded(
+                f"The balance of {org.name} does not cover this request: it may cost up to "
+                f"{amount} micro-units (prompt plus max_tokens) and {max(available, 0)} are "
+                f"available. Top up, or ask for fewer max_tokens.")
+
+    reservation = Reservation(
+        id=str(uuid.uuid4()), org_id=org.id, key_id=key.id, request_id=request_id, model=model,
+        endpoint=endpoint, amount_micros=amount, requests_milli=mult,
+        tokens_milli=worst_tokens * mult, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+        created_ms=now_ms)
+    session.add(reservation)
+    session.flush()
+    for kind, (limit, remaining, reset) in tightest.items():
+        headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(max(remaining, 0))
+        headers[f"x-ratelimit-reset-{kind}"] = _duration(reset)
+    return Admission(reservation.id, org.id, reservation.amount_micros, pricing, charged, mult,
+                     headers)
+
+
+def _rate_limited(kind: str, what: str, who: str, reset: float, limit: int,
+                  headers: dict[str, str]) -> RateLimited:
+    error = RateLimited(f"Rate limit reached: this {who} allows {what}. Retry in "
+                        f"{_duration(reset)}.", headers={
+                            "retry-after": str(max(1, int(-(-reset // 1)))),
+                            f"x-ratelimit-limit-{kind}": str(limit),
+                            f"x-ratelimit-remaining-{kind}": "0",
+                            f"x-ratelimit-reset-{kind}": _duration(reset)})
+    error.error_type = kind
+    return error
+
+
+def _pricing(session: Session, org: Organization, plan: Plan | None, model: str,
+             now_ms: int) -> Pricing:
+    if org.price_book_id is None:
+        return Pricing()
+    book = session.get(PriceBook, org.price_book_id)
+    price = session.scalar(select(Price).where(Price.price_book_id == org.price_book_id,
+                                               Price.model == model))
+    if book is None or price is None:
+        return Pricing()
+    hour = datetime.fromtimestamp(now_ms / 1000, UTC).hour
+    multiplier = peak_multiplier_milli(book.peak_hours, hour)
+    ratio = plan.price_ratio_milli if plan is not None else MILLI
+    return Pricing(price.input_micros, price.cached_input_micros, price.output_micros,
+                   multiplier * ratio // MILLI)
+
+
+def release(*, session: Session, admission: Admission) -> None:
+    """Give back a reservation whose request never ran (rejected before the engine)."""
+    if admission.reservation_id is not None:
+        session.execute(delete(Reservation).where(Reservation.id == admission.reservation_id))
 
 
 def write_usage(*, session: Session, records: list[UsageRecord]) -> None:
-    if records:
-        session.execute(insert(UsageRow), [asdict(r) for r in records])
+    """Settle each record: its reservation goes, its row is written, its cost leaves the
+    balance. A record whose reservation is already gone was settled or swept: skipped."""
+    if not records:
+        return
+    now_ms = db_now_ms(session)
+    # Organizations in one order, so two writers never wait on each other's locks.
+    for record in sorted(records, key=lambda r: r.admission.org_id or 0):
+        admission = record.admission
+        cost = 0
+        if admission.reservation_id is not None:
+            # The organization's lock first, as admission takes it: an admission then sees this
+            # settlement either whole or not at all, never the reservation gone and the row
+            # not yet there (PostgreSQL reads each statement at its own snapshot).
+            assert admission.org_id is not None
+            _lock_org(session, admission.org_id)
+            gone = session.execute(delete(Reservation)
+                                   .where(Reservation.id == admission.reservation_id))
+            if gone.rowcount == 0:
+                log.warning("usage of %s was already settled; not billed twice", record.request_id)
+                continue
+            cost = admission.pricing.cost(prompt_tokens=record.prompt_tokens,
+                                          cached_tokens=record.cached_tokens,
+                                          completion_tokens=record.completion_tokens)
+            if admission.charged:
+                # Never more than was reserved, so the balance cannot go below zero.
+                cost = min(cost, admission.amount_micros)
+                session.execute(update(Organization).where(Organization.id == admission.org_id)
+                                .values(balance_micros=Organization.balance_micros - cost))
+        counted = record.status in ("ok", "cancelled")
+        session.execute(insert(UsageRow).values(
+            request_id=record.request_id, key_id=record.key_id, org_id=admission.org_id,
+            model=record.model, endpoint=record.endpoint, prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens, cached_tokens=record.cached_tokens,
+            status=record.status, ttft_ms=record.ttft_ms, latency_ms=record.latency_ms,
+            cost_micros=cost, charged=admission.charged,
+            requests_milli=admission.multiplier_milli if counted else 0,
+            tokens_milli=(record.prompt_tokens + record.completion_tokens)
+            * admission.multiplier_milli,
+            created_ms=now_ms))
+
+
+def sweep_reservations(*, session: Session, older_than_s: float) -> int:
+    """Release reservations left by a crashed process: each gets a usage row with status
+    `interrupted` and no charge, so every admitted request still has exactly one row."""
+    now_ms = db_now_ms(session)
+    stale = list(session.scalars(select(Reservation).where(
+        Reservation.created_ms < now_ms - int(older_than_s * 1000))))
+    for reservation in sorted(stale, key=lambda r: r.org_id):
+        _lock_org(session, reservation.org_id)
+        gone = session.execute(delete(Reservation).where(Reservation.id == reservation.id))
+        if gone.rowcount:
+            session.execute(insert(UsageRow).values(
+                request_id=reservation.request_id, key_id=reservation.key_id,
+                org_id=reservation.org_id, model=reservation.model,
+                endpoint=reservation.endpoint, prompt_tokens=0, completion_tokens=0,
+                cached_tokens=0, status="interrupted", ttft_ms=None, latency_ms=0.0,
+                cost_micros=0, charged=False, requests_milli=0, tokens_milli=0,
+                created_ms=now_ms))
+    return len(stale)
 
 
 def recent_usage(*, session: Session, limit: int = 100, request_id: str | None = None) -> list[UsageRow]:

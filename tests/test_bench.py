@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp
 from typer.testing import CliRunner
 
 from serai import accounts
@@ -33,25 +28,9 @@ from serai.cli import app as cli_app
 from serai.config import Settings
 from tests.conftest import free_port
 from tests.support.fake_engine import FakeEngine
+from tests.support.serving import serving
 
 REPLY = " ".join(f"word{i}" for i in range(40))
-
-
-@contextmanager
-def serving(app: ASGIApp) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free port; yields the base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                           lifespan="on", loop="asyncio"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 def check_metrics(result: BenchResult, content_chunks: int) -> None:

@@ -247,14 +247,15 @@ async def _serve(
     render = rendering(generation.request_id, generation.model)
     if stream:
         return EventStreamResponse(_events(run, render, include_usage),
-                                   on_close=run.close)
+                                   on_close=run.close, headers=run.admission.headers or None)
     try:
         text = await until_disconnect(request.receive, _collect(run))
     except ClientDisconnected:
         return Response(status_code=499)
     finally:
         await run.close()
-    return json_response(200, render.answer(text, run.finish_reason, run.usage))
+    return json_response(200, render.answer(text, run.finish_reason, run.usage),
+                         headers=run.admission.headers or None)
 
 
 async def _collect(run: Run) -> str:

@@ -25,10 +25,23 @@ class ModelInfo:
     owned_by: str = "serai"
 
 
+@dataclass(frozen=True, slots=True)
+class Measure:
+    """A request's size before it runs: what admission reserves against the limits."""
+
+    prompt_tokens: int
+    max_tokens: int  # the completion's limit: asked for, or what the context leaves
+
+
 @runtime_checkable
 class Engine(Protocol):
     @property
     def model(self) -> ModelInfo: ...
+
+    async def measure(self, request: GenerationRequest) -> Measure:
+        """Count the prompt and settle max_tokens; raises ContextLengthExceeded (and other
+        InvalidRequest errors) for a request that cannot run."""
+        ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Stream the completion of `request`; the last chunk carries a finish_reason."""

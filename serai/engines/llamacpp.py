@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import llama_cpp
 
-from serai.engines.base import ModelInfo
+from serai.engines.base import Measure, ModelInfo
 from serai.engines.batching import BatchScheduler, Sequence
 from serai.engines.prompts import PromptFormat, choose_prompt_format
 from serai.errors import ContextLengthExceeded, EngineOverloaded, EngineUnavailable
@@ -26,6 +27,11 @@ log = logging.getLogger("serai.engines.llamacpp")
 
 
 RETRY_AFTER_S = 1
+MEASURED_KEPT = 1024
+
+
+def _unset_emit(item: object) -> None:
+    raise RuntimeError("a sequence was scheduled before generate() gave it a consumer")
 
 
 class LlamaCppEngine:
@@ -73,6 +79,7 @@ class LlamaCppEngine:
         self._default_max_tokens = default_max_tokens
         self._info = ModelInfo(name=name, context_length=context_length,
                                created=int(path.stat().st_mtime))
+        self._measured: OrderedDict[str, Sequence] = OrderedDict()
         self._capacity = parallel + queue_size
         self._admitted = 0
         self._closed = False
@@ -96,6 +103,15 @@ class LlamaCppEngine:
     def _piece(self, token: int) -> bytes:
         return self._vocab_only.detokenize([token])
 
+    async def measure(self, request: GenerationRequest) -> Measure:
+        sequence = await asyncio.to_thread(self._prepare, request, _unset_emit)
+        # Kept for generate(), so a measured prompt is tokenized once; the oldest are dropped
+        # (a request refused by admission never comes back for it).
+        self._measured[request.request_id] = sequence
+        while len(self._measured) > MEASURED_KEPT:
+            self._measured.popitem(last=False)
+        return Measure(len(sequence.tokens), sequence.max_tokens)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if self._closed:
             raise EngineUnavailable("The model is shutting down; retry on another server.")
@@ -107,8 +123,10 @@ class LlamaCppEngine:
         try:
             loop = asyncio.get_running_loop()
             out: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
-            sequence = await asyncio.to_thread(
-                self._prepare, request, lambda item: loop.call_soon_threadsafe(out.put_nowait, item))
+            sequence = self._measured.pop(request.request_id, None)
+            if sequence is None:
+                sequence = await asyncio.to_thread(self._prepare, request, _unset_emit)
+            sequence.emit = lambda item: loop.call_soon_threadsafe(out.put_nowait, item)
             self._scheduler.submit(sequence)
             try:
                 while True:

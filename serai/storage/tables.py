@@ -3,13 +3,134 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, func
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    func,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class Base(DeclarativeBase):
     pass
+
+
+# Integer micro-units of money and epoch milliseconds of the database clock: exact, and the
+# same on SQLite and PostgreSQL.
+Money = BigInteger
+Millis = BigInteger
+
+
+class Organization(Base):
+    """A tenant: owns keys, a plan, a price book assignment, a balance and limits."""
+
+    __tablename__ = "organizations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    plan_id: Mapped[int | None] = mapped_column(ForeignKey("plans.id"), nullable=True)
+    price_book_id: Mapped[int | None] = mapped_column(ForeignKey("price_books.id"), nullable=True)
+    # Settled money only; what running requests hold is in `reservations`.
+    balance_micros: Mapped[int] = mapped_column(Money, default=0)
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    __table_args__ = (CheckConstraint("balance_micros >= 0",
+                                      name="ck_organizations_balance_not_negative"),)
+
+
+class Plan(Base):
+    """Rolling quota windows, per-model multipliers and rate limits an organization subscribes to."""
+
+    __tablename__ = "plans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    # [{"metric": "requests"|"tokens"|"credits", "limit": int, "seconds": int}, ...]
+    windows: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # {"model name": multiplier}; quota units a request of that model counts for.
+    model_multipliers: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Prepaid: requests are charged to the balance. A pure subscription only counts windows.
+    draws_balance: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Price ratio in thousandths (800 = 20% off the price book).
+    price_ratio_milli: Mapped[int] = mapped_column(Integer, default=1000)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class PriceBook(Base):
+    __tablename__ = "price_books"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    currency: Mapped[str] = mapped_column(String(8), default="USD")
+    # [{"start_hour": 14, "end_hour": 18, "multiplier_milli": 3000}] in UTC hours.
+    peak_hours: Mapped[list[dict[str, int]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Price(Base):
+    """Prices of one model per million tokens, in micro-units of the book's currency."""
+
+    __tablename__ = "prices"
+    __table_args__ = (UniqueConstraint("price_book_id", "model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    price_book_id: Mapped[int] = mapped_column(ForeignKey("price_books.id"))
+    model: Mapped[str] = mapped_column(String(200))
+    input_micros: Mapped[int] = mapped_column(Money)
+    cached_input_micros: Mapped[int] = mapped_column(Money)
+    output_micros: Mapped[int] = mapped_column(Money)
+
+
+class BalanceEntry(Base):
+    """A top-up, adjustment or redemption: the balance is their sum minus settled charges."""
+
+    __tablename__ = "balance_entries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    amount_micros: Mapped[int] = mapped_column(Money)
+    kind: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Reservation(Base):
+    """The worst case of a running request, held against its organization's limits until the
+    request is settled to its real usage (or released by the sweeper after a crash)."""
+
+    __tablename__ = "reservations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"), index=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    request_id: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(200))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    amount_micros: Mapped[int] = mapped_column(Money)
+    requests_milli: Mapped[int] = mapped_column(BigInteger)
+    tokens_milli: Mapped[int] = mapped_column(BigInteger)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    max_tokens: Mapped[int] = mapped_column(Integer)
+    created_ms: Mapped[int] = mapped_column(Millis)
 
 
 class ApiKey(Base):
@@ -22,6 +143,16 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(32), index=True)
     secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Model keys belong to an organization; admin keys have a role in one (owner, admin, viewer)
+    # or are the platform's operators (role "operator", no organization).
+    org_id: Mapped[int | None] = mapped_column(ForeignKey("organizations.id"), nullable=True,
+                                               index=True)
+    role: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    allowed_cidrs: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -46,3 +177,16 @@ class UsageRow(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), index=True
     )
+    org_id: Mapped[int | None] = mapped_column(ForeignKey("organizations.id"), nullable=True)
+    cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_micros: Mapped[int] = mapped_column(Money, default=0)
+    # Whether cost_micros was taken from the balance (prepaid), or only counted (subscription).
+    charged: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Quota units this request counted for in its plan's windows (thousandths, multipliers applied).
+    requests_milli: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_milli: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The database clock when the row was settled: what rolling windows are measured against.
+    created_ms: Mapped[int] = mapped_column(Millis, default=0)
+
+    __table_args__ = (Index("ix_usage_org_window", "org_id", "created_ms"),
+                      Index("ix_usage_key_window", "key_id", "created_ms"))

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from serai.engines.base import ModelInfo
+from serai.engines.base import Measure, ModelInfo
 from serai.errors import ContextLengthExceeded, EngineOverloaded, EngineUnavailable
 from serai.types import Chunk, GenerationRequest, Usage
 
@@ -39,6 +39,15 @@ class FakeEngine:
         text = request.prompt if request.prompt is not None else " ".join(
             m.content for m in request.messages or ())
         return len(text.split())
+
+    async def measure(self, request: GenerationRequest) -> Measure:
+        prompt = self.prompt_tokens(request)
+        limit = request.sampling.max_tokens
+        if prompt + (limit or 1) > self.context_length:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context_length} tokens.",
+                param="max_tokens")
+        return Measure(prompt, limit if limit is not None else self.context_length - prompt)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if self.overloaded:

@@ -94,9 +94,7 @@ def default_org(*, session: Session) -> OrgInfo:
 def find_org(*, session: Session, ref: str | int) -> OrgInfo:
     """An organization by id or name."""
     text = str(ref)
-    row = None
-    if text.isascii() and text.isdigit() and int(text) <= MAX_ID:
-        row = session.get(Organization, int(text))
+    row = session.get(Organization, number) if (number := _row_id(text)) is not None else None
     if row is None:
         row = session.scalar(select(Organization).where(Organization.name == text))
     if row is None:
@@ -202,11 +200,16 @@ def list_keys(*, session: Session, include_revoked: bool = True) -> list[KeyInfo
 MAX_ID = 2**31 - 1  # PostgreSQL INTEGER; SQLite accepts more, but no id gets that far
 
 
+def _row_id(ref: str) -> int | None:
+    """`ref` as a row id, or None; ids past the integer column's range cannot exist (the
+    database would raise instead of finding nothing)."""
+    return int(ref) if ref.isascii() and ref.isdigit() and int(ref) <= MAX_ID else None
+
+
 def find_key(*, session: Session, ref: str) -> ApiKey:
     """A key by numeric id or by its display prefix."""
     if ref.isascii() and ref.isdigit():
-        # Ids past the integer column's range cannot exist; the database would raise instead.
-        row = session.get(ApiKey, int(ref)) if int(ref) <= MAX_ID else None
+        row = session.get(ApiKey, number) if (number := _row_id(ref)) is not None else None
     else:
         rows = session.scalars(select(ApiKey).where(ApiKey.prefix == ref[:PREFIX_LENGTH])).all()
         row = rows[0] if len(rows) == 1 else None

@@ -56,7 +56,8 @@ class Run:
         except InvalidRequest:
             # Nothing was generated: the request never became a billable run.
             self._closed = True
-            await self._release()
+            if self._database is not None:
+                await _give_back(self._database, self.admission)
             raise
         except BaseException:
             await self.close()
@@ -74,17 +75,6 @@ class Run:
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
         return chunk
-
-    async def _release(self) -> None:
-        if self.admission.reservation_id is None or self._database is None:
-            return
-        database, admission = self._database, self.admission
-
-        def give_back() -> None:
-            with database.session() as session:
-                release(session=session, admission=admission)
-
-        await asyncio.to_thread(give_back)
 
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._iterate()
@@ -134,6 +124,18 @@ class Run:
             )
 
 
+async def _give_back(database: Database, admission: Admission) -> None:
+    """Release the reservation of a request that never ran."""
+    if admission.reservation_id is None:
+        return
+
+    def give_back() -> None:
+        with database.session() as session:
+            release(session=session, admission=admission)
+
+    await asyncio.to_thread(give_back)
+
+
 class Gateway:
     def __init__(self, *, router: Router, ledger: LedgerWriter, database: Database) -> None:
         self.router = router
@@ -160,9 +162,7 @@ class Gateway:
             admission = await asyncio.shield(held)
         except asyncio.CancelledError:  # the client left while its reservation was being made
             with contextlib.suppress(Exception):
-                gone = Run(engine=engine, request=request, key=key, endpoint=endpoint,
-                           ledger=self.ledger, admission=await held, database=self.database)
-                await gone._release()
+                await _give_back(self.database, await held)
             raise
         run = Run(engine=engine, request=request, key=key, endpoint=endpoint, ledger=self.ledger,
                   admission=admission, database=self.database)

@@ -161,7 +161,6 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
     pricing = _pricing(session, org, plan, model, now_ms)
     amount = pricing.cost(prompt_tokens=prompt_tokens, completion_tokens=max_tokens)
     charged = (plan is None or plan.draws_balance) and amount > 0
-    headers: dict[str, str] = {}
     tightest: dict[str, tuple[int, int, float]] = {}  # kind -> (limit, remaining, reset)
 
     def note(kind: str, limit: int, remaining: int, reset: float) -> None:
@@ -191,7 +190,7 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
             reset = _reset_after(now_ms, use, MINUTE_S)
             if use.used + 1 > rpm:
                 raise _rate_limited("requests", f"{rpm} requests per minute", who, reset,
-                                    rpm, headers)
+                                    rpm)
             note("requests", rpm, rpm - use.used - 1, reset)
         if tpm is not None:
             use = _window_use(session, column="raw_tokens", org_id=org.id, key_id=owner_key,
@@ -199,8 +198,7 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
             reset = _reset_after(now_ms, use, MINUTE_S)
             if use.used + worst_tokens > tpm:
                 raise _rate_limited("tokens", f"{tpm} tokens per minute (this request may use "
-                                    f"{worst_tokens}: prompt plus max_tokens)", who, reset, tpm,
-                                    headers)
+                                    f"{worst_tokens}: prompt plus max_tokens)", who, reset, tpm)
             note("tokens", tpm, tpm - use.used - worst_tokens, reset)
 
     # The plan's rolling quota windows.
@@ -239,6 +237,7 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
         created_ms=now_ms)
     session.add(reservation)
     session.flush()
+    headers: dict[str, str] = {}
     for kind, (limit, remaining, reset) in tightest.items():
         headers[f"x-ratelimit-limit-{kind}"] = str(limit)
         headers[f"x-ratelimit-remaining-{kind}"] = str(max(remaining, 0))
@@ -247,8 +246,7 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
                      headers)
 
 
-def _rate_limited(kind: str, what: str, who: str, reset: float, limit: int,
-                  headers: dict[str, str]) -> RateLimited:
+def _rate_limited(kind: str, what: str, who: str, reset: float, limit: int) -> RateLimited:
     error = RateLimited(f"Rate limit reached: this {who} allows {what}. Retry in "
                         f"{_duration(reset)}.", headers={
                             "retry-after": str(max(1, int(-(-reset // 1)))),
@@ -287,6 +285,7 @@ def write_usage(*, session: Session, records: list[UsageRecord]) -> None:
     if not records:
         return
     now_ms = db_now_ms(session)
+    locked: set[int] = set()
     # Organizations in one order, so two writers never wait on each other's locks.
     for record in sorted(records, key=lambda r: r.admission.org_id or 0):
         admission = record.admission
@@ -296,7 +295,9 @@ def write_usage(*, session: Session, records: list[UsageRecord]) -> None:
             # settlement either whole or not at all, never the reservation gone and the row
             # not yet there (PostgreSQL reads each statement at its own snapshot).
             assert admission.org_id is not None
-            _lock_org(session, admission.org_id)
+            if admission.org_id not in locked:
+                _lock_org(session, admission.org_id)
+                locked.add(admission.org_id)
             gone = session.execute(delete(Reservation)
                                    .where(Reservation.id == admission.reservation_id))
             if gone.rowcount == 0:

@@ -7,7 +7,6 @@ come slowly, so the test controls exactly when the client leaves.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,15 +14,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from serai import accounts, ledger
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings
 from serai.storage.tables import UsageRow
-from tests.conftest import free_port
 from tests.support.fake_engine import FakeEngine
+from tests.support.serving import serving
 
 LONG_REPLY = " ".join(f"word{i}" for i in range(200))
 
@@ -56,19 +54,11 @@ class Served:
 def served(tmp_path: Path) -> Iterator[Served]:
     engine = FakeEngine(reply=LONG_REPLY, context_length=4096, delay=0.05)
     app = create_app(Settings(data_dir=tmp_path), engines=[engine])
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                           lifespan="on", loop="asyncio"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    services: Services = app.state.services
-    with services.database.session() as session:
-        _, key = accounts.create_key(session=session, name="t")
-    yield Served(f"http://127.0.0.1:{port}", engine, key, services)
-    server.should_exit = True
-    thread.join(timeout=15)
+    with serving(app) as base_url:
+        services: Services = app.state.services
+        with services.database.session() as session:
+            _, key = accounts.create_key(session=session, name="t")
+        yield Served(base_url.removesuffix("/v1"), engine, key, services)
 
 
 @pytest.mark.parametrize("after_chunks", [0, 1, 5])

@@ -53,12 +53,8 @@ class FakeEngine:
         if self.overloaded:
             raise EngineOverloaded("The fake engine is full.", headers={"retry-after": "1"})
         self.requests.append(request)
-        prompt = self.prompt_tokens(request)
+        prompt = (await self.measure(request)).prompt_tokens
         limit = request.sampling.max_tokens
-        if prompt + (limit or 1) > self.context_length:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.context_length} tokens.",
-                param="max_tokens")
         words = [w + " " for w in self.reply.split()]
         words[-1] = words[-1].rstrip()
         finish = "stop"

@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     UniqueConstraint,
     func,
@@ -190,3 +191,45 @@ class UsageRow(Base):
 
     __table_args__ = (Index("ix_usage_org_window", "org_id", "created_ms"),
                       Index("ix_usage_key_window", "key_id", "created_ms"))
+
+
+class RedemptionCode(Base):
+    """A prepaid code worth an amount, redeemed once into an organization's balance.
+
+    A code is a bearer secret like a key: only its SHA-256 and a display prefix are stored.
+    """
+
+    __tablename__ = "redemption_codes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    prefix: Mapped[str] = mapped_column(String(32), index=True)
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # Codes generated together share a batch label, to list or disable them as one.
+    batch: Mapped[str] = mapped_column(String(100), index=True)
+    amount_micros: Mapped[int] = mapped_column(Money)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    redeemed_by_org_id: Mapped[int | None] = mapped_column(ForeignKey("organizations.id"),
+                                                           nullable=True)
+    redeemed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class IdempotencyRecord(Base):
+    """A model call made with an `Idempotency-Key`: in flight, or done with the response to
+    replay. Scoped to the API key that made it; kept for 24 hours."""
+
+    __tablename__ = "idempotency_records"
+    __table_args__ = (UniqueConstraint("key_id", "idempotency_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
+    idempotency_key: Mapped[str] = mapped_column(String(255))
+    # SHA-256 of the method, path and body: the same key with another payload is refused.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))  # "in_flight" or "done"
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    headers: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+    body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_ms: Mapped[int] = mapped_column(Millis, index=True)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
-from serai.storage.tables import ApiKey, BalanceEntry, Organization
+from serai.storage.tables import ApiKey, BalanceEntry, Organization, RedemptionCode
 
 KEY_SCHEME = "sk-serai-"
 # Scheme plus six characters of the random part: enough to tell keys apart in a list and to
@@ -44,15 +46,17 @@ class KeyInfo:
     expires_at: datetime | None = None
     rpm: int | None = None
     tpm: int | None = None
+    allowed_cidrs: list[str] | None = None
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
 
 
-def _info(row: ApiKey) -> KeyInfo:
+def key_info(row: ApiKey) -> KeyInfo:
     return KeyInfo(row.id, row.name, row.prefix, row.is_admin, row.created_at, row.revoked_at,
-                   row.org_id, row.role, row.allowed_models, row.expires_at, row.rpm, row.tpm)
+                   row.org_id, row.role, row.allowed_models, row.expires_at, row.rpm, row.tpm,
+                   row.allowed_cidrs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +106,54 @@ def find_org(*, session: Session, ref: str | int) -> OrgInfo:
     return _org_info(row)
 
 
-def list_orgs(*, session: Session) -> list[OrgInfo]:
-    return [_org_info(r) for r in session.scalars(select(Organization).order_by(Organization.id))]
+def list_orgs(*, session: Session, org_id: int | None = None) -> list[OrgInfo]:
+    """Every organization, or only `org_id` (what an organization's own admins may see)."""
+    query = select(Organization).order_by(Organization.id)
+    if org_id is not None:
+        query = query.where(Organization.id == org_id)
+    return [_org_info(r) for r in session.scalars(query)]
+
+
+_UNSET: Any = object()
+
+
+def update_org(*, session: Session, org_id: int, name: str | None = None,
+               disabled: bool | None = None, plan_id: int | None = _UNSET,
+               price_book_id: int | None = _UNSET, rpm: int | None = _UNSET,
+               tpm: int | None = _UNSET, max_concurrency: int | None = _UNSET) -> OrgInfo:
+    """Change what is given; `None` clears a plan, price book or limit."""
+    row = session.get(Organization, org_id)
+    if row is None:
+        raise NotFound(f"No organization {org_id}.", param="org")
+    if name is not None and name != row.name:
+        if session.scalar(select(Organization).where(Organization.name == name)) is not None:
+            raise Conflict(f"An organization named {name!r} exists already.", param="name")
+        row.name = name
+    if disabled is not None:
+        row.disabled = disabled
+    for field, value in (("plan_id", plan_id), ("price_book_id", price_book_id), ("rpm", rpm),
+                         ("tpm", tpm), ("max_concurrency", max_concurrency)):
+        if value is not _UNSET:
+            setattr(row, field, value)
+    session.flush()
+    return _org_info(row)
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceEntryInfo:
+    id: int
+    org_id: int
+    amount_micros: int
+    kind: str
+    reason: str
+    created_at: datetime
+
+
+def balance_entries(*, session: Session, org_id: int, limit: int = 100) -> list[BalanceEntryInfo]:
+    rows = session.scalars(select(BalanceEntry).where(BalanceEntry.org_id == org_id)
+                           .order_by(BalanceEntry.id.desc()).limit(limit))
+    return [BalanceEntryInfo(r.id, r.org_id, r.amount_micros, r.kind, r.reason, r.created_at)
+            for r in rows]
 
 
 def adjust_balance(*, session: Session, org_id: int, amount_micros: int, kind: str,
@@ -132,7 +182,8 @@ def _hash(secret: str) -> str:
 def create_key(*, session: Session, name: str, is_admin: bool = False, org_id: int | None = None,
                role: str | None = None, allowed_models: list[str] | None = None,
                expires_at: datetime | None = None, rpm: int | None = None,
-               tpm: int | None = None) -> tuple[KeyInfo, str]:
+               tpm: int | None = None,
+               allowed_cidrs: list[str] | None = None) -> tuple[KeyInfo, str]:
     """Mint a key; returns its public description and the secret (the only time it exists).
 
     A model key belongs to `org_id` (the default organization if none). An admin key has a
@@ -153,11 +204,12 @@ def create_key(*, session: Session, name: str, is_admin: bool = False, org_id: i
     secret = KEY_SCHEME + secrets.token_urlsafe(32)
     row = ApiKey(name=name, prefix=secret[:PREFIX_LENGTH], secret_hash=_hash(secret),
                  is_admin=is_admin, org_id=org_id, role=role, allowed_models=allowed_models,
-                 expires_at=expires_at, rpm=rpm, tpm=tpm)
+                 expires_at=expires_at, rpm=rpm, tpm=tpm,
+                 allowed_cidrs=check_cidrs(allowed_cidrs) if allowed_cidrs else None)
     session.add(row)
     session.flush()
     session.refresh(row)
-    return _info(row), secret
+    return key_info(row), secret
 
 
 def authenticate(*, session: Session, secret: str) -> KeyInfo:
@@ -177,7 +229,7 @@ def authenticate(*, session: Session, secret: str) -> KeyInfo:
     if match.expires_at is not None and _aware(match.expires_at) <= datetime.now(UTC):
         raise AuthenticationFailed(f"The API key {match.prefix}… expired at "
                                    f"{_aware(match.expires_at):%Y-%m-%d %H:%M} UTC.")
-    return _info(match)
+    return key_info(match)
 
 
 def _aware(moment: datetime) -> datetime:
@@ -190,11 +242,15 @@ def _bad_key_message(secret: str) -> str:
     return f"Incorrect API key provided: {shown}. Create a key with `serai keys create`."
 
 
-def list_keys(*, session: Session, include_revoked: bool = True) -> list[KeyInfo]:
+def list_keys(*, session: Session, include_revoked: bool = True,
+              org_id: int | None = None) -> list[KeyInfo]:
+    """Keys, oldest first; only `org_id`'s when given."""
     query = select(ApiKey).order_by(ApiKey.id)
+    if org_id is not None:
+        query = query.where(ApiKey.org_id == org_id)
     if not include_revoked:
         query = query.where(ApiKey.revoked_at.is_(None))
-    return [_info(row) for row in session.scalars(query)]
+    return [key_info(row) for row in session.scalars(query)]
 
 
 MAX_ID = 2**31 - 1  # PostgreSQL INTEGER; SQLite accepts more, but no id gets that far
@@ -225,8 +281,139 @@ def revoke_key(*, session: Session, ref: str) -> KeyInfo:
         row.revoked_at = func.now()  # the database clock, not this process's
         session.flush()
         session.refresh(row)
-    return _info(row)
+    return key_info(row)
 
 
 def count_keys(*, session: Session) -> int:
     return session.scalar(select(func.count()).select_from(ApiKey)) or 0
+
+
+def update_key(*, session: Session, ref: str, name: str | None = None,
+               allowed_models: list[str] | None = _UNSET, allowed_cidrs: list[str] | None = _UNSET,
+               expires_at: datetime | None = _UNSET, rpm: int | None = _UNSET,
+               tpm: int | None = _UNSET) -> KeyInfo:
+    """Change a key's label or limits; `None` lifts a limit."""
+    row = find_key(session=session, ref=ref)
+    if name is not None:
+        row.name = name
+    if allowed_cidrs is not _UNSET and allowed_cidrs is not None:
+        allowed_cidrs = check_cidrs(allowed_cidrs)
+    for field, value in (("allowed_models", allowed_models), ("allowed_cidrs", allowed_cidrs),
+                         ("expires_at", expires_at), ("rpm", rpm), ("tpm", tpm)):
+        if value is not _UNSET:
+            setattr(row, field, value)
+    session.flush()
+    return key_info(row)
+
+
+def check_cidrs(cidrs: list[str]) -> list[str]:
+    """Client networks as canonical CIDR strings; a host address is its own /32 or /128."""
+    checked = []
+    for cidr in cidrs:
+        try:
+            checked.append(str(ipaddress.ip_network(cidr.strip(), strict=False)))
+        except ValueError:
+            raise InvalidRequest(f"{cidr!r} is not an IP network (e.g. 10.0.0.0/8).",
+                                 param="allowed_cidrs") from None
+    return checked
+
+
+def client_allowed(key: KeyInfo, client_ip: str | None) -> bool:
+    if not key.allowed_cidrs:
+        return True
+    if client_ip is None:
+        return False
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    return any(address in ipaddress.ip_network(cidr) for cidr in key.allowed_cidrs)
+
+
+# -- redemption codes -------------------------------------------------------------------------
+
+CODE_SCHEME = "serai-rc-"
+CODE_PREFIX_LENGTH = len(CODE_SCHEME) + 4
+
+
+@dataclass(frozen=True, slots=True)
+class CodeInfo:
+    """A redemption code as it may be shown after it was generated: never the code itself."""
+
+    id: int
+    prefix: str
+    batch: str
+    amount_micros: int
+    expires_at: datetime | None
+    disabled: bool
+    redeemed_by_org_id: int | None
+    redeemed_at: datetime | None
+    created_at: datetime
+
+
+def _code_info(row: RedemptionCode) -> CodeInfo:
+    return CodeInfo(row.id, row.prefix, row.batch, row.amount_micros, row.expires_at,
+                    row.disabled, row.redeemed_by_org_id, row.redeemed_at, row.created_at)
+
+
+MAX_CODES_PER_BATCH = 10_000
+
+
+def generate_codes(*, session: Session, count: int, amount_micros: int, batch: str,
+                   expires_at: datetime | None = None) -> list[tuple[CodeInfo, str]]:
+    """Mint `count` codes worth `amount_micros` each; the codes exist only in the return value."""
+    if not 1 <= count <= MAX_CODES_PER_BATCH:
+        raise InvalidRequest(f"Generate between 1 and {MAX_CODES_PER_BATCH} codes at a time.",
+                             param="count")
+    if amount_micros <= 0:
+        raise InvalidRequest("A code must be worth more than zero.", param="amount_micros")
+    if not batch.strip():
+        raise InvalidRequest("Name the batch, to list or disable its codes later.", param="batch")
+    minted = []
+    for _ in range(count):
+        code = CODE_SCHEME + secrets.token_hex(12)
+        row = RedemptionCode(prefix=code[:CODE_PREFIX_LENGTH], code_hash=_hash(code),
+                             batch=batch, amount_micros=amount_micros, expires_at=expires_at,
+                             disabled=False)
+        session.add(row)
+        minted.append((row, code))
+    session.flush()
+    for row, _ in minted:
+        session.refresh(row)
+    return [(_code_info(row), code) for row, code in minted]
+
+
+def list_codes(*, session: Session, batch: str | None = None) -> list[CodeInfo]:
+    query = select(RedemptionCode).order_by(RedemptionCode.id)
+    if batch is not None:
+        query = query.where(RedemptionCode.batch == batch)
+    return [_code_info(r) for r in session.scalars(query)]
+
+
+def disable_codes(*, session: Session, batch: str) -> int:
+    """Disable the unredeemed codes of a batch; returns how many."""
+    result = session.execute(update(RedemptionCode).where(
+        RedemptionCode.batch == batch, RedemptionCode.redeemed_at.is_(None),
+        RedemptionCode.disabled.is_(False)).values(disabled=True))
+    return int(result.rowcount)
+
+
+def redeem_code(*, session: Session, org_id: int, code: str) -> OrgInfo:
+    """Credit a code's amount to the organization; a code is redeemed once, ever."""
+    code = code.strip()
+    row = session.scalar(select(RedemptionCode).where(RedemptionCode.code_hash == _hash(code)))
+    if row is None:
+        raise NotFound("No such redemption code. Check it was typed in full.", param="code")
+    if row.disabled:
+        raise InvalidRequest("This redemption code was disabled.", param="code")
+    if row.expires_at is not None and _aware(row.expires_at) <= datetime.now(UTC):
+        raise InvalidRequest(f"This redemption code expired at "
+                             f"{_aware(row.expires_at):%Y-%m-%d %H:%M} UTC.", param="code")
+    # The claim is one conditional UPDATE: of two redemptions at once, one changes the row.
+    claimed = session.execute(update(RedemptionCode).where(
+        RedemptionCode.id == row.id, RedemptionCode.redeemed_at.is_(None))
+        .values(redeemed_at=func.now(), redeemed_by_org_id=org_id))
+    if claimed.rowcount == 0:
+        raise Conflict("This redemption code was redeemed already.", param="code")
+    return adjust_balance(session=session, org_id=org_id, amount_micros=row.amount_micros,
+                          kind="redemption", reason=f"code {row.prefix}… ({row.batch})")

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.responses import Response
 
 from serai import __version__
-from serai.api import admin, openai
+from serai.api import admin, openai, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
 from serai.api.middleware import BodySizeLimit, JsonBodies, RequestContext
@@ -85,6 +85,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -
                   description="Open-weight models behind an OpenAI-compatible API.")
     install_error_handlers(app)
     app.include_router(openai.router)
+    app.include_router(usage.router)
     app.include_router(admin.router)
 
     @app.get("/health", tags=["Operations"])

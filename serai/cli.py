@@ -1,4 +1,5 @@
-"""The `serai` command: serve, keys, models, db, bench.
+"""The `serai` command: serve, keys, orgs, plans, prices, balance, usage, invoices, models, db,
+bench.
 
 Every command takes --data-dir (or SERAI_DATA_DIR) and acts on that data dir's database, so
 `serai keys create` makes a key for the server running on the same data dir.
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -16,11 +20,14 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from sqlalchemy.orm import Session
 
-from serai import accounts
+from serai import accounts, invoices, plans
 from serai.config import Settings, load_settings
 from serai.errors import ModelFileError, SeraiError
+from serai.invoices import money
 from serai.storage.db import Database
+from serai.storage.tables import Plan, PriceBook
 
 if TYPE_CHECKING:
     from serai.bench import BenchResult, Summary
@@ -28,9 +35,23 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Serai: open-weight models behind an OpenAI-compatible API.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+orgs_app = typer.Typer(help="Organizations: who keys, plans, prices and balances belong to.",
+                       no_args_is_help=True)
+plans_app = typer.Typer(help="Plans: rolling quota windows, rate limits, prepaid or "
+                        "subscription.", no_args_is_help=True)
+prices_app = typer.Typer(help="Price books: prices per million tokens, peak hours.",
+                         no_args_is_help=True)
+balance_app = typer.Typer(help="Balances: top-ups, adjustments and redemption codes.",
+                          no_args_is_help=True)
+codes_app = typer.Typer(help="Redemption codes: generate, list, disable.", no_args_is_help=True)
 models_app = typer.Typer(help="The models this server serves.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(orgs_app, name="orgs")
+app.add_typer(plans_app, name="plans")
+app.add_typer(prices_app, name="prices")
+app.add_typer(balance_app, name="balance")
+balance_app.add_typer(codes_app, name="codes")
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 
@@ -109,34 +130,98 @@ def serve(
                 log_level=settings.log_level, timeout_graceful_shutdown=10)
 
 
+@contextmanager
+def _session(data_dir: Path | None) -> Iterator[Session]:
+    """A session on the data dir's database; a domain error becomes a one-line message."""
+    database = _database(_settings(data_dir=data_dir))
+    try:
+        with database.session() as session:
+            yield session
+    except SeraiError as exc:
+        raise _fail(exc.message) from None
+    finally:
+        database.dispose()
+
+
+def _org_id(session: Session, ref: str | None) -> int | None:
+    return None if ref is None else accounts.find_org(session=session, ref=ref).id
+
+
+def _when(moment: datetime | None) -> str:
+    return f"{moment:%Y-%m-%d %H:%M}" if moment is not None else ""
+
+
+def _expiry(text: str | None) -> datetime | None:
+    """A date or date-time, UTC unless it says otherwise."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise _fail(f"{text!r} is not a date like 2027-01-31 or 2027-01-31T12:00") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _money(text: str) -> int:
+    try:
+        return invoices.parse_money(text)
+    except SeraiError as exc:
+        raise _fail(exc.message) from None
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
+Org = Annotated[str, typer.Argument(help="Organization id or name.")]
+
+
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Option(help="A label to recognise the key by.")] = "default",
-    admin: Annotated[bool, typer.Option(help="Allow managing keys through /admin/v1.")] = False,
+    admin: Annotated[bool, typer.Option(
+        help="An admin key for /admin/v1: a platform operator, or with --org the org's owner.")] = False,
+    org: Annotated[str | None, typer.Option(
+        help="Organization (id or name) the key belongs to [default: the default org]")] = None,
+    role: Annotated[str | None, typer.Option(
+        help="Admin role: operator, or owner/admin/viewer of --org.")] = None,
+    models: Annotated[str | None, typer.Option(
+        help="Comma-separated models the key may use [default: all]")] = None,
+    cidrs: Annotated[str | None, typer.Option(
+        help="Comma-separated client networks the key may be used from [default: any]")] = None,
+    expires: Annotated[str | None, typer.Option(help="Expiry, e.g. 2027-01-31 (UTC).")] = None,
+    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(min=1, help="Tokens per minute.")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Create a key and print its secret (the only time it is shown) on stdout."""
-    database = _database(_settings(data_dir=data_dir))
-    with database.session() as session:
-        key, secret = accounts.create_key(session=session, name=name, is_admin=admin)
-    err.print(f"Created {'admin ' if key.is_admin else ''}key {key.id} ({key.prefix}…) "
-              f"named {key.name!r}. Store it now: it is not shown again.")
+    with _session(data_dir) as session:
+        key, secret = accounts.create_key(
+            session=session, name=name, is_admin=admin, org_id=_org_id(session, org), role=role,
+            allowed_models=_csv(models), allowed_cidrs=_csv(cidrs), expires_at=_expiry(expires),
+            rpm=rpm, tpm=tpm)
+    kind = f"{key.role} " if key.role else ""
+    err.print(f"Created {kind}key {key.id} ({key.prefix}…) named {key.name!r}. Store it now: it "
+              f"is not shown again.")
     typer.echo(secret)
 
 
 @keys_app.command("list")
-def keys_list(data_dir: DataDir = None) -> None:
+def keys_list(
+    org: Annotated[str | None, typer.Option(help="Only this organization's keys.")] = None,
+    data_dir: DataDir = None,
+) -> None:
     """List keys by prefix (secrets are never stored)."""
-    database = _database(_settings(data_dir=data_dir))
-    with database.session() as session:
-        keys = accounts.list_keys(session=session)
-    table = Table("id", "name", "admin", "created", "revoked")
+    with _session(data_dir) as session:
+        keys = accounts.list_keys(session=session, org_id=_org_id(session, org))
+        orgs = {o.id: o.name for o in accounts.list_orgs(session=session)}
+    table = Table("id", "name", "org", "role", "created", "expires", "revoked")
     # The prefix is what `keys revoke` takes: never wrapped or cut, whatever the width.
     table.add_column("prefix", no_wrap=True, min_width=accounts.PREFIX_LENGTH + 1)
     for key in keys:
-        table.add_row(str(key.id), key.name, "yes" if key.is_admin else "",
-                      f"{key.created_at:%Y-%m-%d %H:%M}",
-                      f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "", key.prefix + "…")
+        table.add_row(str(key.id), key.name, orgs.get(key.org_id or 0, ""), key.role or "",
+                      _when(key.created_at), _when(key.expires_at), _when(key.revoked_at),
+                      key.prefix + "…")
     Console().print(table)
 
 
@@ -146,13 +231,452 @@ def keys_revoke(
     data_dir: DataDir = None,
 ) -> None:
     """Revoke a key; the server rejects it from the next request on."""
-    database = _database(_settings(data_dir=data_dir))
-    try:
-        with database.session() as session:
-            key = accounts.revoke_key(session=session, ref=ref)
-    except SeraiError as exc:
-        raise _fail(exc.message) from None
+    with _session(data_dir) as session:
+        key = accounts.revoke_key(session=session, ref=ref)
     err.print(f"Revoked key {key.id} ({key.prefix}…).")
+
+
+# -- organizations ----------------------------------------------------------------------------
+
+
+def _org_table(orgs: list[accounts.OrgInfo], names: dict[int, str]) -> Table:
+    table = Table("id", "name", "plan", "price book", "balance", "limits", "state")
+    for org in orgs:
+        limits = ", ".join(f"{label} {value}" for label, value in (
+            ("rpm", org.rpm), ("tpm", org.tpm), ("concurrency", org.max_concurrency))
+            if value is not None)
+        table.add_row(str(org.id), org.name, names.get(org.plan_id or 0, ""),
+                      names.get(-(org.price_book_id or 0), ""), money(org.balance_micros),
+                      limits, "disabled" if org.disabled else "active")
+    return table
+
+
+def _catalogue_names(session: Session) -> dict[int, str]:
+    # Plans by id, price books by negative id: one lookup table for the org listing.
+    names = {p.id: p.name for p in plans.list_plans(session=session)}
+    names.update({-b.id: b.name for b in plans.list_price_books(session=session)})
+    return names
+
+
+@orgs_app.command("create")
+def orgs_create(
+    name: Annotated[str, typer.Argument(help="The organization's name.")],
+    plan: Annotated[str | None, typer.Option(help="Plan id or name.")] = None,
+    price_book: Annotated[str | None, typer.Option(help="Price book id or name.")] = None,
+    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(min=1, help="Tokens per minute.")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(min=1, help="Requests in flight.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create an organization."""
+    with _session(data_dir) as session:
+        org = accounts.create_org(
+            session=session, name=name,
+            plan_id=plans.find_plan(session=session, ref=plan).id if plan else None,
+            price_book_id=plans.find_price_book(session=session, ref=price_book).id
+            if price_book else None, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency)
+    err.print(f"Created organization {org.id} ({org.name}). `serai keys create --org "
+              f"{org.name}` gives it a key.")
+
+
+@orgs_app.command("list")
+def orgs_list(data_dir: DataDir = None) -> None:
+    """List organizations with their plan, price book, balance and limits."""
+    with _session(data_dir) as session:
+        table = _org_table(accounts.list_orgs(session=session), _catalogue_names(session))
+    Console().print(table)
+
+
+@orgs_app.command("update")
+def orgs_update(
+    org: Org,
+    name: Annotated[str | None, typer.Option(help="New name.")] = None,
+    plan: Annotated[str | None, typer.Option(help="Plan id or name; 'none' removes it.")] = None,
+    price_book: Annotated[str | None, typer.Option(
+        help="Price book id or name; 'none' removes it.")] = None,
+    rpm: Annotated[int | None, typer.Option(min=0, help="Requests per minute; 0 lifts it.")] = None,
+    tpm: Annotated[int | None, typer.Option(min=0, help="Tokens per minute; 0 lifts it.")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(
+        min=0, help="Requests in flight; 0 lifts it.")] = None,
+    disable: Annotated[bool | None, typer.Option(
+        "--disable/--enable", help="Refuse (or allow again) every request of the organization.",
+        show_default=False)] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Change an organization's name, plan, price book, limits or state."""
+    with _session(data_dir) as session:
+        found = accounts.find_org(session=session, ref=org)
+        fields: dict[str, object] = {}
+        if plan is not None:
+            fields["plan_id"] = None if plan == "none" else plans.find_plan(
+                session=session, ref=plan).id
+        if price_book is not None:
+            fields["price_book_id"] = None if price_book == "none" else plans.find_price_book(
+                session=session, ref=price_book).id
+        for field, value in (("rpm", rpm), ("tpm", tpm), ("max_concurrency", max_concurrency)):
+            if value is not None:
+                fields[field] = value or None
+        updated = accounts.update_org(session=session, org_id=found.id, name=name,
+                                      disabled=disable, **fields)  # type: ignore[arg-type]
+        table = _org_table([updated], _catalogue_names(session))
+    Console().print(table)
+
+
+# -- plans and prices -------------------------------------------------------------------------
+
+
+def _window(text: str) -> dict[str, object]:
+    metric, _, rest = text.partition(":")
+    limit, _, seconds = rest.partition(":")
+    try:
+        return {"metric": metric, "limit": int(limit), "seconds": plans.parse_duration(seconds)}
+    except ValueError:
+        raise _fail(f"--window {text!r}: write METRIC:LIMIT:DURATION, e.g. requests:120:5h or "
+                    f"tokens:2000000:7d") from None
+
+
+def _multipliers(items: list[str] | None) -> dict[str, float] | None:
+    if not items:
+        return None
+    result = {}
+    for item in items:
+        model, _, factor = item.rpartition("=")
+        try:
+            result[model] = float(factor)
+        except ValueError:
+            raise _fail(f"--multiplier {item!r}: write MODEL=FACTOR, e.g. big-model=3") from None
+    return result
+
+
+def _plan_text(rows: list[Plan]) -> str:
+    """Plans as short blocks: windows and limits stay readable at any terminal width."""
+    blocks = []
+    for plan in rows:
+        kind = "prepaid" if plan.draws_balance else "subscription"
+        lines = [f"{plan.name} (id {plan.id}, {kind}{', disabled' if plan.disabled else ''})"]
+        windows = ", ".join(f"{w['limit']} {w['metric']}/{plans.format_duration(w['seconds'])}"
+                            for w in plan.windows)
+        lines.append(f"  windows: {windows or 'none'}")
+        if plan.model_multipliers:
+            lines.append("  multipliers: " + ", ".join(
+                f"{m}×{f:g}" for m, f in plan.model_multipliers.items()))
+        limits = [f"{label} {value}" for label, value in (
+            ("rpm", plan.rpm), ("tpm", plan.tpm), ("concurrency", plan.max_concurrency))
+            if value is not None]
+        lines.append(f"  limits: {', '.join(limits) or 'none'}; price ratio "
+                     f"{plan.price_ratio_milli / 1000:g}")
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks) if blocks else "No plans yet: `serai plans create NAME` makes one."
+
+
+Windows = Annotated[list[str] | None, typer.Option(
+    "--window", help="METRIC:LIMIT:DURATION, repeatable: requests:120:5h, tokens:2000000:7d, "
+    "credits:5000000:30d (credits are micro-units of money).")]
+Multipliers = Annotated[list[str] | None, typer.Option(
+    "--multiplier", help="MODEL=FACTOR, repeatable: a request of MODEL counts FACTOR times.")]
+
+
+@plans_app.command("create")
+def plans_create(
+    name: Annotated[str, typer.Argument(help="The plan's name.")],
+    window: Windows = None,
+    multiplier: Multipliers = None,
+    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option(min=1, help="Tokens per minute.")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(min=1, help="Requests in flight.")] = None,
+    subscription: Annotated[bool, typer.Option(
+        help="Count usage in the windows only, never charge the balance.")] = False,
+    price_ratio: Annotated[float, typer.Option(
+        min=0, help="Scale every price: 0.8 is 20% off.")] = 1.0,
+    data_dir: DataDir = None,
+) -> None:
+    """Create a plan: rolling windows, multipliers, rate limits, prepaid or subscription."""
+    with _session(data_dir) as session:
+        plan = plans.create_plan(
+            session=session, name=name, windows=[_window(w) for w in window or []],
+            model_multipliers=_multipliers(multiplier), rpm=rpm, tpm=tpm,
+            max_concurrency=max_concurrency, draws_balance=not subscription,
+            price_ratio_milli=round(price_ratio * 1000))
+        text = _plan_text([plan])
+    typer.echo(text)
+
+
+@plans_app.command("list")
+def plans_list(data_dir: DataDir = None) -> None:
+    """List plans."""
+    with _session(data_dir) as session:
+        text = _plan_text(plans.list_plans(session=session))
+    typer.echo(text)
+
+
+@plans_app.command("update")
+def plans_update(
+    plan: Annotated[str, typer.Argument(help="Plan id or name.")],
+    name: Annotated[str | None, typer.Option(help="New name.")] = None,
+    window: Windows = None,
+    multiplier: Multipliers = None,
+    rpm: Annotated[int | None, typer.Option(min=0, help="Requests per minute; 0 lifts it.")] = None,
+    tpm: Annotated[int | None, typer.Option(min=0, help="Tokens per minute; 0 lifts it.")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(
+        min=0, help="Requests in flight; 0 lifts it.")] = None,
+    price_ratio: Annotated[float | None, typer.Option(min=0, help="Scale every price.")] = None,
+    disable: Annotated[bool | None, typer.Option(
+        "--disable/--enable", help="Refuse (or allow again) requests of the plan's "
+        "organizations.", show_default=False)] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Change a plan; --window replaces all its windows."""
+    with _session(data_dir) as session:
+        found = plans.find_plan(session=session, ref=plan)
+        limits = {field: value or None for field, value in
+                  (("rpm", rpm), ("tpm", tpm), ("max_concurrency", max_concurrency))
+                  if value is not None}
+        updated = plans.update_plan(
+            session=session, plan_id=found.id, name=name,
+            windows=[_window(w) for w in window] if window else None,
+            model_multipliers=_multipliers(multiplier), disabled=disable,
+            price_ratio_milli=None if price_ratio is None else round(price_ratio * 1000),
+            **limits)
+        text = _plan_text([updated])
+    typer.echo(text)
+
+
+def _peak(text: str) -> dict[str, int]:
+    try:
+        hours, _, factor = text.partition("x")
+        start, _, end = hours.partition("-")
+        return {"start_hour": int(start), "end_hour": int(end),
+                "multiplier_milli": round(float(factor) * 1000)}
+    except ValueError:
+        raise _fail(f"--peak {text!r}: write START-ENDxFACTOR in UTC hours, e.g. 14-18x3") from None
+
+
+def _price_table(session: Session, book: PriceBook) -> Table:
+    peaks = ", ".join(f"{p['start_hour']}-{p['end_hour']}h ×{p['multiplier_milli'] / 1000:g}"
+                      for p in book.peak_hours)
+    table = Table("model", "input", "cached input", "output",
+                  title=f"{book.name} ({book.currency} per million tokens"
+                        f"{'; peak ' + peaks + ' UTC' if peaks else ''})")
+    for price in plans.prices(session=session, price_book_id=book.id):
+        table.add_row(price.model, money(price.input_micros), money(price.cached_input_micros),
+                      money(price.output_micros))
+    return table
+
+
+@prices_app.command("create-book")
+def prices_create_book(
+    name: Annotated[str, typer.Argument(help="The price book's name.")],
+    currency: Annotated[str, typer.Option(help="Currency code.")] = "USD",
+    peak: Annotated[list[str] | None, typer.Option(
+        help="START-ENDxFACTOR in UTC hours, repeatable: 14-18x3 is triple price 14:00-18:00.")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create a price book."""
+    with _session(data_dir) as session:
+        book = plans.create_price_book(session=session, name=name, currency=currency,
+                                       peak_hours=[_peak(p) for p in peak or []])
+    err.print(f"Created price book {book.id} ({book.name}, {book.currency}). `serai prices set "
+              f"{book.name} MODEL --input X --output Y` prices a model.")
+
+
+@prices_app.command("books")
+def prices_books(data_dir: DataDir = None) -> None:
+    """List price books with their prices."""
+    with _session(data_dir) as session:
+        tables = [_price_table(session, b) for b in plans.list_price_books(session=session)]
+    for table in tables:
+        Console().print(table)
+
+
+@prices_app.command("set")
+def prices_set(
+    book: Annotated[str, typer.Argument(help="Price book id or name.")],
+    model: Annotated[str, typer.Argument(help="Model name as clients request it.")],
+    input: Annotated[str, typer.Option(help="Price per million input tokens, e.g. 0.50.")],
+    output: Annotated[str, typer.Option(help="Price per million output tokens.")],
+    cached: Annotated[str | None, typer.Option(
+        help="Price per million cached input tokens [default: the input price]")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Set a model's prices in a price book (amounts in the book's currency)."""
+    with _session(data_dir) as session:
+        found = plans.find_price_book(session=session, ref=book)
+        plans.set_price(session=session, price_book_id=found.id, model=model,
+                        input_micros=_money(input), output_micros=_money(output),
+                        cached_input_micros=None if cached is None else _money(cached))
+        table = _price_table(session, found)
+    Console().print(table)
+
+
+@prices_app.command("remove")
+def prices_remove(
+    book: Annotated[str, typer.Argument(help="Price book id or name.")],
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Remove a model's prices from a price book (it becomes free under that book)."""
+    with _session(data_dir) as session:
+        found = plans.find_price_book(session=session, ref=book)
+        plans.remove_price(session=session, price_book_id=found.id, model=model)
+    err.print(f"Removed the prices of {model} from {found.name}.")
+
+
+# -- balances and redemption codes ------------------------------------------------------------
+
+
+@balance_app.command("show")
+def balance_show(org: Org, data_dir: DataDir = None) -> None:
+    """Show an organization's balance and its latest entries."""
+    with _session(data_dir) as session:
+        found = accounts.find_org(session=session, ref=org)
+        entries = accounts.balance_entries(session=session, org_id=found.id, limit=20)
+    err.print(f"{found.name}: balance {money(found.balance_micros)}")
+    table = Table("when", "kind", "amount", "reason")
+    for entry in entries:
+        table.add_row(_when(entry.created_at), entry.kind, money(entry.amount_micros),
+                      entry.reason)
+    Console().print(table)
+
+
+Amount = Annotated[str, typer.Argument(help="Amount in the currency, e.g. 25 or 12.50.")]
+Reason = Annotated[str, typer.Option(help="Why the balance changes (kept with the entry).")]
+
+
+@balance_app.command("topup")
+def balance_topup(org: Org, amount: Amount, reason: Reason, data_dir: DataDir = None) -> None:
+    """Add money to an organization's balance."""
+    micros = _money(amount)
+    if micros <= 0:
+        raise _fail("A top-up adds money: give an amount above zero (`balance adjust` takes).")
+    with _session(data_dir) as session:
+        found = accounts.find_org(session=session, ref=org)
+        updated = accounts.adjust_balance(session=session, org_id=found.id, amount_micros=micros,
+                                          kind="topup", reason=reason)
+    err.print(f"{updated.name}: balance {money(updated.balance_micros)}")
+
+
+@balance_app.command("adjust")
+def balance_adjust(
+    org: Org,
+    amount: Annotated[str, typer.Option(help="Signed amount, e.g. --amount -5 or --amount 2.5.")],
+    reason: Reason,
+    data_dir: DataDir = None,
+) -> None:
+    """Correct a balance up or down (never below zero)."""
+    with _session(data_dir) as session:
+        found = accounts.find_org(session=session, ref=org)
+        updated = accounts.adjust_balance(session=session, org_id=found.id,
+                                          amount_micros=_money(amount), kind="adjustment",
+                                          reason=reason)
+    err.print(f"{updated.name}: balance {money(updated.balance_micros)}")
+
+
+@balance_app.command("redeem")
+def balance_redeem(
+    org: Org,
+    code: Annotated[str, typer.Argument(help="The redemption code.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Redeem a code into an organization's balance."""
+    with _session(data_dir) as session:
+        found = accounts.find_org(session=session, ref=org)
+        updated = accounts.redeem_code(session=session, org_id=found.id, code=code)
+    err.print(f"{updated.name}: balance {money(updated.balance_micros)}")
+
+
+@codes_app.command("generate")
+def codes_generate(
+    count: Annotated[int, typer.Option(min=1, help="How many codes.")],
+    amount: Annotated[str, typer.Option(help="What each code is worth, e.g. 10.")],
+    batch: Annotated[str, typer.Option(help="A label for this batch.")],
+    expires: Annotated[str | None, typer.Option(help="Expiry, e.g. 2027-01-31 (UTC).")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Generate redemption codes and print them, one per line (the only time they are shown)."""
+    with _session(data_dir) as session:
+        minted = accounts.generate_codes(session=session, count=count,
+                                         amount_micros=_money(amount), batch=batch,
+                                         expires_at=_expiry(expires))
+    err.print(f"Generated {len(minted)} codes worth {amount} each in batch {batch!r}. Store them "
+              f"now: they are not shown again.")
+    for _, code in minted:
+        typer.echo(code)
+
+
+@codes_app.command("list")
+def codes_list(
+    batch: Annotated[str | None, typer.Option(help="Only this batch.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """List redemption codes by prefix, with who redeemed them."""
+    with _session(data_dir) as session:
+        codes = accounts.list_codes(session=session, batch=batch)
+    table = Table("id", "batch", "amount", "expires", "redeemed", "by org", "state")
+    table.add_column("prefix", no_wrap=True)
+    for code in codes:
+        state = "disabled" if code.disabled else ("used" if code.redeemed_at else "open")
+        table.add_row(str(code.id), code.batch, money(code.amount_micros), _when(code.expires_at),
+                      _when(code.redeemed_at), str(code.redeemed_by_org_id or ""), state,
+                      code.prefix + "…")
+    Console().print(table)
+
+
+@codes_app.command("disable")
+def codes_disable(
+    batch: Annotated[str, typer.Argument(help="The batch whose open codes to disable.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Disable every code of a batch not yet redeemed."""
+    with _session(data_dir) as session:
+        count = accounts.disable_codes(session=session, batch=batch)
+    err.print(f"Disabled {count} codes of batch {batch!r}.")
+
+
+# -- usage and invoices -----------------------------------------------------------------------
+
+
+@app.command()
+def usage(
+    org: Org,
+    start: Annotated[str | None, typer.Option(help="First UTC day, YYYY-MM-DD [default: 30 "
+                                                   "days ago]")] = None,
+    end: Annotated[str | None, typer.Option(help="Last UTC day [default: today]")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """An organization's usage by day and model: requests, tokens and cost."""
+    try:
+        first = date.fromisoformat(start) if start else None
+        last = date.fromisoformat(end) if end else None
+    except ValueError as exc:
+        raise _fail(f"A day is written YYYY-MM-DD: {exc}") from None
+    with _session(data_dir) as session:
+        found = accounts.find_org(session=session, ref=org)
+        first, last = invoices.date_range(first, last)
+        lines = invoices.daily_usage(session=session, org_id=found.id, start=first, end=last)
+    table = Table("day", "model", "requests", "input", "cached", "output", "cost", "charged",
+                  title=f"Usage of {found.name}")
+    for line in lines:
+        table.add_row(line.period, line.model, str(line.requests), str(line.input_tokens),
+                      str(line.cached_input_tokens), str(line.output_tokens),
+                      money(line.cost_micros), money(line.charged_micros))
+    Console().print(table)
+
+
+@app.command("invoices")
+def invoices_show(
+    org: Org,
+    month: Annotated[str, typer.Argument(help="The month, YYYY-MM (UTC).")],
+    csv: Annotated[bool, typer.Option("--csv", help="CSV on stdout instead of JSON.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Print an organization's invoice for a month (JSON, or CSV with --csv)."""
+    import json
+
+    with _session(data_dir) as session:
+        found = accounts.find_org(session=session, ref=org)
+        bill = invoices.invoice(session=session, org_id=found.id, month=month)
+    typer.echo(bill.as_csv() if csv else json.dumps(bill.as_dict(), indent=2), nl=not csv)
 
 
 @models_app.command("list")

@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from serai.errors import Conflict, InvalidRequest
+from serai.errors import Conflict, InvalidRequest, NotFound
 from serai.storage.tables import Plan, Price, PriceBook
 
 Metric = Literal["requests", "tokens", "credits"]
@@ -112,13 +112,10 @@ def create_plan(*, session: Session, name: str, windows: list[dict[str, Any]] | 
     if session.scalar(select(Plan).where(Plan.name == name)) is not None:
         raise Conflict(f"A plan named {name!r} exists already.", param="name")
     checked = [Window.parse(w).as_dict() for w in windows or []]
-    for model, factor in (model_multipliers or {}).items():
-        if not isinstance(factor, int | float) or factor < 0:
-            raise InvalidRequest(f"The multiplier of {model!r} must be a number >= 0.",
-                                 param="model_multipliers")
-    row = Plan(name=name, windows=checked, model_multipliers=dict(model_multipliers or {}),
-               rpm=rpm, tpm=tpm, max_concurrency=max_concurrency, draws_balance=draws_balance,
-               price_ratio_milli=price_ratio_milli, disabled=False)
+    row = Plan(name=name, windows=checked,
+               model_multipliers=_check_multipliers(model_multipliers or {}), rpm=rpm, tpm=tpm,
+               max_concurrency=max_concurrency, draws_balance=draws_balance,
+               price_ratio_milli=_check_ratio(price_ratio_milli), disabled=False)
     session.add(row)
     session.flush()
     return row
@@ -128,7 +125,7 @@ def create_price_book(*, session: Session, name: str, currency: str = "USD",
                       peak_hours: list[dict[str, Any]] | None = None) -> PriceBook:
     if session.scalar(select(PriceBook).where(PriceBook.name == name)) is not None:
         raise Conflict(f"A price book named {name!r} exists already.", param="name")
-    row = PriceBook(name=name, currency=currency.upper(),
+    row = PriceBook(name=name, currency=_check_currency(currency),
                     peak_hours=validate_peak_hours(peak_hours or []))
     session.add(row)
     session.flush()
@@ -153,3 +150,134 @@ def set_price(*, session: Session, price_book_id: int, model: str, input_micros:
     row.input_micros, row.output_micros, row.cached_input_micros = input_micros, output_micros, cached
     session.flush()
     return row
+
+
+_UNSET: Any = object()
+
+
+def find_plan(*, session: Session, ref: str | int) -> Plan:
+    """A plan by id or name."""
+    text = str(ref)
+    row = session.get(Plan, int(text)) if text.isdigit() and int(text) < 2**31 else None
+    row = row or session.scalar(select(Plan).where(Plan.name == text))
+    if row is None:
+        raise NotFound(f"No plan {text!r}. `serai plans list` shows them.", param="plan")
+    return row
+
+
+def list_plans(*, session: Session) -> list[Plan]:
+    return list(session.scalars(select(Plan).order_by(Plan.id)))
+
+
+def update_plan(*, session: Session, plan_id: int, name: str | None = None,
+                windows: list[dict[str, Any]] | None = None,
+                model_multipliers: dict[str, float] | None = None, rpm: int | None = _UNSET,
+                tpm: int | None = _UNSET, max_concurrency: int | None = _UNSET,
+                draws_balance: bool | None = None, price_ratio_milli: int | None = None,
+                disabled: bool | None = None) -> Plan:
+    """Change what is given. New windows apply to the next admission and count the usage
+    already in the ledger: shrinking a window can leave an organization over it for a while."""
+    row = find_plan(session=session, ref=plan_id)
+    if name is not None and name != row.name:
+        if session.scalar(select(Plan).where(Plan.name == name)) is not None:
+            raise Conflict(f"A plan named {name!r} exists already.", param="name")
+        row.name = name
+    if windows is not None:
+        row.windows = [Window.parse(w).as_dict() for w in windows]
+    if model_multipliers is not None:
+        row.model_multipliers = _check_multipliers(model_multipliers)
+    if price_ratio_milli is not None:
+        row.price_ratio_milli = _check_ratio(price_ratio_milli)
+    for field, value in (("rpm", rpm), ("tpm", tpm), ("max_concurrency", max_concurrency)):
+        if value is not _UNSET:
+            setattr(row, field, value)
+    if draws_balance is not None:
+        row.draws_balance = draws_balance
+    if disabled is not None:
+        row.disabled = disabled
+    session.flush()
+    return row
+
+
+def _check_multipliers(multipliers: dict[str, float]) -> dict[str, float]:
+    for model, factor in multipliers.items():
+        if not isinstance(factor, int | float) or isinstance(factor, bool) or factor < 0:
+            raise InvalidRequest(f"The multiplier of {model!r} must be a number >= 0.",
+                                 param="model_multipliers")
+    return dict(multipliers)
+
+
+def _check_ratio(ratio: int) -> int:
+    if ratio < 0:
+        raise InvalidRequest("price_ratio_milli is >= 0 (1000 = the price book's prices).",
+                             param="price_ratio_milli")
+    return ratio
+
+
+def find_price_book(*, session: Session, ref: str | int) -> PriceBook:
+    """A price book by id or name."""
+    text = str(ref)
+    row = session.get(PriceBook, int(text)) if text.isdigit() and int(text) < 2**31 else None
+    row = row or session.scalar(select(PriceBook).where(PriceBook.name == text))
+    if row is None:
+        raise NotFound(f"No price book {text!r}. `serai prices books` shows them.",
+                       param="price_book")
+    return row
+
+
+def list_price_books(*, session: Session) -> list[PriceBook]:
+    return list(session.scalars(select(PriceBook).order_by(PriceBook.id)))
+
+
+def update_price_book(*, session: Session, price_book_id: int, name: str | None = None,
+                      currency: str | None = None,
+                      peak_hours: list[dict[str, Any]] | None = None) -> PriceBook:
+    row = find_price_book(session=session, ref=price_book_id)
+    if name is not None and name != row.name:
+        if session.scalar(select(PriceBook).where(PriceBook.name == name)) is not None:
+            raise Conflict(f"A price book named {name!r} exists already.", param="name")
+        row.name = name
+    if currency is not None:
+        row.currency = _check_currency(currency)
+    if peak_hours is not None:
+        row.peak_hours = validate_peak_hours(peak_hours)
+    session.flush()
+    return row
+
+
+def _check_currency(currency: str) -> str:
+    code = currency.strip().upper()
+    if not (3 <= len(code) <= 8 and code.isascii() and code.isalpha()):
+        raise InvalidRequest("A currency is a code like USD, EUR or CNY.", param="currency")
+    return code
+
+
+def prices(*, session: Session, price_book_id: int) -> list[Price]:
+    return list(session.scalars(select(Price).where(Price.price_book_id == price_book_id)
+                                .order_by(Price.model)))
+
+
+def remove_price(*, session: Session, price_book_id: int, model: str) -> None:
+    gone = session.execute(delete(Price).where(Price.price_book_id == price_book_id,
+                                               Price.model == model))
+    if gone.rowcount == 0:
+        raise NotFound(f"The price book has no price for {model!r}.", param="model")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in "90", "30m", "5h", "7d" or "1w"; ValueError otherwise."""
+    text = text.strip().lower()
+    if text[-1:] in _UNITS:
+        return int(text[:-1]) * _UNITS[text[-1]]
+    return int(text)
+
+
+def format_duration(seconds: int) -> str:
+    """The largest whole unit: 18000 -> "5h", 604800 -> "1w", 90 -> "90s"."""
+    for unit in ("w", "d", "h", "m"):
+        if seconds % _UNITS[unit] == 0:
+            return f"{seconds // _UNITS[unit]}{unit}"
+    return f"{seconds}s"

@@ -1,69 +1,599 @@
-"""The admin API under /admin/v1: key management for admin keys.
+"""The admin API under /admin/v1: organizations, keys, plans, price books, balances, redemption
+codes, usage and invoices.
 
-Admin models forbid unknown fields: a typo in an admin call should fail loudly, not be ignored.
+Who may do what is decided by the key's role (see `AdminScope`): a platform operator manages
+everything; an organization's owner and admin manage its keys and redeem codes; a viewer reads.
+Another organization's objects answer 404, exactly like objects that do not exist. Routes only
+check the scope and call domain functions; admin models forbid unknown fields, so a typo in an
+admin call fails loudly instead of being ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
+from datetime import date, datetime
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from starlette.responses import Response
 
-from serai import accounts
-from serai.accounts import KeyInfo
-from serai.api.deps import AdminKeyDep, ServicesDep
+from serai import accounts, invoices, plans
+from serai.accounts import CodeInfo, KeyInfo, OrgInfo
+from serai.api.deps import AdminScope, ScopeDep, ServicesDep
 from serai.api.errors import json_response
+from serai.errors import InvalidRequest, NotFound, PermissionDenied
+from serai.storage.tables import Plan, PriceBook, Reservation
 
 router = APIRouter(prefix="/admin/v1", tags=["Admin"])
 
+T = TypeVar("T")
 
-class KeyCreate(BaseModel):
+PositiveInt = Annotated[int, Field(ge=1)]
+DateParam = Annotated[date | None, Query(description="A UTC day, YYYY-MM-DD.")]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
+
+async def in_session(services: ServicesDep, work: Callable[[Session], T]) -> T:
+    def run() -> T:
+        with services.database.session() as session:
+            return work(session)
+
+    return await asyncio.to_thread(run)
+
+
+def _time(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def _set_fields(body: BaseModel) -> dict[str, Any]:
+    """The fields a PATCH body actually carries: absent means unchanged, null means cleared."""
+    return {name: getattr(body, name) for name in body.model_fields_set}
+
+
+# -- organizations ----------------------------------------------------------------------------
+
+
+class OrgCreate(_Strict):
+    name: Name
+    plan_id: int | None = None
+    price_book_id: int | None = None
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    max_concurrency: PositiveInt | None = None
+
+
+class OrgUpdate(_Strict):
+    name: Name | None = None
+    disabled: bool | None = None
+    plan_id: int | None = None
+    price_book_id: int | None = None
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    max_concurrency: PositiveInt | None = None
+
+
+def _org_object(org: OrgInfo) -> dict[str, Any]:
+    return {"id": org.id, "object": "organization", "name": org.name, "disabled": org.disabled,
+            "plan_id": org.plan_id, "price_book_id": org.price_book_id,
+            "balance_micros": org.balance_micros, "rpm": org.rpm, "tpm": org.tpm,
+            "max_concurrency": org.max_concurrency}
+
+
+def _check_links(session: Session, plan_id: int | None, price_book_id: int | None) -> None:
+    if plan_id is not None and session.get(Plan, plan_id) is None:
+        raise NotFound(f"No plan {plan_id}.", param="plan_id")
+    if price_book_id is not None and session.get(PriceBook, price_book_id) is None:
+        raise NotFound(f"No price book {price_book_id}.", param="price_book_id")
+
+
+def _visible_org(session: Session, scope: AdminScope, org_id: int) -> OrgInfo:
+    scope.see(org_id, f"organization {org_id}")
+    try:
+        return accounts.find_org(session=session, ref=org_id)
+    except NotFound:
+        raise NotFound(f"No organization {org_id}.", param="org") from None
+
+
+@router.post("/organizations", status_code=201)
+async def create_organization(body: OrgCreate, scope: ScopeDep,
+                              services: ServicesDep) -> Response:
+    """Creates an organization (platform operators only)."""
+    scope.operate("create organizations")
+
+    def create(session: Session) -> OrgInfo:
+        _check_links(session, body.plan_id, body.price_book_id)
+        return accounts.create_org(session=session, **body.model_dump())
+
+    return json_response(201, _org_object(await in_session(services, create)))
+
+
+@router.get("/organizations")
+async def list_organizations(scope: ScopeDep, services: ServicesDep) -> Response:
+    """Lists the organizations this key may see (its own, or all for an operator)."""
+    orgs = await in_session(services, lambda s: accounts.list_orgs(session=s,
+                                                                   org_id=scope.org_id))
+    return json_response(200, {"object": "list", "data": [_org_object(o) for o in orgs]})
+
+
+@router.get("/organizations/{org_id}")
+async def get_organization(org_id: int, scope: ScopeDep, services: ServicesDep) -> Response:
+    org = await in_session(services, lambda s: _visible_org(s, scope, org_id))
+    return json_response(200, _org_object(org))
+
+
+@router.patch("/organizations/{org_id}")
+async def update_organization(org_id: int, body: OrgUpdate, scope: ScopeDep,
+                              services: ServicesDep) -> Response:
+    """Renames, disables, or changes an organization's plan, price book or limits (platform
+    operators only); `null` clears a plan, price book or limit."""
+    scope.see(org_id, f"organization {org_id}")
+    scope.operate("change an organization's plan, prices or limits")
+    fields = _set_fields(body)
+
+    def update(session: Session) -> OrgInfo:
+        _check_links(session, fields.get("plan_id"), fields.get("price_book_id"))
+        return accounts.update_org(session=session, org_id=org_id, **fields)
+
+    return json_response(200, _org_object(await in_session(services, update)))
+
+
+# -- balances and redemption codes ------------------------------------------------------------
+
+
+class BalanceChange(_Strict):
+    amount_micros: int = Field(description="Micro-units to add (top-up) or, if negative, take.")
+    reason: Annotated[str, Field(min_length=1, max_length=500)]
+    kind: Literal["topup", "adjustment"] = "topup"
+
+
+@router.get("/organizations/{org_id}/balance")
+async def get_balance(org_id: int, scope: ScopeDep, services: ServicesDep) -> Response:
+    """The balance, what running requests hold of it, and its latest entries."""
+
+    def read(session: Session) -> dict[str, Any]:
+        org = _visible_org(session, scope, org_id)
+        held = int(session.scalar(select(func.coalesce(func.sum(Reservation.amount_micros), 0))
+                                  .where(Reservation.org_id == org_id)) or 0)
+        entries = accounts.balance_entries(session=session, org_id=org_id)
+        return {"object": "balance", "org_id": org.id, "balance_micros": org.balance_micros,
+                "held_micros": held, "available_micros": max(org.balance_micros - held, 0),
+                "entries": [{"id": e.id, "amount_micros": e.amount_micros, "kind": e.kind,
+                             "reason": e.reason, "created_at": _time(e.created_at)}
+                            for e in entries]}
+
+    return json_response(200, await in_session(services, read))
+
+
+@router.post("/organizations/{org_id}/balance")
+async def change_balance(org_id: int, body: BalanceChange, scope: ScopeDep,
+                         services: ServicesDep) -> Response:
+    """Tops up or adjusts a balance with a reason (platform operators only)."""
+    scope.see(org_id, f"organization {org_id}")
+    scope.operate("change a balance")
+    if body.kind == "topup" and body.amount_micros <= 0:
+        raise InvalidRequest("A top-up adds money: amount_micros > 0. Use kind 'adjustment' "
+                             "to take some.", param="amount_micros")
+
+    def change(session: Session) -> OrgInfo:
+        return accounts.adjust_balance(session=session, org_id=org_id,
+                                       amount_micros=body.amount_micros, kind=body.kind,
+                                       reason=body.reason)
+
+    return json_response(200, _org_object(await in_session(services, change)))
+
+
+class Redemption(_Strict):
+    code: Annotated[str, Field(min_length=1, max_length=100)]
+
+
+@router.post("/organizations/{org_id}/redeem")
+async def redeem(org_id: int, body: Redemption, scope: ScopeDep,
+                 services: ServicesDep) -> Response:
+    """Redeems a code into the organization's balance (owner or admin of it)."""
+    scope.change(org_id, f"organization {org_id}")
+    org = await in_session(services, lambda s: accounts.redeem_code(session=s, org_id=org_id,
+                                                                    code=body.code))
+    return json_response(200, _org_object(org))
+
+
+class CodeBatch(_Strict):
+    count: Annotated[int, Field(ge=1, le=accounts.MAX_CODES_PER_BATCH)]
+    amount_micros: PositiveInt
+    batch: Annotated[str, Field(min_length=1, max_length=100)]
+    expires_at: datetime | None = None
+
+
+def _code_object(code: CodeInfo) -> dict[str, Any]:
+    return {"id": code.id, "object": "redemption_code", "prefix": code.prefix,
+            "batch": code.batch, "amount_micros": code.amount_micros,
+            "expires_at": _time(code.expires_at), "disabled": code.disabled,
+            "redeemed_by_org_id": code.redeemed_by_org_id, "redeemed_at": _time(code.redeemed_at)}
+
+
+@router.post("/redemption_codes", status_code=201)
+async def generate_codes(body: CodeBatch, scope: ScopeDep, services: ServicesDep) -> Response:
+    """Generates a batch of codes; the response is the only time the codes are shown."""
+    scope.operate("generate redemption codes")
+    minted = await in_session(services, lambda s: accounts.generate_codes(
+        session=s, count=body.count, amount_micros=body.amount_micros, batch=body.batch,
+        expires_at=body.expires_at))
+    return json_response(201, {"object": "list", "data": [
+        {**_code_object(info), "code": code} for info, code in minted]})
+
+
+@router.get("/redemption_codes")
+async def list_codes(scope: ScopeDep, services: ServicesDep,
+                     batch: str | None = None) -> Response:
+    """Lists codes (prefixes only), optionally of one batch."""
+    scope.operate("list redemption codes")
+    codes = await in_session(services, lambda s: accounts.list_codes(session=s, batch=batch))
+    return json_response(200, {"object": "list", "data": [_code_object(c) for c in codes]})
+
+
+class CodeDisable(_Strict):
+    batch: Annotated[str, Field(min_length=1, max_length=100)]
+
+
+@router.post("/redemption_codes/disable")
+async def disable_codes(body: CodeDisable, scope: ScopeDep, services: ServicesDep) -> Response:
+    """Disables the codes of a batch not yet redeemed."""
+    scope.operate("disable redemption codes")
+    count = await in_session(services, lambda s: accounts.disable_codes(session=s,
+                                                                        batch=body.batch))
+    return json_response(200, {"object": "redemption_code_batch", "batch": body.batch,
+                               "disabled": count})
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+class KeyCreate(_Strict):
+    name: Name
+    # Kept for old callers: an admin key with no role and no org is a platform operator.
     admin: bool = False
+    org_id: int | None = None
+    role: Literal["operator", "owner", "admin", "viewer"] | None = None
+    allowed_models: list[str] | None = None
+    allowed_cidrs: list[str] | None = None
+    expires_at: datetime | None = None
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+
+
+class KeyUpdate(_Strict):
+    name: Name | None = None
+    allowed_models: list[str] | None = None
+    allowed_cidrs: list[str] | None = None
+    expires_at: datetime | None = None
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
 
 
 def _key_object(key: KeyInfo) -> dict[str, Any]:
     return {"id": key.id, "object": "api_key", "name": key.name, "prefix": key.prefix,
-            "admin": key.is_admin, "created_at": key.created_at.isoformat(),
-            "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None}
+            "admin": key.is_admin, "role": key.role, "org_id": key.org_id,
+            "allowed_models": key.allowed_models, "allowed_cidrs": key.allowed_cidrs,
+            "expires_at": _time(key.expires_at), "rpm": key.rpm, "tpm": key.tpm,
+            "created_at": key.created_at.isoformat(), "revoked_at": _time(key.revoked_at)}
 
 
-@router.post("/keys")
-async def create_key(body: KeyCreate, _admin: AdminKeyDep, services: ServicesDep) -> Response:
-    """Creates a key; the response is the only time its secret is shown."""
+# Which roles each role may hand out inside its organization.
+_GRANTS = {"owner": {None, "owner", "admin", "viewer"}, "admin": {None, "viewer"}}
 
-    def create() -> tuple[KeyInfo, str]:
-        with services.database.session() as session:
-            return accounts.create_key(session=session, name=body.name, is_admin=body.admin)
 
-    key, secret = await asyncio.to_thread(create)
+@router.post("/keys", status_code=201)
+async def create_key(body: KeyCreate, scope: ScopeDep, services: ServicesDep) -> Response:
+    """Creates a key; the response is the only time its secret is shown. Without org_id, an
+    organization's admin creates it in their organization; an operator in the default one."""
+    org_id = body.org_id if body.org_id is not None else scope.org_id
+    role = body.role
+    if scope.operator:
+        if body.admin and role is None and body.org_id is None:
+            role = "operator"
+    else:
+        scope.change(org_id, f"organization {org_id}")
+        if body.admin and role is None:
+            role = "admin"
+        if role not in _GRANTS.get(scope.key.role or "", set()):
+            raise PermissionDenied(f"A key with role {scope.key.role} cannot create "
+                                   f"{'a ' + role if role else 'a model'} key.", param="role")
+
+    def create(session: Session) -> tuple[KeyInfo, str]:
+        if org_id is not None:
+            _visible_org(session, scope, org_id)
+        return accounts.create_key(session=session, name=body.name, is_admin=role is not None,
+                                   org_id=org_id, role=role, allowed_models=body.allowed_models,
+                                   allowed_cidrs=body.allowed_cidrs, expires_at=body.expires_at,
+                                   rpm=body.rpm, tpm=body.tpm)
+
+    key, secret = await in_session(services, create)
     return json_response(201, {**_key_object(key), "secret": secret})
 
 
 @router.get("/keys")
-async def list_keys(_admin: AdminKeyDep, services: ServicesDep) -> Response:
-    """Lists keys (prefixes only, never secrets)."""
-
-    def read() -> list[KeyInfo]:
-        with services.database.session() as session:
-            return accounts.list_keys(session=session)
-
-    keys = await asyncio.to_thread(read)
+async def list_keys(scope: ScopeDep, services: ServicesDep,
+                    org_id: int | None = None) -> Response:
+    """Lists keys (prefixes only, never secrets) of this key's organization, or of `org_id`."""
+    if org_id is not None:
+        scope.see(org_id, f"organization {org_id}")
+    wanted = org_id if org_id is not None else scope.org_id
+    keys = await in_session(services, lambda s: accounts.list_keys(session=s, org_id=wanted))
     return json_response(200, {"object": "list", "data": [_key_object(k) for k in keys]})
 
 
+def _visible_key(session: Session, scope: AdminScope, ref: str, *, change: bool) -> KeyInfo:
+    try:
+        key = accounts.key_info(accounts.find_key(session=session, ref=ref))
+    except NotFound:
+        raise NotFound("No API key with that id or prefix.", param="key") from None
+    check = scope.change if change else scope.see
+    check(key.org_id, "API key with that id or prefix")
+    if not scope.operator and key.role == "owner" and scope.key.role != "owner":
+        raise PermissionDenied("Only an owner can change an owner's key.")
+    return key
+
+
+@router.patch("/keys/{ref}")
+async def update_key(ref: str, body: KeyUpdate, scope: ScopeDep,
+                     services: ServicesDep) -> Response:
+    """Renames a key or changes its limits; `null` lifts a limit."""
+    fields = _set_fields(body)
+
+    def update(session: Session) -> KeyInfo:
+        _visible_key(session, scope, ref, change=True)
+        return accounts.update_key(session=session, ref=ref, **fields)
+
+    return json_response(200, _key_object(await in_session(services, update)))
+
+
 @router.delete("/keys/{ref}")
-async def revoke_key(ref: str, _admin: AdminKeyDep, services: ServicesDep) -> Response:
+async def revoke_key(ref: str, scope: ScopeDep, services: ServicesDep) -> Response:
     """Revokes a key by id or prefix; requests with it fail from now on."""
 
-    def revoke() -> KeyInfo:
-        with services.database.session() as session:
-            return accounts.revoke_key(session=session, ref=ref)
+    def revoke(session: Session) -> KeyInfo:
+        _visible_key(session, scope, ref, change=True)
+        return accounts.revoke_key(session=session, ref=ref)
 
-    key = await asyncio.to_thread(revoke)
-    return json_response(200, _key_object(key))
+    return json_response(200, _key_object(await in_session(services, revoke)))
+
+
+# -- plans and price books (the platform's catalogue) -----------------------------------------
+
+
+class WindowBody(_Strict):
+    metric: Literal["requests", "tokens", "credits"]
+    limit: Annotated[int, Field(ge=0)]
+    seconds: PositiveInt
+
+
+class PlanCreate(_Strict):
+    name: Name
+    windows: list[WindowBody] = []
+    model_multipliers: dict[str, Annotated[float, Field(ge=0)]] = {}
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    max_concurrency: PositiveInt | None = None
+    draws_balance: bool = True
+    price_ratio_milli: Annotated[int, Field(ge=0)] = plans.MILLI
+
+
+class PlanUpdate(_Strict):
+    name: Name | None = None
+    windows: list[WindowBody] | None = None
+    model_multipliers: dict[str, Annotated[float, Field(ge=0)]] | None = None
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    max_concurrency: PositiveInt | None = None
+    draws_balance: bool | None = None
+    price_ratio_milli: Annotated[int, Field(ge=0)] | None = None
+    disabled: bool | None = None
+
+
+def _plan_object(plan: Plan) -> dict[str, Any]:
+    return {"id": plan.id, "object": "plan", "name": plan.name, "windows": plan.windows,
+            "model_multipliers": plan.model_multipliers, "rpm": plan.rpm, "tpm": plan.tpm,
+            "max_concurrency": plan.max_concurrency, "draws_balance": plan.draws_balance,
+            "price_ratio_milli": plan.price_ratio_milli, "disabled": plan.disabled}
+
+
+def _own_org_uses(session: Session, scope: AdminScope, *, plan_id: int | None = None,
+                  price_book_id: int | None = None) -> bool:
+    """An organization's admins may read the plan and price book their organization is on."""
+    if scope.operator:
+        return True
+    if scope.org_id is None:
+        return False
+    org = accounts.find_org(session=session, ref=scope.org_id)
+    return (plan_id is not None and org.plan_id == plan_id) or (
+        price_book_id is not None and org.price_book_id == price_book_id)
+
+
+@router.post("/plans", status_code=201)
+async def create_plan(body: PlanCreate, scope: ScopeDep, services: ServicesDep) -> Response:
+    scope.operate("create plans")
+    fields = body.model_dump()
+    plan = await in_session(services, lambda s: plans.create_plan(session=s, **fields))
+    return json_response(201, _plan_object(plan))
+
+
+@router.get("/plans")
+async def list_plans(scope: ScopeDep, services: ServicesDep) -> Response:
+    scope.operate("list every plan")
+    rows = await in_session(services, lambda s: plans.list_plans(session=s))
+    return json_response(200, {"object": "list", "data": [_plan_object(p) for p in rows]})
+
+
+@router.get("/plans/{plan_id}")
+async def get_plan(plan_id: int, scope: ScopeDep, services: ServicesDep) -> Response:
+    def read(session: Session) -> Plan:
+        if not _own_org_uses(session, scope, plan_id=plan_id):
+            raise NotFound(f"No plan {plan_id}.", param="plan")
+        return plans.find_plan(session=session, ref=plan_id)
+
+    return json_response(200, _plan_object(await in_session(services, read)))
+
+
+@router.patch("/plans/{plan_id}")
+async def update_plan(plan_id: int, body: PlanUpdate, scope: ScopeDep,
+                      services: ServicesDep) -> Response:
+    scope.operate("change plans")
+    fields = body.model_dump(include=body.model_fields_set)
+    plan = await in_session(services, lambda s: plans.update_plan(session=s, plan_id=plan_id,
+                                                                  **fields))
+    return json_response(200, _plan_object(plan))
+
+
+class PeakPeriod(_Strict):
+    start_hour: Annotated[int, Field(ge=0, le=23)]
+    end_hour: Annotated[int, Field(ge=0, le=24)]
+    multiplier_milli: Annotated[int, Field(ge=0)]
+
+
+class PriceBookCreate(_Strict):
+    name: Name
+    currency: str = "USD"
+    peak_hours: list[PeakPeriod] = []
+
+
+class PriceBookUpdate(_Strict):
+    name: Name | None = None
+    currency: str | None = None
+    peak_hours: list[PeakPeriod] | None = None
+
+
+class PriceSet(_Strict):
+    model: Name
+    input_micros: Annotated[int, Field(ge=0, description="Per million input tokens.")]
+    output_micros: Annotated[int, Field(ge=0, description="Per million output tokens.")]
+    cached_input_micros: Annotated[int, Field(ge=0)] | None = None
+
+
+def _book_object(session: Session, book: PriceBook) -> dict[str, Any]:
+    return {"id": book.id, "object": "price_book", "name": book.name, "currency": book.currency,
+            "peak_hours": book.peak_hours,
+            "prices": [{"model": p.model, "input_micros": p.input_micros,
+                        "cached_input_micros": p.cached_input_micros,
+                        "output_micros": p.output_micros}
+                       for p in plans.prices(session=session, price_book_id=book.id)]}
+
+
+@router.post("/price_books", status_code=201)
+async def create_price_book(body: PriceBookCreate, scope: ScopeDep,
+                            services: ServicesDep) -> Response:
+    scope.operate("create price books")
+    fields = body.model_dump()
+    book = await in_session(services, lambda s: _book_object(
+        s, plans.create_price_book(session=s, **fields)))
+    return json_response(201, book)
+
+
+@router.get("/price_books")
+async def list_price_books(scope: ScopeDep, services: ServicesDep) -> Response:
+    scope.operate("list every price book")
+    books = await in_session(services, lambda s: [
+        _book_object(s, b) for b in plans.list_price_books(session=s)])
+    return json_response(200, {"object": "list", "data": books})
+
+
+@router.get("/price_books/{book_id}")
+async def get_price_book(book_id: int, scope: ScopeDep, services: ServicesDep) -> Response:
+    def read(session: Session) -> dict[str, Any]:
+        if not _own_org_uses(session, scope, price_book_id=book_id):
+            raise NotFound(f"No price book {book_id}.", param="price_book")
+        return _book_object(session, plans.find_price_book(session=session, ref=book_id))
+
+    return json_response(200, await in_session(services, read))
+
+
+@router.patch("/price_books/{book_id}")
+async def update_price_book(book_id: int, body: PriceBookUpdate, scope: ScopeDep,
+                            services: ServicesDep) -> Response:
+    scope.operate("change price books")
+    fields = body.model_dump(include=body.model_fields_set)
+    book = await in_session(services, lambda s: _book_object(
+        s, plans.update_price_book(session=s, price_book_id=book_id, **fields)))
+    return json_response(200, book)
+
+
+@router.put("/price_books/{book_id}/prices")
+async def set_price(book_id: int, body: PriceSet, scope: ScopeDep,
+                    services: ServicesDep) -> Response:
+    """Sets one model's prices (per million tokens, in micro-units of the book's currency)."""
+    scope.operate("set prices")
+
+    def put(session: Session) -> dict[str, Any]:
+        book = plans.find_price_book(session=session, ref=book_id)
+        plans.set_price(session=session, price_book_id=book.id, **body.model_dump())
+        return _book_object(session, book)
+
+    return json_response(200, await in_session(services, put))
+
+
+@router.delete("/price_books/{book_id}/prices")
+async def remove_price(book_id: int, scope: ScopeDep, services: ServicesDep,
+                       model: Annotated[str, Query(min_length=1)]) -> Response:
+    """Removes a model's prices: requests for it are free under this book from now on."""
+    scope.operate("remove prices")
+
+    def remove(session: Session) -> dict[str, Any]:
+        book = plans.find_price_book(session=session, ref=book_id)
+        plans.remove_price(session=session, price_book_id=book.id, model=model)
+        return _book_object(session, book)
+
+    return json_response(200, await in_session(services, remove))
+
+
+# -- usage and invoices -----------------------------------------------------------------------
+
+
+def usage_object(lines: list[invoices.UsageLine], org_id: int) -> Response:
+    return json_response(200, {"object": "list", "org_id": org_id,
+            "data": [{"date": line.period, "model": line.model, "requests": line.requests,
+                      "input_tokens": line.input_tokens,
+                      "cached_input_tokens": line.cached_input_tokens,
+                      "output_tokens": line.output_tokens, "cost_micros": line.cost_micros,
+                      "charged_micros": line.charged_micros} for line in lines]})
+
+
+def invoice_response(invoice: invoices.Invoice, format: str) -> Response:
+    if format == "csv":
+        return Response(invoice.as_csv(), media_type="text/csv", headers={
+            "content-disposition":
+                f'attachment; filename="invoice-{invoice.org_id}-{invoice.month}.csv"'})
+    return json_response(200, invoice.as_dict())
+
+
+@router.get("/organizations/{org_id}/usage")
+async def organization_usage(org_id: int, scope: ScopeDep, services: ServicesDep,
+                             start_date: DateParam = None,
+                             end_date: DateParam = None) -> Response:
+    """Usage by day and model (UTC days; the last 30 by default)."""
+    start, end = invoices.date_range(start_date, end_date)
+    await services.gateway.ledger.flush()
+
+    def read(session: Session) -> list[invoices.UsageLine]:
+        _visible_org(session, scope, org_id)
+        return invoices.daily_usage(session=session, org_id=org_id, start=start, end=end)
+
+    return usage_object(await in_session(services, read), org_id)
+
+
+@router.get("/organizations/{org_id}/invoices/{month}")
+async def organization_invoice(org_id: int, month: str, scope: ScopeDep, services: ServicesDep,
+                               format: Literal["json", "csv"] = "json") -> Response:
+    """The invoice of one month (YYYY-MM, UTC) as JSON or CSV."""
+    await services.gateway.ledger.flush()
+
+    def read(session: Session) -> invoices.Invoice:
+        _visible_org(session, scope, org_id)
+        return invoices.invoice(session=session, org_id=org_id, month=month)
+
+    return invoice_response(await in_session(services, read), format)

@@ -11,7 +11,7 @@ from fastapi import Depends, Request
 from serai import accounts
 from serai.accounts import KeyInfo
 from serai.config import Settings
-from serai.errors import AuthenticationFailed, PermissionDenied
+from serai.errors import AuthenticationFailed, NotFound, PermissionDenied
 from serai.gateway import Gateway
 from serai.storage.db import Database
 
@@ -59,6 +59,10 @@ async def current_key(request: Request, services: ServicesDep) -> KeyInfo:
 
     key = await asyncio.to_thread(lookup)
     request.state.key_prefix = key.prefix
+    client = request.client.host if request.client is not None else None
+    if not accounts.client_allowed(key, client):
+        raise PermissionDenied(f"The API key {key.prefix}… may not be used from {client}; ask "
+                               f"its owner to allow your network.")
     return key
 
 
@@ -69,5 +73,43 @@ async def admin_key(key: Annotated[KeyInfo, Depends(current_key)]) -> KeyInfo:
     return key
 
 
+@dataclass(frozen=True, slots=True)
+class AdminScope:
+    """What an admin key may reach. A platform operator reaches everything; an organization's
+    owner, admin or viewer only that organization's objects, and a viewer only reads."""
+
+    key: KeyInfo
+
+    @property
+    def operator(self) -> bool:
+        return self.key.role == "operator"
+
+    @property
+    def org_id(self) -> int | None:
+        """The only organization this key may see, or None for all of them."""
+        return None if self.operator else self.key.org_id
+
+    def see(self, org_id: int | None, what: str) -> None:
+        """Another organization's object answers as if it did not exist: its id, name or
+        existence is never revealed."""
+        if not self.operator and (org_id is None or org_id != self.key.org_id):
+            raise NotFound(f"No {what}.")
+
+    def change(self, org_id: int | None, what: str) -> None:
+        self.see(org_id, what)
+        if self.key.role == "viewer":
+            raise PermissionDenied("This admin key has the viewer role: it can read, not change. "
+                                   "Ask an owner or admin of your organization.")
+
+    def operate(self, action: str) -> None:
+        if not self.operator:
+            raise PermissionDenied(f"Only a platform operator can {action}.")
+
+
+async def admin_scope(key: Annotated[KeyInfo, Depends(admin_key)]) -> AdminScope:
+    return AdminScope(key)
+
+
 KeyDep = Annotated[KeyInfo, Depends(current_key)]
 AdminKeyDep = Annotated[KeyInfo, Depends(admin_key)]
+ScopeDep = Annotated[AdminScope, Depends(admin_scope)]

@@ -18,6 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
+from serai.storage.named import claim_name, find_named, row_id
 from serai.storage.tables import ApiKey, BalanceEntry, Organization, RedemptionCode
 
 KEY_SCHEME = "sk-serai-"
@@ -80,8 +81,7 @@ def _org_info(row: Organization) -> OrgInfo:
 def create_org(*, session: Session, name: str, plan_id: int | None = None,
                price_book_id: int | None = None, rpm: int | None = None, tpm: int | None = None,
                max_concurrency: int | None = None) -> OrgInfo:
-    if session.scalar(select(Organization).where(Organization.name == name)) is not None:
-        raise Conflict(f"An organization named {name!r} exists already.", param="name")
+    claim_name(session, Organization, name, what="An organization")
     row = Organization(name=name, disabled=False, plan_id=plan_id, price_book_id=price_book_id,
                        balance_micros=0, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency)
     session.add(row)
@@ -97,13 +97,8 @@ def default_org(*, session: Session) -> OrgInfo:
 
 def find_org(*, session: Session, ref: str | int) -> OrgInfo:
     """An organization by id or name."""
-    text = str(ref)
-    row = session.get(Organization, number) if (number := _row_id(text)) is not None else None
-    if row is None:
-        row = session.scalar(select(Organization).where(Organization.name == text))
-    if row is None:
-        raise NotFound(f"No organization {text!r}. `serai orgs list` shows them.", param="org")
-    return _org_info(row)
+    return _org_info(find_named(session, Organization, ref, param="org",
+                                missing="No organization {ref}. `serai orgs list` shows them."))
 
 
 def list_orgs(*, session: Session, org_id: int | None = None) -> list[OrgInfo]:
@@ -125,9 +120,8 @@ def update_org(*, session: Session, org_id: int, name: str | None = None,
     row = session.get(Organization, org_id)
     if row is None:
         raise NotFound(f"No organization {org_id}.", param="org")
-    if name is not None and name != row.name:
-        if session.scalar(select(Organization).where(Organization.name == name)) is not None:
-            raise Conflict(f"An organization named {name!r} exists already.", param="name")
+    if name is not None:
+        claim_name(session, Organization, name, what="An organization", row=row)
         row.name = name
     if disabled is not None:
         row.disabled = disabled
@@ -253,19 +247,10 @@ def list_keys(*, session: Session, include_revoked: bool = True,
     return [key_info(row) for row in session.scalars(query)]
 
 
-MAX_ID = 2**31 - 1  # PostgreSQL INTEGER; SQLite accepts more, but no id gets that far
-
-
-def _row_id(ref: str) -> int | None:
-    """`ref` as a row id, or None; ids past the integer column's range cannot exist (the
-    database would raise instead of finding nothing)."""
-    return int(ref) if ref.isascii() and ref.isdigit() and int(ref) <= MAX_ID else None
-
-
 def find_key(*, session: Session, ref: str) -> ApiKey:
     """A key by numeric id or by its display prefix."""
     if ref.isascii() and ref.isdigit():
-        row = session.get(ApiKey, number) if (number := _row_id(ref)) is not None else None
+        row = session.get(ApiKey, number) if (number := row_id(ref)) is not None else None
     else:
         rows = session.scalars(select(ApiKey).where(ApiKey.prefix == ref[:PREFIX_LENGTH])).all()
         row = rows[0] if len(rows) == 1 else None

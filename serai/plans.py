@@ -15,7 +15,8 @@ from typing import Any, Literal
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from serai.errors import Conflict, InvalidRequest, NotFound
+from serai.errors import InvalidRequest, NotFound
+from serai.storage.named import claim_name, find_named
 from serai.storage.tables import Plan, Price, PriceBook
 
 Metric = Literal["requests", "tokens", "credits"]
@@ -109,8 +110,7 @@ def create_plan(*, session: Session, name: str, windows: list[dict[str, Any]] | 
                 model_multipliers: dict[str, float] | None = None, rpm: int | None = None,
                 tpm: int | None = None, max_concurrency: int | None = None,
                 draws_balance: bool = True, price_ratio_milli: int = MILLI) -> Plan:
-    if session.scalar(select(Plan).where(Plan.name == name)) is not None:
-        raise Conflict(f"A plan named {name!r} exists already.", param="name")
+    claim_name(session, Plan, name, what="A plan")
     checked = [Window.parse(w).as_dict() for w in windows or []]
     row = Plan(name=name, windows=checked,
                model_multipliers=_check_multipliers(model_multipliers or {}), rpm=rpm, tpm=tpm,
@@ -123,8 +123,7 @@ def create_plan(*, session: Session, name: str, windows: list[dict[str, Any]] | 
 
 def create_price_book(*, session: Session, name: str, currency: str = "USD",
                       peak_hours: list[dict[str, Any]] | None = None) -> PriceBook:
-    if session.scalar(select(PriceBook).where(PriceBook.name == name)) is not None:
-        raise Conflict(f"A price book named {name!r} exists already.", param="name")
+    claim_name(session, PriceBook, name, what="A price book")
     row = PriceBook(name=name, currency=_check_currency(currency),
                     peak_hours=validate_peak_hours(peak_hours or []))
     session.add(row)
@@ -157,12 +156,8 @@ _UNSET: Any = object()
 
 def find_plan(*, session: Session, ref: str | int) -> Plan:
     """A plan by id or name."""
-    text = str(ref)
-    row = session.get(Plan, int(text)) if text.isdigit() and int(text) < 2**31 else None
-    row = row or session.scalar(select(Plan).where(Plan.name == text))
-    if row is None:
-        raise NotFound(f"No plan {text!r}. `serai plans list` shows them.", param="plan")
-    return row
+    return find_named(session, Plan, ref, missing="No plan {ref}. `serai plans list` shows them.",
+                      param="plan")
 
 
 def list_plans(*, session: Session) -> list[Plan]:
@@ -178,9 +173,8 @@ def update_plan(*, session: Session, plan_id: int, name: str | None = None,
     """Change what is given. New windows apply to the next admission and count the usage
     already in the ledger: shrinking a window can leave an organization over it for a while."""
     row = find_plan(session=session, ref=plan_id)
-    if name is not None and name != row.name:
-        if session.scalar(select(Plan).where(Plan.name == name)) is not None:
-            raise Conflict(f"A plan named {name!r} exists already.", param="name")
+    if name is not None:
+        claim_name(session, Plan, name, what="A plan", row=row)
         row.name = name
     if windows is not None:
         row.windows = [Window.parse(w).as_dict() for w in windows]
@@ -216,13 +210,8 @@ def _check_ratio(ratio: int) -> int:
 
 def find_price_book(*, session: Session, ref: str | int) -> PriceBook:
     """A price book by id or name."""
-    text = str(ref)
-    row = session.get(PriceBook, int(text)) if text.isdigit() and int(text) < 2**31 else None
-    row = row or session.scalar(select(PriceBook).where(PriceBook.name == text))
-    if row is None:
-        raise NotFound(f"No price book {text!r}. `serai prices books` shows them.",
-                       param="price_book")
-    return row
+    return find_named(session, PriceBook, ref, param="price_book",
+                      missing="No price book {ref}. `serai prices books` shows them.")
 
 
 def list_price_books(*, session: Session) -> list[PriceBook]:
@@ -233,9 +222,8 @@ def update_price_book(*, session: Session, price_book_id: int, name: str | None 
                       currency: str | None = None,
                       peak_hours: list[dict[str, Any]] | None = None) -> PriceBook:
     row = find_price_book(session=session, ref=price_book_id)
-    if name is not None and name != row.name:
-        if session.scalar(select(PriceBook).where(PriceBook.name == name)) is not None:
-            raise Conflict(f"A price book named {name!r} exists already.", param="name")
+    if name is not None:
+        claim_name(session, PriceBook, name, what="A price book", row=row)
         row.name = name
     if currency is not None:
         row.currency = _check_currency(currency)

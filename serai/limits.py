@@ -364,6 +364,7 @@ class RedisLimiter:
                                          check.span_ms // 1000)
                     raise check.refusal(used, reset)
                 elif status in ("ok", "held"):
+                    self._recovered()
                     break
             else:
                 raise LimitsUnavailable("Too many settlements are racing this request's balance "
@@ -579,9 +580,12 @@ class RedisLimiter:
                 if raise_errors:
                     raise
                 return
-            if self._failing:
-                log.warning("Redis answers again")
-                self._failing = False
+            self._recovered()
+
+    def _recovered(self) -> None:
+        if self._failing:
+            log.warning("Redis answers again")
+            self._failing = False
 
     def _report(self, exc: Exception, what: str) -> None:
         if not self._failing:

@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import subprocess
+import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from serai.app import create_app
 from serai.config import Settings
+from tests.conftest import _missing, free_port
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving
 from tests.test_admission import REPLY, Served, fire
@@ -107,3 +113,121 @@ def test_two_processes_never_spend_past_one_balance(two_served: tuple[Served, Se
     spent = sum(r.cost_micros for r in rows)
     assert len(rows) == len(ok) and spent == 30 * len(ok) <= 1000
     assert first.balance(org_id) == 1000 - spent
+
+
+class OwnRedis:
+    """A redis-server of this test's own, without persistence, to stop and start again empty."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+        try:
+            wait_for(lambda: _answers(client), "the test's redis-server to answer")
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        assert self.process is not None
+        self.process.terminate()
+        self.process.wait(timeout=20)
+        self.process = None
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    if shutil.which("redis-server") is None:
+        _missing("redis-server is not installed: this test stops and restarts a Redis of its own")
+    server = OwnRedis(tmp_path)
+    server.start()
+    yield server
+    if server.process is not None:
+        server.stop()
+
+
+def test_redis_stopped_under_load_refuses_with_503_and_recovers_without_restart(
+        own_redis: OwnRedis, postgres_url: str, tmp_path: Path) -> None:
+    limit = 40
+    engine = FakeEngine(reply=REPLY, context_length=4096, delay=0.01)
+    app = create_app(redis_settings(tmp_path, postgres_url, own_redis.url, "serai"),
+                     engines=[engine])
+    seen: list[tuple[str, httpx.Response]] = []
+    phase = "before"
+    stop = threading.Event()
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not stop.is_set():
+            response = await client.post("/chat/completions", json={
+                "model": "fake-model", "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hello"}]})
+            seen.append((phase, response))
+            if response.status_code != 200:
+                await asyncio.sleep(0.02)  # refusals come back at once; do not spin
+
+    async def load(base_url: str, key: str) -> None:
+        async with httpx.AsyncClient(base_url=base_url, timeout=60,
+                                     headers={"authorization": f"Bearer {key}"}) as client:
+            await asyncio.gather(*[worker(client) for _ in range(4)])
+
+    def count(status: int, in_phase: str | None = None) -> int:
+        return sum(1 for p, r in list(seen)
+                   if r.status_code == status and in_phase in (None, p))
+
+    with serving(app) as base_url:
+        served = Served(base_url, app.state.services.database, engine)
+        _, key = served.org_with_key(plan={"windows": [
+            {"metric": "requests", "limit": limit, "seconds": 3600}]})
+        loader = threading.Thread(target=asyncio.run, args=(load(base_url, key),))
+        loader.start()
+        try:
+            wait_for(lambda: count(200) >= 10, "ten admitted requests")
+            phase = "down"
+            own_redis.stop()
+            wait_for(lambda: count(503, "down") >= 10, "refusals while Redis is down")
+            # Back, and empty: what was used must come back from the database.
+            own_redis.start()
+            phase = "after"
+            wait_for(lambda: count(429, "after") >= 5, "the quota to run out after Redis is back")
+        finally:
+            stop.set()
+            loader.join(timeout=60)
+        rows = served.settled(limit)
+
+    assert {r.status_code for _, r in seen} <= {200, 429, 503}
+    down = [r for p, r in seen if r.status_code == 503]
+    assert down and all(p == "down" for p, r in seen if r.status_code == 503)
+    for response in down:
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("server_error", "limits_unavailable")
+        assert int(response.headers["retry-after"]) >= 1
+    assert count(200, "after") > 0  # admitted again with no restart of Serai
+    # Never a 200 past the limit, through the cut and an empty Redis.
+    assert count(200) == limit
+    assert {r.json()["error"]["code"] for _, r in seen if r.status_code == 429} == {
+        "insufficient_quota"}
+    # Requests admitted before the cut, some finishing while Redis was down, all have their row.
+    assert len(rows) == limit and {r.status for r in rows} == {"ok"}
+    assert len(engine.requests) == limit

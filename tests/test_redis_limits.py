@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,9 +22,17 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from sqlalchemy import func, select
 
+from serai import accounts, plans
+from serai.accounts import KeyInfo
 from serai.app import create_app
 from serai.config import Settings
+from serai.errors import LimitsUnavailable, QuotaExceeded, RateLimited
+from serai.ledger import Admission, UsageRecord, db_now_ms
+from serai.limits import RedisLimiter
+from serai.storage.db import Database
+from serai.storage.tables import Organization, Reservation, UsageRow
 from tests.conftest import _missing, free_port
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving
@@ -231,3 +240,146 @@ def test_redis_stopped_under_load_refuses_with_503_and_recovers_without_restart(
     # Requests admitted before the cut, some finishing while Redis was down, all have their row.
     assert len(rows) == limit and {r.status for r in rows} == {"ok"}
     assert len(engine.requests) == limit
+
+
+# -- the Redis limiter on its own, without HTTP ----------------------------------------------
+
+
+@pytest.fixture
+def limiter(postgres_url: str, redis_url: str, redis_prefix: str) -> Iterator[RedisLimiter]:
+    database = Database(postgres_url)
+    database.upgrade()
+    limits = RedisLimiter(database, redis_url, prefix=redis_prefix)
+    yield limits
+    limits.close()
+    database.dispose()
+
+
+def customer(limiter: RedisLimiter, *, plan: dict[str, Any] | None = None,
+             prices: tuple[int, int] | None = None) -> KeyInfo:
+    with limiter._database.session() as session:
+        plan_id = plans.create_plan(session=session, name="p", **plan).id if plan else None
+        book_id = None
+        if prices is not None:
+            book_id = plans.create_price_book(session=session, name="book").id
+            plans.set_price(session=session, price_book_id=book_id, model="m",
+                            input_micros=prices[0], output_micros=prices[1])
+        org = accounts.create_org(session=session, name="acme", plan_id=plan_id,
+                                  price_book_id=book_id)
+        key, _ = accounts.create_key(session=session, name="app", org_id=org.id)
+    return key
+
+
+def reserve(limiter: RedisLimiter, key: KeyInfo, *, model: str = "m", prompt: int = 10,
+            max_tokens: int = 10) -> tuple[str, Admission]:
+    request_id = f"req_{uuid.uuid4().hex}"
+    return request_id, limiter.reserve(key=key, request_id=request_id, model=model,
+                                       endpoint="chat.completions", prompt_tokens=prompt,
+                                       max_tokens=max_tokens)
+
+
+def finished(key: KeyInfo, request_id: str, admission: Admission, *, prompt: int = 10,
+             completion: int = 10) -> UsageRecord:
+    return UsageRecord(request_id=request_id, key_id=key.id, model="m",
+                       endpoint="chat.completions", prompt_tokens=prompt,
+                       completion_tokens=completion, status="ok", ttft_ms=1.0, latency_ms=2.0,
+                       admission=admission)
+
+
+def usage_rows(limiter: RedisLimiter) -> list[UsageRow]:
+    with limiter._database.session() as session:
+        return list(session.scalars(select(UsageRow)))
+
+
+def test_settling_twice_counts_once_and_a_release_gives_back(limiter: RedisLimiter) -> None:
+    key = customer(limiter, plan={"windows": [
+        {"metric": "requests", "limit": 2, "seconds": 3600}]})
+    first, admitted = reserve(limiter, key)
+    # The ledger writer retries a batch whose write failed: the same record comes again.
+    limiter.settle([finished(key, first, admitted)])
+    limiter.settle([finished(key, first, admitted)])
+    assert [r.request_id for r in usage_rows(limiter)] == [first]
+
+    _, second = reserve(limiter, key)
+    with pytest.raises(QuotaExceeded):
+        reserve(limiter, key)
+    limiter.release(second)  # never ran: its request goes back to the window
+    reserve(limiter, key)
+    with pytest.raises(QuotaExceeded):
+        reserve(limiter, key)
+
+
+def test_a_week_window_counts_real_usage_from_six_days_ago_with_multipliers(
+        limiter: RedisLimiter) -> None:
+    # 1,000 tokens a week; "big" counts double. Each request holds (50 + 50) x 2 = 200.
+    key = customer(limiter, plan={"windows": [{"metric": "tokens", "limit": 1000,
+                                               "seconds": 7 * 86400}],
+                                  "model_multipliers": {"big": 2}})
+    with limiter._database.session() as session:
+        now = db_now_ms(session)
+        for request_id, days, tokens in (("six-days-ago", 6, 300), ("eight-days-ago", 8, 5000)):
+            session.add(UsageRow(request_id=request_id, key_id=key.id, org_id=key.org_id,
+                                 model="big", endpoint="chat.completions", prompt_tokens=tokens,
+                                 completion_tokens=0, status="ok", ttft_ms=None, latency_ms=1.0,
+                                 tokens_milli=tokens * 1000, requests_milli=1000,
+                                 created_ms=now - days * 86400 * 1000))
+
+    held = [reserve(limiter, key, model="big", prompt=50, max_tokens=50) for _ in range(3)]
+    # 300 + 3 x 200 = 900 used or held. The first request really used 50 tokens (100 counted):
+    first_id, first = held[0]
+    limiter.settle([finished(key, first_id, first, prompt=50, completion=0)])
+    # 300 + 100 + 2 x 200 + 200 = 1,000: exactly the limit, so admitted,
+    reserve(limiter, key, model="big", prompt=50, max_tokens=50)
+    # and nothing more fits.
+    with pytest.raises(QuotaExceeded, match="1000 tokens per 168h0m0s"):
+        reserve(limiter, key, model="big", prompt=1, max_tokens=1)
+
+
+def test_a_top_up_counts_from_the_next_request(limiter: RedisLimiter) -> None:
+    key = customer(limiter, prices=(1_000_000, 2_000_000))  # 10 + 2 x 10 = 30 per request
+    with pytest.raises(QuotaExceeded, match="balance"):
+        reserve(limiter, key)
+    with limiter._database.session() as session:
+        assert key.org_id is not None
+        accounts.adjust_balance(session=session, org_id=key.org_id, amount_micros=60,
+                                kind="topup", reason="test")
+    request_id, admission = reserve(limiter, key)
+    assert admission.charged and admission.amount_micros == 30
+    reserve(limiter, key)
+    with pytest.raises(QuotaExceeded, match="0 are available"):
+        reserve(limiter, key)
+    limiter.settle([finished(key, request_id, admission, completion=5)])  # cost 20 of 30 held
+    with limiter._database.session() as session:
+        assert session.get(Organization, key.org_id).balance_micros == 40  # type: ignore[union-attr]
+    with pytest.raises(QuotaExceeded, match="10 are available"):
+        reserve(limiter, key)
+
+
+def test_the_sweeper_releases_what_a_crashed_process_held(limiter: RedisLimiter) -> None:
+    key = customer(limiter, plan={"max_concurrency": 1})
+    crashed, _ = reserve(limiter, key)  # its process dies: never settled, never released
+    with pytest.raises(RateLimited, match="running"):
+        reserve(limiter, key)
+    time.sleep(0.01)  # so the hold is older than a timeout of 0 s by both clocks
+    assert limiter.sweep(0) >= 1
+    reserve(limiter, key)
+    rows = usage_rows(limiter)
+    assert [(r.request_id, r.status, r.cost_micros) for r in rows] == [(crashed, "interrupted", 0)]
+
+
+def test_unreachable_redis_refuses_instead_of_admitting(postgres_url: str,
+                                                        tmp_path: Path) -> None:
+    database = Database(postgres_url)
+    database.upgrade()
+    nowhere = RedisLimiter(database, f"redis://127.0.0.1:{free_port()}/0")
+    key = customer(nowhere, plan={"rpm": 1000})
+    try:
+        with pytest.raises(LimitsUnavailable) as refused:
+            reserve(nowhere, key)
+    finally:
+        nowhere.close()
+        database.dispose()
+    assert refused.value.status_code == 503 and refused.value.code == "limits_unavailable"
+    assert int(refused.value.headers["retry-after"]) >= 1
+    with database.session() as session:
+        assert session.scalar(select(func.count()).select_from(Reservation)) == 0

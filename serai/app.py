@@ -20,7 +20,8 @@ from serai.config import Settings
 from serai.engines.base import Engine
 from serai.engines.router import Router
 from serai.gateway import Gateway
-from serai.ledger import LedgerWriter, sweep_reservations
+from serai.ledger import LedgerWriter
+from serai.limits import Limiter, create_limiter
 from serai.storage.db import Database
 
 log = logging.getLogger("serai")
@@ -40,16 +41,11 @@ def load_engines(settings: Settings) -> list[Engine]:
                            batch_invariant=settings.engine_batch_invariant)]
 
 
-async def _sweep_forever(database: Database, timeout_s: float) -> None:
+async def _sweep_forever(limiter: Limiter, timeout_s: float) -> None:
     """Release reservations a crashed process left behind, so they stop holding quota."""
-
-    def sweep() -> int:
-        with database.session() as session:
-            return sweep_reservations(session=session, older_than_s=timeout_s)
-
     while True:
         try:
-            if released := await asyncio.to_thread(sweep):
+            if released := await asyncio.to_thread(limiter.sweep, timeout_s):
                 log.warning("released %d reservations older than %ss", released, timeout_s)
         except Exception:
             log.exception("reservation sweep failed; trying again later")
@@ -63,15 +59,17 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database = Database(settings.resolved_database_url)
         await asyncio.to_thread(database.upgrade)
-        ledger = LedgerWriter(database)
+        limiter = create_limiter(database, redis_url=settings.redis_url,
+                                 redis_prefix=settings.redis_prefix)
+        ledger = LedgerWriter(database, limiter)
         ledger.start()
         loaded = list(engines) if engines is not None else await asyncio.to_thread(
             load_engines, settings)
         router = Router(loaded)
         app.state.services = Services(settings=settings, database=database,
                                       gateway=Gateway(router=router, ledger=ledger,
-                                                      database=database))
-        sweeper = asyncio.create_task(_sweep_forever(database, settings.reservation_timeout_s),
+                                                      database=database, limiter=limiter))
+        sweeper = asyncio.create_task(_sweep_forever(limiter, settings.reservation_timeout_s),
                                       name="reservation-sweeper")
         try:
             yield
@@ -79,6 +77,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -
             sweeper.cancel()
             await router.aclose()
             await ledger.aclose()
+            await asyncio.to_thread(limiter.close)
             database.dispose()
 
     app = FastAPI(title="Serai", version=__version__, lifespan=lifespan,

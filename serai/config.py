@@ -92,6 +92,17 @@ class Settings(BaseSettings):
         "process left behind and released (with an `interrupted` usage row). Longer than any "
         "request may run.",
     )
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL (redis://host:6379/0) through which several Serai processes enforce "
+        "rate limits, quota windows and balance reservations together. Unset: the database does it "
+        "alone. While Redis cannot be reached, model requests get 503 `limits_unavailable`.",
+    )
+    redis_prefix: str = Field(
+        "serai", min_length=1,
+        description="Prefix of every Redis key Serai writes, so several deployments (or test runs) "
+        "can share one Redis. Processes that enforce limits together must use the same prefix.",
+    )
     default_max_tokens: int | None = Field(
         None,
         ge=1,

@@ -78,6 +78,15 @@ class EngineOverloaded(SeraiError):
     code = "engine_overloaded"
 
 
+class LimitsUnavailable(SeraiError):
+    """The shared limits store (Redis) cannot be reached: nobody is let in unlimited, and the
+    client should retry in a moment."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "limits_unavailable"
+
+
 class ModelFileError(Exception):
     """A model file cannot be served (missing, unreadable, not a GGUF). Raised at start-up."""
 

@@ -17,7 +17,8 @@ from serai.accounts import KeyInfo
 from serai.engines.base import Engine
 from serai.engines.router import Router
 from serai.errors import InvalidRequest
-from serai.ledger import UNMETERED, Admission, LedgerWriter, UsageRecord, UsageStatus, admit, release
+from serai.ledger import UNMETERED, Admission, LedgerWriter, UsageRecord, UsageStatus
+from serai.limits import DatabaseLimiter, Limiter
 from serai.storage.db import Database
 from serai.types import Chunk, GenerationRequest, Usage
 
@@ -30,11 +31,11 @@ class Run:
     def __init__(
         self, *, engine: Engine, request: GenerationRequest, key: KeyInfo, endpoint: str,
         ledger: LedgerWriter, admission: Admission = UNMETERED,
-        database: Database | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.request = request
         self.admission = admission
-        self._database = database
+        self._limiter = limiter
         self.engine = engine
         self._key = key
         self._endpoint = endpoint
@@ -56,8 +57,8 @@ class Run:
         except InvalidRequest:
             # Nothing was generated: the request never became a billable run.
             self._closed = True
-            if self._database is not None:
-                await _give_back(self._database, self.admission)
+            if self._limiter is not None:
+                await _give_back(self._limiter, self.admission)
             raise
         except BaseException:
             await self.close()
@@ -124,23 +125,20 @@ class Run:
             )
 
 
-async def _give_back(database: Database, admission: Admission) -> None:
+async def _give_back(limiter: Limiter, admission: Admission) -> None:
     """Release the reservation of a request that never ran."""
     if admission.reservation_id is None:
         return
-
-    def give_back() -> None:
-        with database.session() as session:
-            release(session=session, admission=admission)
-
-    await asyncio.to_thread(give_back)
+    await asyncio.to_thread(limiter.release, admission)
 
 
 class Gateway:
-    def __init__(self, *, router: Router, ledger: LedgerWriter, database: Database) -> None:
+    def __init__(self, *, router: Router, ledger: LedgerWriter, database: Database,
+                 limiter: Limiter | None = None) -> None:
         self.router = router
         self.ledger = ledger
         self.database = database
+        self.limiter = limiter if limiter is not None else DatabaseLimiter(database)
 
     async def start(self, *, key: KeyInfo, request: GenerationRequest, endpoint: str) -> Run:
         """Route, admit and start a run; returns once the engine produced its first chunk.
@@ -152,19 +150,19 @@ class Gateway:
         size = await engine.measure(request)
 
         def reserve() -> Admission:
-            with self.database.session() as session:
-                return admit(session=session, key=key, request_id=request.request_id,
-                             model=request.model, endpoint=endpoint,
-                             prompt_tokens=size.prompt_tokens, max_tokens=size.max_tokens)
+            return self.limiter.reserve(key=key, request_id=request.request_id,
+                                        model=request.model, endpoint=endpoint,
+                                        prompt_tokens=size.prompt_tokens,
+                                        max_tokens=size.max_tokens)
 
         held = asyncio.ensure_future(asyncio.to_thread(reserve))
         try:
             admission = await asyncio.shield(held)
         except asyncio.CancelledError:  # the client left while its reservation was being made
             with contextlib.suppress(Exception):
-                await _give_back(self.database, await held)
+                await _give_back(self.limiter, await held)
             raise
         run = Run(engine=engine, request=request, key=key, endpoint=endpoint, ledger=self.ledger,
-                  admission=admission, database=self.database)
+                  admission=admission, limiter=self.limiter)
         await run.open()
         return run

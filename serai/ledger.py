@@ -19,7 +19,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
@@ -29,6 +29,9 @@ from serai.errors import PermissionDenied, QuotaExceeded, RateLimited
 from serai.plans import MILLI, Pricing, Window, multiplier_milli, peak_multiplier_milli
 from serai.storage.db import Database
 from serai.storage.tables import Organization, Plan, Price, PriceBook, Reservation, UsageRow
+
+if TYPE_CHECKING:
+    from serai.limits import Limiter
 
 log = logging.getLogger("serai.ledger")
 
@@ -354,8 +357,9 @@ def recent_usage(*, session: Session, limit: int = 100, request_id: str | None =
 class LedgerWriter:
     """Queues usage records and inserts them in batches from one background task."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, limiter: Limiter | None = None) -> None:
         self._database = database
+        self._limiter = limiter  # settles through the admission backend (Redis) when given
         self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -400,5 +404,8 @@ class LedgerWriter:
                 await asyncio.sleep(RETRY_DELAY_S)
 
     def _insert(self, batch: list[UsageRecord]) -> None:
+        if self._limiter is not None:
+            self._limiter.settle(batch)
+            return
         with self._database.session() as session:
             write_usage(session=session, records=batch)

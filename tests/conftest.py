@@ -1,7 +1,8 @@
 """Shared fixtures: databases (SQLite always, PostgreSQL when configured) and a live server.
 
 PostgreSQL tests run when SERAI_TEST_POSTGRES_URL is set; each test gets a schema of its own, so
-runs never see each other's rows. Without it they skip, unless SERAI_TEST_REQUIRE_SERVICES=1 (set
+runs never see each other's rows. Redis tests run when SERAI_TEST_REDIS_URL is set; each test
+gets a key prefix of its own. Without them they skip, unless SERAI_TEST_REQUIRE_SERVICES=1 (set
 by .ci/run), which turns a missing service into a failure.
 """
 
@@ -25,6 +26,7 @@ import pytest
 from serai.storage.db import Database
 
 POSTGRES_URL = os.environ.get("SERAI_TEST_POSTGRES_URL")
+REDIS_URL = os.environ.get("SERAI_TEST_REDIS_URL")
 REQUIRE_SERVICES = os.environ.get("SERAI_TEST_REQUIRE_SERVICES") == "1"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,6 +56,42 @@ def postgres_url() -> Iterator[str]:
     yield f"{POSTGRES_URL}{separator}options=-csearch_path%3D{schema}"
     with psycopg.connect(plain, autocommit=True) as conn:
         conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The URL of a Redis server that answers."""
+    if not REDIS_URL:
+        _missing("SERAI_TEST_REDIS_URL is not set: Redis tests need a server")
+    import redis
+
+    assert REDIS_URL is not None
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        _missing(f"Redis at {REDIS_URL} is unreachable: {exc}")
+    finally:
+        client.close()
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix no other test uses; its keys are deleted afterwards."""
+    import redis
+
+    prefix = f"serai-test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except redis.RedisError:
+        pass  # a test that stopped its own Redis leaves nothing behind here
+    finally:
+        client.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
 from serai.storage.named import claim_name, find_named, row_id
-from serai.storage.tables import ApiKey, BalanceEntry, Organization, RedemptionCode
+from serai.storage.tables import ApiKey, BalanceEntry, Organization, RedemptionCode, Reservation
 
 KEY_SCHEME = "sk-serai-"
 # Scheme plus six characters of the random part: enough to tell keys apart in a list and to
@@ -152,18 +152,28 @@ def balance_entries(*, session: Session, org_id: int, limit: int = 100) -> list[
 
 def adjust_balance(*, session: Session, org_id: int, amount_micros: int, kind: str,
                    reason: str) -> OrgInfo:
-    """Add (top-up) or take (adjustment) money; a balance can never go below zero."""
+    """Add (top-up) or take (adjustment) money; a balance can never go below zero.
+
+    Money running requests hold cannot be taken: their settlement may charge up to what they
+    reserved, and must never find the balance short."""
     if not reason.strip():
         raise InvalidRequest("Say why the balance changes (reason).", param="reason")
-    # Lock the row first, so the check and the change see the same balance as admissions do.
+    held = (select(func.coalesce(func.sum(Reservation.amount_micros), 0))
+            .where(Reservation.org_id == org_id).scalar_subquery())
+    floor = held if amount_micros < 0 else 0
+    # One conditional UPDATE: it locks the row, so the check and the change see the same
+    # balance and reservations as admissions do.
     changed = session.execute(
         update(Organization).where(Organization.id == org_id,
-                                   Organization.balance_micros + amount_micros >= 0)
+                                   Organization.balance_micros + amount_micros >= floor)
         .values(balance_micros=Organization.balance_micros + amount_micros))
     if changed.rowcount == 0:
         org = find_org(session=session, ref=org_id)
-        raise InvalidRequest(f"The balance of {org.name} is {org.balance_micros} micro-units; "
-                             f"it cannot go below zero.", param="amount_micros")
+        running = session.scalar(select(held)) if amount_micros < 0 else 0
+        raise InvalidRequest(
+            f"The balance of {org.name} is {org.balance_micros} micro-units"
+            + (f", {running} of them held by running requests" if running else "")
+            + "; it cannot go below zero.", param="amount_micros")
     session.add(BalanceEntry(org_id=org_id, amount_micros=amount_micros, kind=kind, reason=reason))
     session.flush()
     return find_org(session=session, ref=org_id)

@@ -1,16 +1,17 @@
-"""API keys on a real database: minting, authenticating, revoking (SQLite and PostgreSQL)."""
+"""Keys, balances and redemption codes on a real database (SQLite and PostgreSQL): minting,
+authenticating, revoking; adjustments and codes that never make or take money twice."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import text
 
-from serai import accounts
-from serai.errors import AuthenticationFailed, NotFound
+from serai import accounts, ledger, plans
+from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
 from serai.storage.db import Database
 
 SECRET = re.compile(r"sk-serai-[A-Za-z0-9_-]{43}")
@@ -150,3 +151,60 @@ def test_list_and_count_keys(database: Database) -> None:
     ]
     assert [k.id for k in active] == [second.id]
     assert count == 2
+
+
+def test_an_adjustment_cannot_take_money_running_requests_hold(database: Database) -> None:
+    with database.session() as session:
+        org = accounts.create_org(session=session, name="acme")
+        book = plans.create_price_book(session=session, name="book")
+        plans.set_price(session=session, price_book_id=book.id, model="m",
+                        input_micros=1_000_000, output_micros=1_000_000)
+        accounts.update_org(session=session, org_id=org.id, price_book_id=book.id)
+        accounts.adjust_balance(session=session, org_id=org.id, amount_micros=100,
+                                kind="topup", reason="t")
+        key, _ = accounts.create_key(session=session, name="app", org_id=org.id)
+        admission = ledger.admit(session=session, key=key, request_id="r", model="m",
+                                 endpoint="chat", prompt_tokens=30, max_tokens=30)
+    assert admission.amount_micros == 60
+    with pytest.raises(InvalidRequest, match="60 of them held by running requests"), \
+            database.session() as session:
+        accounts.adjust_balance(session=session, org_id=org.id, amount_micros=-41,
+                                kind="adjustment", reason="too much")
+    with database.session() as session:
+        assert accounts.adjust_balance(session=session, org_id=org.id, amount_micros=-40,
+                                       kind="adjustment", reason="ok").balance_micros == 60
+    # The running request settles at its worst case, and the balance is exactly enough.
+    with database.session() as session:
+        ledger.write_usage(session=session, records=[ledger.UsageRecord(
+            request_id="r", key_id=key.id, model="m", endpoint="chat", prompt_tokens=30,
+            completion_tokens=30, status="ok", ttft_ms=1.0, latency_ms=2.0,
+            admission=admission)])
+    with database.session() as session:
+        assert accounts.find_org(session=session, ref=org.id).balance_micros == 0
+
+
+def test_a_redemption_code_is_redeemed_once_whoever_tries(database: Database) -> None:
+    with database.session() as session:
+        first = accounts.create_org(session=session, name="first")
+        second = accounts.create_org(session=session, name="second")
+        [(_, code)] = accounts.generate_codes(session=session, count=1, amount_micros=500,
+                                              batch="b")
+    with database.session() as session:
+        assert accounts.redeem_code(session=session, org_id=first.id,
+                                    code=f" {code} ").balance_micros == 500
+    with pytest.raises(Conflict, match="redeemed already"), database.session() as session:
+        accounts.redeem_code(session=session, org_id=second.id, code=code)
+    with database.session() as session:
+        assert accounts.find_org(session=session, ref=second.id).balance_micros == 0
+        [info] = accounts.list_codes(session=session)
+        assert (info.redeemed_by_org_id, code.startswith(info.prefix)) == (first.id, True)
+
+
+def test_an_expired_redemption_code_is_refused(database: Database) -> None:
+    with database.session() as session:
+        org = accounts.create_org(session=session, name="late")
+        [(_, code)] = accounts.generate_codes(
+            session=session, count=1, amount_micros=500, batch="b",
+            expires_at=datetime.now(UTC) - timedelta(minutes=1))
+    with pytest.raises(InvalidRequest, match="expired"), database.session() as session:
+        accounts.redeem_code(session=session, org_id=org.id, code=code)

@@ -11,11 +11,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from serai import __version__
+from serai import __version__, idempotency
 from serai.api import admin, openai, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
-from serai.api.middleware import BodySizeLimit, JsonBodies, RequestContext
+from serai.api.middleware import BodySizeLimit, IdempotentReplays, JsonBodies, RequestContext
 from serai.config import Settings
 from serai.engines.base import Engine
 from serai.engines.router import Router
@@ -41,12 +41,19 @@ def load_engines(settings: Settings) -> list[Engine]:
                            batch_invariant=settings.engine_batch_invariant)]
 
 
-async def _sweep_forever(limiter: Limiter, timeout_s: float) -> None:
-    """Release reservations a crashed process left behind, so they stop holding quota."""
+async def _sweep_forever(limiter: Limiter, database: Database, timeout_s: float) -> None:
+    """Release reservations a crashed process left behind, so they stop holding quota, and
+    forget Idempotency-Key records past their 24 hours or left in flight by a crash."""
+
+    def forget() -> None:
+        with database.session() as session:
+            idempotency.forget_expired(session=session, abandoned_after_s=timeout_s)
+
     while True:
         try:
             if released := await asyncio.to_thread(limiter.sweep, timeout_s):
                 log.warning("released %d reservations older than %ss", released, timeout_s)
+            await asyncio.to_thread(forget)
         except Exception:
             log.exception("reservation sweep failed; trying again later")
         await asyncio.sleep(min(60.0, timeout_s / 2))
@@ -69,7 +76,8 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -
         app.state.services = Services(settings=settings, database=database,
                                       gateway=Gateway(router=router, ledger=ledger,
                                                       database=database, limiter=limiter))
-        sweeper = asyncio.create_task(_sweep_forever(limiter, settings.reservation_timeout_s),
+        sweeper = asyncio.create_task(_sweep_forever(limiter, database,
+                                                     settings.reservation_timeout_s),
                                       name="reservation-sweeper")
         try:
             yield
@@ -104,6 +112,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -
         return json_response(200, {"status": "ready", "database": "ok", "models": models})
 
     app.add_middleware(JsonBodies)
+    app.add_middleware(IdempotentReplays, abandoned_after_s=settings.reservation_timeout_s)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext)
     return app

@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     reservation_timeout_s: float = Field(
         1800, gt=0,
         description="Seconds after which a request's reservation is taken for one a crashed "
-        "process left behind and released (with an `interrupted` usage row). Longer than any "
-        "request may run.",
+        "process left behind and released (with an `interrupted` usage row), and its "
+        "Idempotency-Key stops answering 409. Longer than any request may run.",
     )
     redis_url: str | None = Field(
         None,

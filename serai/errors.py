@@ -64,6 +64,18 @@ class Conflict(SeraiError):
     code = "conflict"
 
 
+class IdempotencyKeyInUse(Conflict):
+    """A call with the same Idempotency-Key is still running; its result will be replayed."""
+
+    code = "idempotency_key_in_use"
+
+
+class IdempotencyKeyReused(SeraiError):
+    status_code = 422
+    error_type = "invalid_request_error"
+    code = "idempotency_key_reused"
+
+
 class EngineUnavailable(SeraiError):
     status_code = 503
     error_type = "server_error"

@@ -17,6 +17,7 @@ from serai.accounts import KeyInfo
 from serai.engines.base import Engine
 from serai.engines.router import Router
 from serai.errors import InvalidRequest
+from serai.idempotency import IdempotentCall
 from serai.ledger import UNMETERED, Admission, LedgerWriter, UsageRecord, UsageStatus
 from serai.limits import DatabaseLimiter, Limiter
 from serai.storage.db import Database
@@ -77,6 +78,13 @@ class Run:
             self.finish_reason = chunk.finish_reason
         return chunk
 
+    @property
+    def status(self) -> UsageStatus:
+        """How the run ended, as its usage row says; `cancelled` while it has not."""
+        if self.failed:
+            return "error"
+        return "ok" if self.finish_reason is not None else "cancelled"
+
     def __aiter__(self) -> AsyncIterator[Chunk]:
         return self._iterate()
 
@@ -92,13 +100,7 @@ class Run:
         if self._closed:
             return
         self._closed = True
-        status: UsageStatus
-        if self.failed:
-            status = "error"
-        elif self.finish_reason is not None:
-            status = "ok"
-        else:
-            status = "cancelled"
+        status = self.status
         try:
             # Shielded: a cancelled request must still stop its engine before the row is written.
             await asyncio.shield(self._chunks.aclose())
@@ -140,7 +142,27 @@ class Gateway:
         self.database = database
         self.limiter = limiter if limiter is not None else DatabaseLimiter(database)
 
-    async def start(self, *, key: KeyInfo, request: GenerationRequest, endpoint: str) -> Run:
+    async def start(self, *, key: KeyInfo, request: GenerationRequest, endpoint: str,
+                    idempotency: IdempotentCall | None = None) -> Run:
+        """Start a run (see `_start`), under its Idempotency-Key if it has one.
+
+        The key is claimed before admission: a twin still running, another payload under the
+        same key, or a finished twin to replay stop the request here. A request refused before
+        it ran frees the key again.
+        """
+        if idempotency is None:
+            return await self._start(key=key, request=request, endpoint=endpoint)
+        await idempotency.claim(database=self.database, key_id=key.id,
+                                request_id=request.request_id)
+        try:
+            run = await self._start(key=key, request=request, endpoint=endpoint)
+        except BaseException:
+            await idempotency.release()
+            raise
+        idempotency.ran(run)
+        return run
+
+    async def _start(self, *, key: KeyInfo, request: GenerationRequest, endpoint: str) -> Run:
         """Route, admit and start a run; returns once the engine produced its first chunk.
 
         Admission errors (RateLimited, QuotaExceeded, PermissionDenied) and a prompt that does

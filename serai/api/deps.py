@@ -1,4 +1,5 @@
-"""Request dependencies: the process's services, and the API key a request authenticates with."""
+"""Request dependencies: the process's services, the API key a request authenticates with, and
+its Idempotency-Key."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import asyncio
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 
 from serai import accounts
 from serai.accounts import KeyInfo
 from serai.config import Settings
 from serai.errors import AuthenticationFailed, NotFound, PermissionDenied
 from serai.gateway import Gateway
+from serai.idempotency import IdempotentCall, check_key
 from serai.storage.db import Database
 
 
@@ -113,3 +115,20 @@ async def admin_scope(key: Annotated[KeyInfo, Depends(admin_key)]) -> AdminScope
 KeyDep = Annotated[KeyInfo, Depends(current_key)]
 AdminKeyDep = Annotated[KeyInfo, Depends(admin_key)]
 ScopeDep = Annotated[AdminScope, Depends(admin_scope)]
+
+
+def idempotent_call(
+    request: Request,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key",
+        description="Any unique string (a UUID): the same key and body within 24 hours returns "
+        "the first call's response again, without running or billing it twice.")] = None,
+) -> IdempotentCall | None:
+    if idempotency_key is None:
+        return None
+    check_key(idempotency_key)
+    call: IdempotentCall = request.state.idempotency  # made by the IdempotentReplays middleware
+    return call
+
+
+IdempotencyDep = Annotated[IdempotentCall | None, Depends(idempotent_call)]

@@ -1,4 +1,5 @@
-"""ASGI middleware every request passes: a request id, one log line, and the body size limit."""
+"""ASGI middleware every request passes: a request id, one log line, the body size limit, and
+the responses kept for Idempotency-Key replays."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serai.api.errors import openai_error_body
+from serai.idempotency import IdempotentCall, Replayed, Stored, request_hash
 
 log = logging.getLogger("serai.requests")
 
@@ -128,3 +130,87 @@ class JsonBodies:
                 headers.append((b"content-type", b"application/json"))
                 scope = {**scope, "headers": headers}
         await self.app(scope, receive, send)
+
+
+class IdempotentReplays:
+    """Keeps what a model call with an `Idempotency-Key` sent, and replays it to its twins.
+
+    Which calls run, replay or conflict is decided by the gateway, which claims the key once the
+    request is authenticated and parsed (serai.idempotency); this layer only sees bytes, so it
+    serves every wire protocol and streaming and plain answers alike. A replay carries
+    `idempotent-replayed: true` and the `original-request-id` of the call that ran.
+    """
+
+    def __init__(self, app: ASGIApp, *, abandoned_after_s: float) -> None:
+        self.app = app
+        self.abandoned_after_s = abandoned_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_key = (dict(scope["headers"]).get(b"idempotency-key")
+                   if scope["type"] == "http" and scope["method"] == "POST" else None)
+        if raw_key is None:
+            await self.app(scope, receive, send)
+            return
+        body, receive = await _buffer_body(receive)
+        if body is None:
+            return  # the client left before its request arrived
+        call = IdempotentCall(idempotency_key=raw_key.decode("latin-1"),
+                              request_hash=request_hash(scope["method"], scope["path"], body),
+                              abandoned_after_s=self.abandoned_after_s)
+        scope.setdefault("state", {})["idempotency"] = call
+        status = 0
+        headers: dict[str, str] = {}
+        chunks: list[bytes] = []
+
+        async def keep(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers.update((k.decode("latin-1").lower(), v.decode("latin-1"))
+                               for k, v in message.get("headers", []))
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await call.finish(status_code=status, headers=headers,
+                                      body=b"".join(chunks))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, keep)
+        except Replayed as replay:
+            await _send_replay(send, replay.stored)
+        finally:
+            await call.close()
+
+
+async def _buffer_body(receive: Receive) -> tuple[bytes | None, Receive]:
+    """Read the whole body, and a `receive` that hands it on once, then listens to the server
+    (so the disconnect watch still works)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None, receive
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    handed_on = False
+
+    async def replay() -> Message:
+        nonlocal handed_on
+        if not handed_on:
+            handed_on = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+async def _send_replay(send: Send, stored: Stored) -> None:
+    log.info("replaying the response of %s", stored.request_id)
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in stored.headers.items()]
+    headers += [(b"idempotent-replayed", b"true"),
+                (b"original-request-id", stored.request_id.encode())]
+    await send({"type": "http.response.start", "status": stored.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": stored.body})

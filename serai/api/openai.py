@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from serai.api.deps import KeyDep, ServicesDep
+from serai.api.deps import IdempotencyDep, KeyDep, ServicesDep
 from serai.api.errors import json_response, openai_error_body
 from serai.api.sse import (
     SSE_DONE,
@@ -28,6 +28,7 @@ from serai.api.sse import (
 from serai.engines.base import ModelInfo
 from serai.errors import InvalidRequest, SeraiError
 from serai.gateway import Run
+from serai.idempotency import IdempotentCall
 from serai.types import Chunk, GenerationRequest, Message, SamplingParams, Usage
 
 router = APIRouter(tags=["OpenAI"])
@@ -235,13 +236,13 @@ async def _events(run: Run, rendering: ChatRendering | CompletionRendering,
 
 async def _serve(
     request: Request, services: ServicesDep, key: KeyDep, generation: GenerationRequest, *,
-    endpoint: str, stream: bool, include_usage: bool,
+    endpoint: str, stream: bool, include_usage: bool, idempotency: IdempotentCall | None,
     rendering: Callable[[str, str], ChatRendering | CompletionRendering],
 ) -> Response:
     gateway = services.gateway
     try:
         run = await until_disconnect(request.receive, gateway.start(
-            key=key, request=generation, endpoint=endpoint))
+            key=key, request=generation, endpoint=endpoint, idempotency=idempotency))
     except ClientDisconnected:
         return Response(status_code=499)
     render = rendering(generation.request_id, generation.model)
@@ -264,13 +265,14 @@ async def _collect(run: Run) -> str:
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, key: KeyDep, services: ServicesDep
+    body: ChatCompletionRequest, request: Request, key: KeyDep, services: ServicesDep,
+    idempotency: IdempotencyDep,
 ) -> Response:
     """Creates a model response for the given chat conversation (OpenAI-compatible)."""
     generation = body.to_generation(request.state.request_id)
     return await _serve(
         request, services, key, generation, endpoint="chat.completions",
-        stream=bool(body.stream), include_usage=body.include_usage,
+        stream=bool(body.stream), include_usage=body.include_usage, idempotency=idempotency,
         rendering=lambda rid, model: ChatRendering(
             id=f"chatcmpl-{rid}", model=model, object="chat.completion",
             chunk_object="chat.completion.chunk"),
@@ -279,13 +281,14 @@ async def create_chat_completion(
 
 @router.post("/v1/completions")
 async def create_completion(
-    body: CompletionRequest, request: Request, key: KeyDep, services: ServicesDep
+    body: CompletionRequest, request: Request, key: KeyDep, services: ServicesDep,
+    idempotency: IdempotencyDep,
 ) -> Response:
     """Creates a completion for the provided prompt (OpenAI's legacy completions API)."""
     generation = body.to_generation(request.state.request_id)
     return await _serve(
         request, services, key, generation, endpoint="completions",
-        stream=bool(body.stream), include_usage=body.include_usage,
+        stream=bool(body.stream), include_usage=body.include_usage, idempotency=idempotency,
         rendering=lambda rid, model: CompletionRendering(
             id=f"cmpl-{rid}", model=model, object="text_completion",
             chunk_object="text_completion"),

@@ -4,6 +4,7 @@ timing and failures. Never used instead of the real model on a user-facing path.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -17,7 +18,8 @@ class FakeEngine:
     """Answers every request with `reply`, one word per chunk.
 
     `delay` pauses before each chunk; `fail_after` raises EngineUnavailable after that many
-    chunks. `requests` records what was asked and `closed_early` which generations were
+    chunks. While `gate` is given and not set, generations pause after their first chunk (a call
+    held in flight). `requests` records what was asked and `closed_early` which generations were
     stopped before their end.
     """
 
@@ -27,6 +29,7 @@ class FakeEngine:
     delay: float = 0.0
     fail_after: int | None = None
     overloaded: bool = False
+    gate: threading.Event | None = None
     requests: list[GenerationRequest] = field(default_factory=list)
     closed_early: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
@@ -65,6 +68,9 @@ class FakeEngine:
             for n, word in enumerate(words, start=1):
                 if self.fail_after is not None and n > self.fail_after:
                     raise EngineUnavailable("The fake engine failed on purpose.")
+                # Polled: the test sets the gate from its own thread, outside this event loop.
+                while n > 1 and self.gate is not None and not self.gate.is_set():  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
                 await asyncio.sleep(self.delay)
                 last = n == len(words)
                 done = last  # a consumer stops reading once it sees the finish reason

@@ -1,0 +1,257 @@
+"""Idempotency-Key on model calls: the same key and payload within 24 hours gets the first call's
+response again, without running the engine or billing a second time.
+
+A call claims its key (scoped to the API key) in the gateway, once it is authenticated and
+parsed and before it is admitted; the unique (key_id, idempotency_key) row is the lock, so twins
+in other processes cannot both run. Following Stripe, only a call that started executing keeps
+a result: one refused before its engine produced anything (admission, a full queue, a prompt
+too long) deletes its claim, and so does one whose client left before the response was
+complete, so the client may retry with the same key. The response is stored as the exact bytes
+sent (an SSE stream included), so a replay is byte-identical whatever the wire protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import orjson
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from serai.errors import IdempotencyKeyInUse, IdempotencyKeyReused, InvalidRequest
+from serai.ledger import db_now_ms
+from serai.storage.db import Database
+from serai.storage.tables import IdempotencyRecord
+
+if TYPE_CHECKING:
+    from serai.gateway import Run
+
+log = logging.getLogger("serai.idempotency")
+
+RETENTION_S = 24 * 3600
+MAX_KEY_LENGTH = 255
+HEADER = "Idempotency-Key"
+# Rate-limit headers describe the moment of the first call; a replay counts against nothing.
+_NOT_REPLAYED = ("x-ratelimit-", "x-request-id")
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A finished call's response, as it was sent."""
+
+    request_id: str
+    status_code: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class Replayed(Exception):  # noqa: N818 (control flow, not an error: the answer is ready)
+    """The key holds a finished call with this payload: send `stored` instead of running."""
+
+    def __init__(self, stored: Stored) -> None:
+        super().__init__(stored.request_id)
+        self.stored = stored
+
+
+def check_key(value: str) -> str:
+    if not 1 <= len(value) <= MAX_KEY_LENGTH or not all(" " <= c <= "~" for c in value):
+        raise InvalidRequest(
+            f"The {HEADER} header must be 1 to {MAX_KEY_LENGTH} printable ASCII characters "
+            f"(got {len(value)} characters); a UUID is a good choice.", param=HEADER)
+    return value
+
+
+def request_hash(method: str, path: str, body: bytes) -> str:
+    """SHA-256 of what the call asks for: key order and whitespace of a JSON body don't count."""
+    try:
+        canonical = orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONDecodeError:
+        canonical = body
+    return hashlib.sha256(f"{method} {path}\n".encode() + canonical).hexdigest()
+
+
+def _insert_if_absent(session: Session, values: dict[str, object]) -> bool:
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(IdempotencyRecord).values(**values).on_conflict_do_nothing(
+        index_elements=["key_id", "idempotency_key"]).returning(IdempotencyRecord.id)
+    # RETURNING rather than rowcount: psycopg reports -1 for an insert that returns rows.
+    return session.execute(statement).scalar_one_or_none() is not None
+
+
+def claim(*, session: Session, key_id: int, idempotency_key: str, request_hash: str,
+          request_id: str, abandoned_after_s: float) -> Stored | None:
+    """Claim the key for `request_id`: None when the call may run, or the stored response of
+    the finished twin to replay. Raises IdempotencyKeyReused for another payload and
+    IdempotencyKeyInUse while the twin is still running.
+
+    A record past its 24 hours, or in flight for longer than `abandoned_after_s` (its process
+    died), is taken over as if absent.
+    """
+    now = db_now_ms(session)
+    claimed = {"request_hash": request_hash, "request_id": request_id, "state": "in_flight",
+               "status_code": None, "headers": None, "body": None, "created_ms": now}
+    mine = (IdempotencyRecord.key_id == key_id,
+            IdempotencyRecord.idempotency_key == idempotency_key)
+    while True:
+        if _insert_if_absent(session, {"key_id": key_id, "idempotency_key": idempotency_key,
+                                       **claimed}):
+            return None
+        record = session.scalars(select(IdempotencyRecord).where(*mine)).one_or_none()
+        if record is None:  # released or swept since the insert looked
+            continue
+        kept_s = RETENTION_S if record.state == "done" else abandoned_after_s
+        if record.created_ms <= now - int(kept_s * 1000):
+            # Compare-and-set on what was read, so two requests cannot both take it over.
+            taken = session.execute(update(IdempotencyRecord).where(
+                IdempotencyRecord.id == record.id, IdempotencyRecord.state == record.state,
+                IdempotencyRecord.request_id == record.request_id).values(**claimed))
+            if taken.rowcount == 1:
+                if record.state == "in_flight":
+                    log.warning("took over %s key of %s: %s never finished", HEADER,
+                                request_id, record.request_id)
+                return None
+            session.expire(record)
+            continue
+        if record.request_hash != request_hash:
+            raise IdempotencyKeyReused(
+                f"This {HEADER} was used by an earlier request ({record.request_id}) with a "
+                "different body or endpoint. Use a new key for a new request.", param=HEADER)
+        if record.state != "done":
+            raise IdempotencyKeyInUse(
+                f"A request with this {HEADER} ({record.request_id}) is still running. Retry "
+                "when it finishes to receive its response.", param=HEADER,
+                headers={"retry-after": "1"})
+        assert record.status_code is not None and record.body is not None
+        return Stored(record.request_id, record.status_code, dict(record.headers or {}),
+                      record.body)
+
+
+def finish(*, session: Session, key_id: int, idempotency_key: str, request_id: str,
+           status_code: int, headers: dict[str, str], body: bytes) -> bool:
+    """Store the response of the call holding the claim; False if it lost the claim."""
+    done = session.execute(update(IdempotencyRecord).where(
+        IdempotencyRecord.key_id == key_id, IdempotencyRecord.idempotency_key == idempotency_key,
+        IdempotencyRecord.request_id == request_id, IdempotencyRecord.state == "in_flight",
+    ).values(state="done", status_code=status_code, headers=headers, body=body))
+    return done.rowcount == 1
+
+
+def release(*, session: Session, key_id: int, idempotency_key: str, request_id: str) -> None:
+    """Free the key of a call that kept no result, so the client may retry with it."""
+    session.execute(delete(IdempotencyRecord).where(
+        IdempotencyRecord.key_id == key_id, IdempotencyRecord.idempotency_key == idempotency_key,
+        IdempotencyRecord.request_id == request_id, IdempotencyRecord.state == "in_flight"))
+
+
+def forget_expired(*, session: Session, abandoned_after_s: float) -> int:
+    """Delete records past their 24 hours, and claims a crashed process left in flight."""
+    now = db_now_ms(session)
+    gone = session.execute(delete(IdempotencyRecord).where(or_(
+        IdempotencyRecord.created_ms <= now - RETENTION_S * 1000,
+        and_(IdempotencyRecord.state == "in_flight",
+             IdempotencyRecord.created_ms <= now - int(abandoned_after_s * 1000)))))
+    return gone.rowcount
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    database: Database
+    key_id: int
+    request_id: str
+
+
+class IdempotentCall:
+    """One request's use of an Idempotency-Key, from its claim to its stored response.
+
+    The HTTP layer makes it from the raw request; the gateway claims it (`claim`, then `ran` or
+    `release`); the HTTP layer hands it the response as it goes out (`finish`), and `close`s it
+    when the request is over.
+    """
+
+    def __init__(self, *, idempotency_key: str, request_hash: str,
+                 abandoned_after_s: float) -> None:
+        self.idempotency_key = idempotency_key
+        self.request_hash = request_hash
+        self._abandoned_after_s = abandoned_after_s
+        self._claim: _Claim | None = None
+        self._run: Run | None = None
+
+    async def claim(self, *, database: Database, key_id: int, request_id: str) -> None:
+        """Hold the key for this call, or raise Replayed / IdempotencyKeyInUse /
+        IdempotencyKeyReused."""
+        key = check_key(self.idempotency_key)
+
+        def claim_key() -> Stored | None:
+            with database.session() as session:
+                return claim(session=session, key_id=key_id, idempotency_key=key,
+                             request_hash=self.request_hash, request_id=request_id,
+                             abandoned_after_s=self._abandoned_after_s)
+
+        held = asyncio.ensure_future(asyncio.to_thread(claim_key))
+        try:
+            stored = await asyncio.shield(held)
+        except asyncio.CancelledError:  # the client left while the key was being claimed
+            with contextlib.suppress(Exception):
+                if await held is None:
+                    self._claim = _Claim(database, key_id, request_id)
+                    await self.release()
+            raise
+        if stored is not None:
+            raise Replayed(stored)
+        self._claim = _Claim(database, key_id, request_id)
+
+    def ran(self, run: Run) -> None:
+        """The call started executing: what it answers is kept."""
+        self._run = run
+
+    async def release(self) -> None:
+        claimed, self._claim = self._claim, None
+        if claimed is None:
+            return
+
+        def free() -> None:
+            with claimed.database.session() as session:
+                release(session=session, key_id=claimed.key_id,
+                        idempotency_key=self.idempotency_key, request_id=claimed.request_id)
+
+        try:
+            await asyncio.shield(asyncio.to_thread(free))
+        except Exception:
+            # The record stays in flight until it counts as abandoned; the key is not lost.
+            log.exception("could not release the %s of %s", HEADER, claimed.request_id)
+
+    async def finish(self, *, status_code: int, headers: dict[str, str], body: bytes) -> None:
+        """Keep the whole response of a call that ran, before its last byte goes out: a client
+        that retries as soon as it has the answer must find it kept, not in flight. A call whose
+        client already left (cancelled) keeps nothing."""
+        claimed = self._claim
+        if claimed is None or self._run is None or self._run.status == "cancelled":
+            return
+        self._claim = None
+        kept = {k: v for k, v in headers.items() if not k.startswith(_NOT_REPLAYED)}
+
+        def store() -> bool:
+            with claimed.database.session() as session:
+                return finish(session=session, key_id=claimed.key_id,
+                              idempotency_key=self.idempotency_key,
+                              request_id=claimed.request_id, status_code=status_code,
+                              headers=kept, body=body)
+
+        try:
+            if not await asyncio.shield(asyncio.to_thread(store)):
+                log.warning("the %s of %s was taken over before it finished; its response is "
+                            "not kept", HEADER, claimed.request_id)
+        except Exception:
+            log.exception("could not store the response of %s for its %s", claimed.request_id,
+                          HEADER)
+
+    async def close(self) -> None:
+        """The request is over: a claim still held kept no response (refused before it ran,
+        or its client left before the end), so the key is freed for a retry."""
+        await self.release()

@@ -102,7 +102,8 @@ def claim(*, session: Session, key_id: int, idempotency_key: str, request_hash: 
         if _insert_if_absent(session, {"key_id": key_id, "idempotency_key": idempotency_key,
                                        **claimed}):
             return None
-        record = session.scalars(select(IdempotencyRecord).where(*mine)).one_or_none()
+        record = session.scalars(select(IdempotencyRecord).where(*mine).execution_options(
+            populate_existing=True)).one_or_none()
         if record is None:  # released or swept since the insert looked
             continue
         kept_s = RETENTION_S if record.state == "done" else abandoned_after_s
@@ -113,10 +114,9 @@ def claim(*, session: Session, key_id: int, idempotency_key: str, request_hash: 
                 IdempotencyRecord.request_id == record.request_id).values(**claimed))
             if taken.rowcount == 1:
                 if record.state == "in_flight":
-                    log.warning("took over %s key of %s: %s never finished", HEADER,
-                                request_id, record.request_id)
+                    log.warning("%s takes over the %s of %s, which never finished",
+                                request_id, HEADER, record.request_id)
                 return None
-            session.expire(record)
             continue
         if record.request_hash != request_hash:
             raise IdempotencyKeyReused(
@@ -209,6 +209,11 @@ class IdempotentCall:
     def ran(self, run: Run) -> None:
         """The call started executing: what it answers is kept."""
         self._run = run
+
+    @property
+    def answered(self) -> bool:
+        """The call's run has ended with its answer (or an engine failure) to keep."""
+        return self._claim is not None and self._run is not None and self._run.status != "cancelled"
 
     async def release(self) -> None:
         claimed, self._claim = self._claim, None

@@ -134,6 +134,23 @@ def test_records_are_forgotten_after_24_hours(database: Database) -> None:
         assert session.scalar(select(func.count()).select_from(IdempotencyRecord)) == 0
 
 
+def test_the_server_sweeper_deletes_expired_records(database: Database, tmp_path: Path) -> None:
+    key_id = _key_id(database)
+    assert _claim(database, key_id, "req-old") is None
+    _age(database, 24 * 3600 + 1)
+    app = create_app(Settings(data_dir=tmp_path, database_url=database.url),
+                     engines=[FakeEngine()])
+    with serving(app):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with database.session() as session:
+                left = session.scalar(select(func.count()).select_from(IdempotencyRecord))
+            if left == 0:
+                break
+            time.sleep(0.05)
+    assert left == 0
+
+
 # --- model calls through a real server ------------------------------------------------------
 
 class Served:

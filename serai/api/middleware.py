@@ -161,6 +161,10 @@ class IdempotentReplays:
         status = 0
         headers: dict[str, str] = {}
         chunks: list[bytes] = []
+        # Once the call has its answer, the rest of the response (the last events of a stream)
+        # comes at once; it is held back until the response is stored, so a client that has
+        # the whole answer and retries straight away always finds it kept, never in flight.
+        held: list[Message] = []
 
         async def keep(message: Message) -> None:
             nonlocal status
@@ -173,6 +177,11 @@ class IdempotentReplays:
                 if not message.get("more_body", False):
                     await call.finish(status_code=status, headers=headers,
                                       body=b"".join(chunks))
+                elif call.answered:
+                    held.append(message)
+                    return
+            while held:
+                await send(held.pop(0))
             await send(message)
 
         try:

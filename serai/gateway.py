@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from serai.accounts import KeyInfo
 from serai.engines.base import Engine
 from serai.engines.router import Router
-from serai.errors import InvalidRequest
+from serai.errors import EngineOverloaded, InvalidRequest
 from serai.idempotency import IdempotentCall
 from serai.ledger import UNMETERED, Admission, LedgerWriter, UsageRecord, UsageStatus
 from serai.limits import DatabaseLimiter, Limiter
@@ -55,8 +55,9 @@ class Run:
         for the context) reach the client as a 4xx instead of a broken stream."""
         try:
             self._pending = await self._next()
-        except InvalidRequest:
-            # Nothing was generated: the request never became a billable run.
+        except (InvalidRequest, EngineOverloaded):
+            # Refused before generating (a prompt too long, a full waiting line): the request
+            # never became a billable run, so it leaves no usage row.
             self._closed = True
             if self._limiter is not None:
                 await _give_back(self._limiter, self.admission)

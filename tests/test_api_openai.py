@@ -14,12 +14,13 @@ import httpx
 import openai
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import func, select
 
 from serai import accounts, ledger
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings
-from serai.storage.tables import UsageRow
+from serai.storage.tables import Reservation, UsageRow
 from tests.support.fake_engine import FakeEngine
 
 MODEL = "fake-model"
@@ -318,13 +319,17 @@ async def test_health_ready_and_unknown_paths(api: Api) -> None:
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(spec["paths"])
 
 
-async def test_overloaded_engine_is_a_503_with_retry_after(api: Api) -> None:
+async def test_overloaded_engine_is_a_503_with_retry_after_and_bills_nothing(api: Api) -> None:
     api.engine.overloaded = True
     response = await api.http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT},
                                    headers={"authorization": f"Bearer {api.user_key}"})
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == "engine_overloaded"
+    # Refused before generating, like a prompt too long: no usage row, nothing held.
+    assert await api.usage_rows() == []
+    with api.services.database.session() as session:
+        assert session.scalar(select(func.count()).select_from(Reservation)) == 0
 
 
 async def test_usage_reports_cached_prompt_tokens(api: Api) -> None:

@@ -96,7 +96,7 @@ def _lock_org(session: Session, org_id: int) -> Organization:
 
 
 @dataclass(frozen=True, slots=True)
-class _Use:
+class WindowUse:
     """Units used in a window: settled (with the oldest row's time) plus held."""
 
     used: int
@@ -104,7 +104,7 @@ class _Use:
 
 
 def _window_use(session: Session, *, column: str, org_id: int, key_id: int | None,
-                since_ms: int) -> _Use:
+                since_ms: int) -> WindowUse:
     owner_usage = UsageRow.key_id == key_id if key_id is not None else UsageRow.org_id == org_id
     owner_held = (Reservation.key_id == key_id if key_id is not None
                   else Reservation.org_id == org_id)
@@ -120,7 +120,7 @@ def _window_use(session: Session, *, column: str, org_id: int, key_id: int | Non
         select(settled_expr, func.min(UsageRow.created_ms))
         .where(owner_usage, UsageRow.created_ms > since_ms)).one()
     held = session.execute(select(held_expr).where(owner_held)).scalar_one()
-    return _Use(int(settled) + int(held), oldest)
+    return WindowUse(int(settled) + int(held), oldest)
 
 
 # Usage columns and what a reservation holds against them.
@@ -128,14 +128,14 @@ _HELD = {"requests_milli": "requests_milli", "tokens_milli": "tokens_milli",
          "cost_micros": "amount_micros"}
 
 
-def _reset_after(now_ms: int, use: _Use, seconds: int) -> float:
+def reset_after(now_ms: int, use: WindowUse, seconds: int) -> float:
     """Seconds until the oldest counted row leaves the window (or the whole window)."""
     if use.oldest_ms is None:
         return float(seconds)
     return max(0.001, (use.oldest_ms + seconds * 1000 - now_ms) / 1000)
 
 
-def _duration(seconds: float) -> str:
+def format_wait(seconds: float) -> str:
     # OpenAI's format: "1s", "6m0s", "1h2m3s"
     whole = max(1, int(-(-seconds // 1)))
     hours, rest = divmod(whole, 3600)
@@ -161,7 +161,7 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
     now_ms = db_now_ms(session)
     mult = multiplier_milli(plan.model_multipliers, model) if plan is not None else MILLI
     worst_tokens = prompt_tokens + max_tokens
-    pricing = _pricing(session, org, plan, model, now_ms)
+    pricing = price_for(session, org, plan, model, now_ms)
     amount = pricing.cost(prompt_tokens=prompt_tokens, completion_tokens=max_tokens)
     charged = (plan is None or plan.draws_balance) and amount > 0
     tightest: dict[str, tuple[int, int, float]] = {}  # kind -> (limit, remaining, reset)
@@ -190,17 +190,17 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
         if rpm is not None:
             use = _window_use(session, column="count", org_id=org.id, key_id=owner_key,
                               since_ms=since)
-            reset = _reset_after(now_ms, use, MINUTE_S)
+            reset = reset_after(now_ms, use, MINUTE_S)
             if use.used + 1 > rpm:
-                raise _rate_limited("requests", f"{rpm} requests per minute", who, reset,
+                raise rate_limited("requests", f"{rpm} requests per minute", who, reset,
                                     rpm)
             note("requests", rpm, rpm - use.used - 1, reset)
         if tpm is not None:
             use = _window_use(session, column="raw_tokens", org_id=org.id, key_id=owner_key,
                               since_ms=since)
-            reset = _reset_after(now_ms, use, MINUTE_S)
+            reset = reset_after(now_ms, use, MINUTE_S)
             if use.used + worst_tokens > tpm:
-                raise _rate_limited("tokens", f"{tpm} tokens per minute (this request may use "
+                raise rate_limited("tokens", f"{tpm} tokens per minute (this request may use "
                                     f"{worst_tokens}: prompt plus max_tokens)", who, reset, tpm)
             note("tokens", tpm, tpm - use.used - worst_tokens, reset)
 
@@ -216,11 +216,11 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
         if use.used + needs[window.metric] > limit:
             raise QuotaExceeded(
                 f"The plan {plan.name} allows {window.limit} {window.metric} per "  # type: ignore[union-attr]
-                f"{_duration(window.seconds)}, and {org.name} has used them. It frees up as "
+                f"{format_wait(window.seconds)}, and {org.name} has used them. It frees up as "
                 f"older requests leave the window.")
         if window.metric in ("requests", "tokens"):
             note(window.metric, window.limit, (limit - use.used - needs[window.metric])
-                 // scale[window.metric], _reset_after(now_ms, use, window.seconds))
+                 // scale[window.metric], reset_after(now_ms, use, window.seconds))
 
     # Prepaid money: settled balance minus what running requests hold.
     if charged:
@@ -244,23 +244,23 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
     for kind, (limit, remaining, reset) in tightest.items():
         headers[f"x-ratelimit-limit-{kind}"] = str(limit)
         headers[f"x-ratelimit-remaining-{kind}"] = str(max(remaining, 0))
-        headers[f"x-ratelimit-reset-{kind}"] = _duration(reset)
+        headers[f"x-ratelimit-reset-{kind}"] = format_wait(reset)
     return Admission(reservation.id, org.id, reservation.amount_micros, pricing, charged, mult,
                      headers)
 
 
-def _rate_limited(kind: str, what: str, who: str, reset: float, limit: int) -> RateLimited:
+def rate_limited(kind: str, what: str, who: str, reset: float, limit: int) -> RateLimited:
     error = RateLimited(f"Rate limit reached: this {who} allows {what}. Retry in "
-                        f"{_duration(reset)}.", headers={
+                        f"{format_wait(reset)}.", headers={
                             "retry-after": str(max(1, int(-(-reset // 1)))),
                             f"x-ratelimit-limit-{kind}": str(limit),
                             f"x-ratelimit-remaining-{kind}": "0",
-                            f"x-ratelimit-reset-{kind}": _duration(reset)})
+                            f"x-ratelimit-reset-{kind}": format_wait(reset)})
     error.error_type = kind
     return error
 
 
-def _pricing(session: Session, org: Organization, plan: Plan | None, model: str,
+def price_for(session: Session, org: Organization, plan: Plan | None, model: str,
              now_ms: int) -> Pricing:
     if org.price_book_id is None:
         return Pricing()

@@ -30,14 +30,14 @@ from serai.ledger import (
     UNMETERED,
     Admission,
     UsageRecord,
-    _duration,
-    _pricing,
-    _rate_limited,
-    _reset_after,
-    _Use,
+    WindowUse,
     admit,
     db_now_ms,
+    format_wait,
+    price_for,
+    rate_limited,
     release,
+    reset_after,
     sweep_reservations,
     write_usage,
 )
@@ -360,7 +360,7 @@ class RedisLimiter:
                 elif status == "refuse":
                     now_ms, index, used, oldest = (int(x) for x in reply[1:5])
                     check = terms.checks[index - 1]
-                    reset = _reset_after(now_ms, _Use(used, oldest if oldest >= 0 else None),
+                    reset = reset_after(now_ms, WindowUse(used, oldest if oldest >= 0 else None),
                                          check.span_ms // 1000)
                     raise check.refusal(used, reset)
                 elif status in ("ok", "held"):
@@ -407,7 +407,7 @@ class RedisLimiter:
             raise PermissionDenied(f"The plan {plan.name} is disabled.")
         mult = multiplier_milli(plan.model_multipliers, model) if plan is not None else MILLI
         worst = prompt_tokens + max_tokens
-        pricing = _pricing(session, org, plan, model, db_now_ms(session))
+        pricing = price_for(session, org, plan, model, db_now_ms(session))
         amount = pricing.cost(prompt_tokens=prompt_tokens, completion_tokens=max_tokens)
         charged = (plan is None or plan.draws_balance) and amount > 0
         checks: list[_Check] = []
@@ -430,13 +430,13 @@ class RedisLimiter:
             if rpm is not None:
                 checks.append(_Check(
                     "count", _KEY_REQ if owner else _ORG_REQ, prefix + "n", minute, 1, rpm,
-                    lambda _u, reset, rpm=rpm, who=who: _rate_limited(
+                    lambda _u, reset, rpm=rpm, who=who: rate_limited(
                         "requests", f"{rpm} requests per minute", who, reset, rpm),
                     ("requests", rpm, 1)))
             if tpm is not None:
                 checks.append(_Check(
                     "sum", _KEY_TOK if owner else _ORG_TOK, prefix + "raw", minute, worst, tpm,
-                    lambda _u, reset, tpm=tpm, who=who: _rate_limited(
+                    lambda _u, reset, tpm=tpm, who=who: rate_limited(
                         "tokens", f"{tpm} tokens per minute (this request may use {worst}: "
                         "prompt plus max_tokens)", who, reset, tpm),
                     ("tokens", tpm, 1)))
@@ -453,7 +453,7 @@ class RedisLimiter:
             def used_up(_u: int, _reset: float, window: Window = window) -> SeraiError:
                 return QuotaExceeded(
                     f"The plan {plan.name} allows {window.limit} {window.metric} per "  # type: ignore[union-attr]
-                    f"{_duration(window.seconds)}, and {org.name} has used them. It frees up as "
+                    f"{format_wait(window.seconds)}, and {org.name} has used them. It frees up as "
                     f"older requests leave the window.")
             set_index, field = where[window.metric]
             note = ((window.metric, window.limit, scale[window.metric])
@@ -630,7 +630,7 @@ def _headers(checks: list[_Check], uses: list[int], now_ms: int) -> dict[str, st
         used, oldest = uses[2 * n], uses[2 * n + 1]
         kind, shown, scale = check.note
         remaining = (check.limit - used - check.need) // scale
-        reset = _reset_after(now_ms, _Use(used, oldest if oldest >= 0 else None),
+        reset = reset_after(now_ms, WindowUse(used, oldest if oldest >= 0 else None),
                              check.span_ms // 1000)
         if kind not in tightest or remaining < tightest[kind][1]:
             tightest[kind] = (shown, remaining, reset)
@@ -638,7 +638,7 @@ def _headers(checks: list[_Check], uses: list[int], now_ms: int) -> dict[str, st
     for kind, (limit, remaining, reset) in tightest.items():
         headers[f"x-ratelimit-limit-{kind}"] = str(limit)
         headers[f"x-ratelimit-remaining-{kind}"] = str(max(remaining, 0))
-        headers[f"x-ratelimit-reset-{kind}"] = _duration(reset)
+        headers[f"x-ratelimit-reset-{kind}"] = format_wait(reset)
     return headers
 
 

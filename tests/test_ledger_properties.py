@@ -240,7 +240,7 @@ def test_reserve_settle_release_sweep_keep_the_money_right(
     machine = type("LedgerOn" + backend.capitalize(), (LedgerMachine,), {"database": database})
     try:
         run_state_machine_as_test(machine, settings=settings(
-            max_examples=40, stateful_step_count=30, deadline=None,
+            max_examples=30, stateful_step_count=30, deadline=None,
             suppress_health_check=[HealthCheck.too_slow]))
     finally:
         database.dispose()

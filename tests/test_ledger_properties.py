@@ -27,7 +27,7 @@ from sqlalchemy import delete, func, select, update
 
 from serai import accounts, plans
 from serai.accounts import KeyInfo
-from serai.errors import QuotaExceeded
+from serai.errors import InvalidRequest, QuotaExceeded
 from serai.ledger import Admission, UsageRecord, UsageStatus, admit, release, sweep_reservations, write_usage
 from serai.storage.db import Database
 from serai.storage.tables import BalanceEntry, Organization, Reservation, UsageRow
@@ -63,7 +63,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.requests: list[Request] = []
-        self.topped_up = 0
+        self.topped_up = 0  # net of adjustments that took money back
 
     @initialize()
     def open_account(self) -> None:
@@ -88,6 +88,21 @@ class LedgerMachine(RuleBasedStateMachine):
             accounts.adjust_balance(session=session, org_id=self.org_id, amount_micros=amount,
                                     kind="topup", reason="property test")
         self.topped_up += amount
+
+    @rule(amount=st.integers(1, 400))
+    def take_back(self, amount: int) -> None:
+        """An adjustment may take only money no running request holds."""
+        free = self.balance - self.held
+        try:
+            with self.database.session() as session:
+                accounts.adjust_balance(session=session, org_id=self.org_id,
+                                        amount_micros=-amount, kind="adjustment",
+                                        reason="property test")
+        except InvalidRequest:
+            assert amount > free, f"refused to take {amount} of {free} free"
+            return
+        assert amount <= free, f"took {amount} with only {free} free"
+        self.topped_up -= amount
 
     @rule(prompt=st.integers(0, 60), max_tokens=st.integers(1, 120))
     def admit_request(self, prompt: int, max_tokens: int) -> None:
@@ -229,6 +244,9 @@ class LedgerMachine(RuleBasedStateMachine):
                            ttft_ms=None, latency_ms=1.0, admission=request.admission)
 
 
+# A passing run takes seconds; a failing one shrinks its example for up to five minutes (the cap
+# Hypothesis sets itself) and must not be cut short before it can show the smallest one.
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_reserve_settle_release_sweep_keep_the_money_right(
     backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory

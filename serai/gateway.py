@@ -25,6 +25,9 @@ from serai.types import Chunk, GenerationRequest, Usage
 
 log = logging.getLogger("serai.gateway")
 
+# How long a finished answer waits for its usage row to be committed before it is sent anyway.
+COMMIT_WAIT_S = 5.0
+
 
 class Run:
     """One request's generation on an engine, metered into the ledger exactly once."""
@@ -49,6 +52,7 @@ class Run:
         self.finish_reason: str | None = None
         self.failed = False
         self._closed = False
+        self._committed: asyncio.Future[None] | None = None
 
     async def open(self) -> None:
         """Wait for the first chunk, so errors the engine raises up front (a prompt too long
@@ -90,11 +94,31 @@ class Run:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Chunk]:
-        if self._pending is not None:
-            chunk, self._pending = self._pending, None
+        chunk, self._pending = self._pending, None
+        while True:
+            if chunk is None:
+                chunk = await self._next()
+            if chunk.finish_reason is not None:
+                # The answer is complete: its usage row is committed before the client gets
+                # the end of it, so a crash cannot leave a delivered answer unbilled.
+                await self.settle()
+                yield chunk
+                return
             yield chunk
-        while self.finish_reason is None:
-            yield await self._next()
+            chunk = None
+
+    async def settle(self) -> None:
+        """Close the run and wait (a bounded while) until its usage row is committed."""
+        await self.close()
+        if self._committed is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._committed), COMMIT_WAIT_S)
+        except TimeoutError:
+            # The database is not answering: the row stays queued (the writer retries until it
+            # is written) and the client is not held hostage to the outage.
+            log.warning("usage of %s not committed after %ss; answering anyway",
+                        self.request.request_id, COMMIT_WAIT_S)
 
     async def close(self) -> None:
         """Stop the engine if it is still generating and record the usage row (idempotent)."""
@@ -109,7 +133,7 @@ class Run:
             log.exception("engine stream of %s failed to close", self.request.request_id)
         finally:
             now = time.perf_counter()
-            self._ledger.record(
+            self._committed = self._ledger.record(
                 UsageRecord(
                     request_id=self.request.request_id,
                     key_id=self._key.id,

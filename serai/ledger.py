@@ -355,12 +355,17 @@ def recent_usage(*, session: Session, limit: int = 100, request_id: str | None =
 
 
 class LedgerWriter:
-    """Queues usage records and inserts them in batches from one background task."""
+    """Queues usage records and inserts them in batches from one background task.
+
+    Each record comes with a future that resolves once its batch is committed: a request that
+    finished waits for it before its last bytes go out (every request queued meanwhile shares
+    the same commit), so a client never holds a complete answer the ledger could lose in a crash.
+    """
 
     def __init__(self, database: Database, limiter: Limiter | None = None) -> None:
         self._database = database
         self._limiter = limiter  # settles through the admission backend (Redis) when given
-        self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[UsageRecord, asyncio.Future[None]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -370,9 +375,12 @@ class LedgerWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
-    def record(self, record: UsageRecord) -> None:
-        """Queue a row; safe to call from cancellation handlers (never awaits)."""
-        self._queue.put_nowait(record)
+    def record(self, record: UsageRecord) -> asyncio.Future[None]:
+        """Queue a row; the future resolves once it is committed. Safe to call from
+        cancellation handlers (never awaits)."""
+        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((record, committed))
+        return committed
 
     async def flush(self) -> None:
         """Wait until every row recorded so far is in the database."""
@@ -390,8 +398,10 @@ class LedgerWriter:
             batch = [await self._queue.get()]
             while len(batch) < BATCH_LIMIT and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._write(batch)
-            for _ in batch:
+            await self._write([record for record, _ in batch])
+            for _, committed in batch:
+                if not committed.done():
+                    committed.set_result(None)
                 self._queue.task_done()
 
     async def _write(self, batch: list[UsageRecord]) -> None:

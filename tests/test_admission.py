@@ -16,13 +16,13 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from serai import accounts, plans
 from serai.app import create_app
 from serai.config import Settings
 from serai.storage.db import Database
 from serai.storage.tables import Organization, Reservation, UsageRow
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving
+from tests.support.tenants import customer
 
 REPLY = " ".join(f"w{i}" for i in range(40))
 
@@ -34,19 +34,8 @@ class Served:
     def org_with_key(self, *, plan: dict[str, Any] | None = None, balance: int = 0,
                      prices: tuple[int, int] | None = None) -> tuple[int, str]:
         with self.database.session() as session:
-            plan_id = plans.create_plan(session=session, name="p", **plan).id if plan else None
-            book_id = None
-            if prices is not None:
-                book_id = plans.create_price_book(session=session, name="book").id
-                plans.set_price(session=session, price_book_id=book_id, model="fake-model",
-                                input_micros=prices[0], output_micros=prices[1])
-            org = accounts.create_org(session=session, name="acme", plan_id=plan_id,
-                                      price_book_id=book_id)
-            if balance:
-                accounts.adjust_balance(session=session, org_id=org.id, amount_micros=balance,
-                                        kind="topup", reason="test")
-            _, secret = accounts.create_key(session=session, name="app", org_id=org.id)
-        return org.id, secret
+            made = customer(session, plan=plan, prices=prices, balance=balance)
+        return made.org_id, made.secret
 
     def settled(self, expected_rows: int) -> list[UsageRow]:
         """The usage rows, once the ledger writer has written `expected_rows` of them."""

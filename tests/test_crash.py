@@ -24,10 +24,10 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from serai import accounts, plans
 from serai.storage.db import Database
 from serai.storage.tables import BalanceEntry, Organization, Reservation, UsageRow
 from tests.conftest import REPO, free_port
+from tests.support.tenants import customer
 
 INPUT_MICROS, OUTPUT_MICROS = 1_500_000, 2_500_000
 BALANCE = 10_000_000
@@ -180,13 +180,8 @@ def test_kill_9_under_load_loses_no_money_and_no_row(server: Server, database_ur
     database = Database(database_url)
     database.upgrade()
     with database.session() as session:
-        book = plans.create_price_book(session=session, name="list prices")
-        plans.set_price(session=session, price_book_id=book.id, model="fake-model",
-                        input_micros=INPUT_MICROS, output_micros=OUTPUT_MICROS)
-        org = accounts.create_org(session=session, name="acme", price_book_id=book.id)
-        accounts.adjust_balance(session=session, org_id=org.id, amount_micros=BALANCE,
-                                kind="topup", reason="test")
-        _, key = accounts.create_key(session=session, name="load", org_id=org.id)
+        made = customer(session, prices=(INPUT_MICROS, OUTPUT_MICROS), balance=BALANCE)
+    key, org_id = made.secret, made.org_id
     database.dispose()
 
     server.start(reservation_timeout_s=1800)  # nothing of a live process is ever swept
@@ -226,7 +221,7 @@ def test_kill_9_under_load_loses_no_money_and_no_row(server: Server, database_ur
     with database.session() as session:
         rows = list(session.scalars(select(UsageRow)))
         balance = session.scalar(select(Organization.balance_micros)
-                                 .where(Organization.id == org.id))
+                                 .where(Organization.id == org_id))
         topped_up = session.scalar(select(func.sum(BalanceEntry.amount_micros)))
     database.dispose()
     by_request: dict[str, list[UsageRow]] = {}

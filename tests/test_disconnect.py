@@ -19,7 +19,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from serai import accounts, ledger, plans
+from serai import ledger
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings
@@ -27,6 +27,7 @@ from serai.storage.tables import Organization, Reservation, UsageRow
 from serai.types import Chunk, GenerationRequest
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving
+from tests.support.tenants import customer
 
 LONG_REPLY = " ".join(f"word{i}" for i in range(200))
 # Per million tokens: 1.5 micro-units per prompt token, 2.5 per completion token, so the cost of
@@ -109,14 +110,8 @@ def served(database_url: str, tmp_path: Path) -> Iterator[Served]:
     with serving(app) as base_url:
         services: Services = app.state.services
         with services.database.session() as session:
-            book = plans.create_price_book(session=session, name="list prices")
-            plans.set_price(session=session, price_book_id=book.id, model="fake-model",
-                            input_micros=INPUT_MICROS, output_micros=OUTPUT_MICROS)
-            org = accounts.create_org(session=session, name="acme", price_book_id=book.id)
-            accounts.adjust_balance(session=session, org_id=org.id, amount_micros=BALANCE,
-                                    kind="topup", reason="test")
-            _, key = accounts.create_key(session=session, name="t", org_id=org.id)
-        yield Served(base_url.removesuffix("/v1"), engine, key, org.id, services)
+            made = customer(session, prices=(INPUT_MICROS, OUTPUT_MICROS), balance=BALANCE)
+        yield Served(base_url.removesuffix("/v1"), engine, made.secret, made.org_id, services)
 
 
 @pytest.mark.parametrize("after_chunks", [0, 1, 5])

@@ -25,12 +25,13 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import delete, func, select, update
 
-from serai import accounts, plans
+from serai import accounts
 from serai.accounts import KeyInfo
 from serai.errors import InvalidRequest, QuotaExceeded
 from serai.ledger import Admission, UsageRecord, UsageStatus, admit, release, sweep_reservations, write_usage
 from serai.storage.db import Database
 from serai.storage.tables import BalanceEntry, Organization, Reservation, UsageRow
+from tests.support.tenants import customer
 
 # Prices per million tokens and a plan discount chosen so that costs are fractions of a
 # micro-unit and rounding matters.
@@ -69,16 +70,11 @@ class LedgerMachine(RuleBasedStateMachine):
     def open_account(self) -> None:
         tag = uuid.uuid4().hex[:10]
         with self.database.session() as session:
-            plan = plans.create_plan(session=session, name=f"plan-{tag}",
-                                     price_ratio_milli=RATIO_MILLI)
-            book = plans.create_price_book(session=session, name=f"book-{tag}")
-            plans.set_price(session=session, price_book_id=book.id, model=MODEL,
-                            input_micros=INPUT, output_micros=OUTPUT,
-                            cached_input_micros=CACHED_INPUT)
-            org = accounts.create_org(session=session, name=f"org-{tag}", plan_id=plan.id,
-                                      price_book_id=book.id)
-            self.key: KeyInfo = accounts.create_key(session=session, name="app", org_id=org.id)[0]
-        self.org_id = org.id
+            made = customer(session, name=f"org-{tag}", model=MODEL,
+                            plan={"price_ratio_milli": RATIO_MILLI}, prices=(INPUT, OUTPUT),
+                            cached_price=CACHED_INPUT)
+        self.key: KeyInfo = made.key
+        self.org_id = made.org_id
 
     # -- what can happen -------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from serai import accounts, plans
+from serai import accounts
 from serai.accounts import KeyInfo
 from serai.app import create_app
 from serai.config import Settings
@@ -34,6 +34,7 @@ from serai.limits import RedisLimiter
 from serai.storage.db import Database
 from serai.storage.tables import Organization, Reservation, UsageRow
 from tests.conftest import _missing, free_port
+from tests.support import tenants
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving
 from tests.test_admission import REPLY, Served, fire
@@ -258,16 +259,7 @@ def limiter(postgres_url: str, redis_url: str, redis_prefix: str) -> Iterator[Re
 def customer(limiter: RedisLimiter, *, plan: dict[str, Any] | None = None,
              prices: tuple[int, int] | None = None) -> KeyInfo:
     with limiter._database.session() as session:
-        plan_id = plans.create_plan(session=session, name="p", **plan).id if plan else None
-        book_id = None
-        if prices is not None:
-            book_id = plans.create_price_book(session=session, name="book").id
-            plans.set_price(session=session, price_book_id=book_id, model="m",
-                            input_micros=prices[0], output_micros=prices[1])
-        org = accounts.create_org(session=session, name="acme", plan_id=plan_id,
-                                  price_book_id=book_id)
-        key, _ = accounts.create_key(session=session, name="app", org_id=org.id)
-    return key
+        return tenants.customer(session, model="m", plan=plan, prices=prices).key
 
 
 def reserve(limiter: RedisLimiter, key: KeyInfo, *, model: str = "m", prompt: int = 10,

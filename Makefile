@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test lint clean
+.PHONY: run test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PIP) install -e '.[test]'
 	@touch $@
 
+# The benchmarks also run `python -m llama_cpp.server`, whose extra dependencies live in [bench].
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e '.[bench]'
+	@touch $@
+
 run: $(VENV)/.installed
 	$(BIN)/serai serve
 
@@ -30,6 +35,12 @@ test: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check serai tests benchmarks
+
+# Speed against llama_cpp.server and a bare loop, then memory (about 25 minutes on 2 cores; run
+# it on an otherwise idle machine).
+bench: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/embedded_engine.py
+	$(BIN)/python benchmarks/engine_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

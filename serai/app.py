@@ -68,7 +68,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -
         await asyncio.to_thread(database.upgrade)
         limiter = create_limiter(database, redis_url=settings.redis_url,
                                  redis_prefix=settings.redis_prefix)
-        ledger = LedgerWriter(database, limiter)
+        ledger = LedgerWriter(limiter)
         ledger.start()
         loaded = list(engines) if engines is not None else await asyncio.to_thread(
             load_engines, settings)

@@ -236,26 +236,29 @@ def keys_revoke(
     err.print(f"Revoked key {key.id} ({key.prefix}…).")
 
 
+def _limits(rpm: int | None, tpm: int | None, concurrency: int | None) -> str:
+    return ", ".join(f"{label} {value}" for label, value in (
+        ("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency)) if value is not None)
+
+
+def _lifted(**limits: int | None) -> dict[str, int | None]:
+    """The limits given on the command line; 0 lifts a limit (None in the database)."""
+    return {field: value or None for field, value in limits.items() if value is not None}
+
+
 # -- organizations ----------------------------------------------------------------------------
 
 
-def _org_table(orgs: list[accounts.OrgInfo], names: dict[int, str]) -> Table:
+def _org_table(session: Session, orgs: list[accounts.OrgInfo]) -> Table:
+    plan_names = {p.id: p.name for p in plans.list_plans(session=session)}
+    book_names = {b.id: b.name for b in plans.list_price_books(session=session)}
     table = Table("id", "name", "plan", "price book", "balance", "limits", "state")
     for org in orgs:
-        limits = ", ".join(f"{label} {value}" for label, value in (
-            ("rpm", org.rpm), ("tpm", org.tpm), ("concurrency", org.max_concurrency))
-            if value is not None)
-        table.add_row(str(org.id), org.name, names.get(org.plan_id or 0, ""),
-                      names.get(-(org.price_book_id or 0), ""), money(org.balance_micros),
-                      limits, "disabled" if org.disabled else "active")
+        table.add_row(str(org.id), org.name, plan_names.get(org.plan_id or 0, ""),
+                      book_names.get(org.price_book_id or 0, ""), money(org.balance_micros),
+                      _limits(org.rpm, org.tpm, org.max_concurrency),
+                      "disabled" if org.disabled else "active")
     return table
-
-
-def _catalogue_names(session: Session) -> dict[int, str]:
-    # Plans by id, price books by negative id: one lookup table for the org listing.
-    names = {p.id: p.name for p in plans.list_plans(session=session)}
-    names.update({-b.id: b.name for b in plans.list_price_books(session=session)})
-    return names
 
 
 @orgs_app.command("create")
@@ -283,7 +286,7 @@ def orgs_create(
 def orgs_list(data_dir: DataDir = None) -> None:
     """List organizations with their plan, price book, balance and limits."""
     with _session(data_dir) as session:
-        table = _org_table(accounts.list_orgs(session=session), _catalogue_names(session))
+        table = _org_table(session, accounts.list_orgs(session=session))
     Console().print(table)
 
 
@@ -313,12 +316,10 @@ def orgs_update(
         if price_book is not None:
             fields["price_book_id"] = None if price_book == "none" else plans.find_price_book(
                 session=session, ref=price_book).id
-        for field, value in (("rpm", rpm), ("tpm", tpm), ("max_concurrency", max_concurrency)):
-            if value is not None:
-                fields[field] = value or None
+        fields.update(_lifted(rpm=rpm, tpm=tpm, max_concurrency=max_concurrency))
         updated = accounts.update_org(session=session, org_id=found.id, name=name,
                                       disabled=disable, **fields)  # type: ignore[arg-type]
-        table = _org_table([updated], _catalogue_names(session))
+        table = _org_table(session, [updated])
     Console().print(table)
 
 
@@ -360,10 +361,8 @@ def _plan_text(rows: list[Plan]) -> str:
         if plan.model_multipliers:
             lines.append("  multipliers: " + ", ".join(
                 f"{m}×{f:g}" for m, f in plan.model_multipliers.items()))
-        limits = [f"{label} {value}" for label, value in (
-            ("rpm", plan.rpm), ("tpm", plan.tpm), ("concurrency", plan.max_concurrency))
-            if value is not None]
-        lines.append(f"  limits: {', '.join(limits) or 'none'}; price ratio "
+        limits = _limits(plan.rpm, plan.tpm, plan.max_concurrency)
+        lines.append(f"  limits: {limits or 'none'}; price ratio "
                      f"{plan.price_ratio_milli / 1000:g}")
         blocks.append("\n".join(lines))
     return "\n".join(blocks) if blocks else "No plans yet: `serai plans create NAME` makes one."
@@ -428,9 +427,7 @@ def plans_update(
     """Change a plan; --window replaces all its windows."""
     with _session(data_dir) as session:
         found = plans.find_plan(session=session, ref=plan)
-        limits = {field: value or None for field, value in
-                  (("rpm", rpm), ("tpm", tpm), ("max_concurrency", max_concurrency))
-                  if value is not None}
+        limits = _lifted(rpm=rpm, tpm=tpm, max_concurrency=max_concurrency)
         updated = plans.update_plan(
             session=session, plan_id=found.id, name=name,
             windows=[_window(w) for w in window] if window else None,

@@ -10,6 +10,9 @@ class SeraiError(Exception):
     status_code = 500
     error_type = "api_error"
     code: str | None = None
+    # A refusal: raised before any work was done, so the request is not a run to bill and
+    # gives back what it held (a prompt too long, a full waiting line).
+    refusal = False
 
     def __init__(self, message: str, *, param: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -22,6 +25,7 @@ class SeraiError(Exception):
 class InvalidRequest(SeraiError):
     status_code = 400
     error_type = "invalid_request_error"
+    refusal = True
 
 
 class ContextLengthExceeded(InvalidRequest):
@@ -88,6 +92,7 @@ class EngineOverloaded(SeraiError):
     status_code = 503
     error_type = "server_error"
     code = "engine_overloaded"
+    refusal = True
 
 
 class LimitsUnavailable(SeraiError):

@@ -8,7 +8,6 @@ knows which wire protocol the request came in on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,11 +15,12 @@ from collections.abc import AsyncIterator
 from serai.accounts import KeyInfo
 from serai.engines.base import Engine
 from serai.engines.router import Router
-from serai.errors import EngineOverloaded, InvalidRequest
+from serai.errors import SeraiError
 from serai.idempotency import IdempotentCall
 from serai.ledger import UNMETERED, Admission, LedgerWriter, UsageRecord, UsageStatus
 from serai.limits import DatabaseLimiter, Limiter
 from serai.storage.db import Database
+from serai.threads import finish_or_undo
 from serai.types import Chunk, GenerationRequest, Usage
 
 log = logging.getLogger("serai.gateway")
@@ -59,9 +59,11 @@ class Run:
         for the context) reach the client as a 4xx instead of a broken stream."""
         try:
             self._pending = await self._next()
-        except (InvalidRequest, EngineOverloaded):
-            # Refused before generating (a prompt too long, a full waiting line): the request
-            # never became a billable run, so it leaves no usage row.
+        except SeraiError as error:
+            if not error.refusal:
+                await self.close()
+                raise
+            # Refused before generating: never a billable run, so it leaves no usage row.
             self._closed = True
             if self._limiter is not None:
                 await _give_back(self._limiter, self.admission)
@@ -202,13 +204,10 @@ class Gateway:
                                         prompt_tokens=size.prompt_tokens,
                                         max_tokens=size.max_tokens)
 
-        held = asyncio.ensure_future(asyncio.to_thread(reserve))
-        try:
-            admission = await asyncio.shield(held)
-        except asyncio.CancelledError:  # the client left while its reservation was being made
-            with contextlib.suppress(Exception):
-                await _give_back(self.limiter, await held)
-            raise
+        async def give_back(admission: Admission) -> None:  # the client left meanwhile
+            await _give_back(self.limiter, admission)
+
+        admission = await finish_or_undo(reserve, give_back)
         run = Run(engine=engine, request=request, key=key, endpoint=endpoint, ledger=self.ledger,
                   admission=admission, limiter=self.limiter)
         await run.open()

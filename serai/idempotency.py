@@ -13,7 +13,6 @@ sent (an SSE stream included), so a replay is byte-identical whatever the wire p
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from serai.errors import IdempotencyKeyInUse, IdempotencyKeyReused, InvalidReque
 from serai.ledger import db_now_ms
 from serai.storage.db import Database
 from serai.storage.tables import IdempotencyRecord
+from serai.threads import finish_or_undo
 
 if TYPE_CHECKING:
     from serai.gateway import Run
@@ -193,15 +193,12 @@ class IdempotentCall:
                              request_hash=self.request_hash, request_id=request_id,
                              abandoned_after_s=self._abandoned_after_s)
 
-        held = asyncio.ensure_future(asyncio.to_thread(claim_key))
-        try:
-            stored = await asyncio.shield(held)
-        except asyncio.CancelledError:  # the client left while the key was being claimed
-            with contextlib.suppress(Exception):
-                if await held is None:
-                    self._claim = _Claim(database, key_id, request_id)
-                    await self.release()
-            raise
+        async def unclaim(stored: Stored | None) -> None:  # the client left meanwhile
+            if stored is None:
+                self._claim = _Claim(database, key_id, request_id)
+                await self.release()
+
+        stored = await finish_or_undo(claim_key, unclaim)
         if stored is not None:
             raise Replayed(stored)
         self._claim = _Claim(database, key_id, request_id)

@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session
 from serai.accounts import KeyInfo
 from serai.errors import PermissionDenied, QuotaExceeded, RateLimited
 from serai.plans import MILLI, Pricing, Window, multiplier_milli, peak_multiplier_milli
-from serai.storage.db import Database
 from serai.storage.tables import Organization, Plan, Price, PriceBook, Reservation, UsageRow
 
 if TYPE_CHECKING:
@@ -362,9 +361,8 @@ class LedgerWriter:
     the same commit), so a client never holds a complete answer the ledger could lose in a crash.
     """
 
-    def __init__(self, database: Database, limiter: Limiter | None = None) -> None:
-        self._database = database
-        self._limiter = limiter  # settles through the admission backend (Redis) when given
+    def __init__(self, limiter: Limiter) -> None:
+        self._limiter = limiter  # settles where admission holds its reservations
         self._queue: asyncio.Queue[tuple[UsageRecord, asyncio.Future[None]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -414,8 +412,4 @@ class LedgerWriter:
                 await asyncio.sleep(RETRY_DELAY_S)
 
     def _insert(self, batch: list[UsageRecord]) -> None:
-        if self._limiter is not None:
-            self._limiter.settle(batch)
-            return
-        with self._database.session() as session:
-            write_usage(session=session, records=batch)
+        self._limiter.settle(batch)

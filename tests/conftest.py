@@ -139,6 +139,24 @@ class LiveServer:
         )
 
 
+def wait_until_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path, *,
+                     timeout: float) -> None:
+    """Poll `/ready` until the server answers 200; fail with its log if it exits or never does
+    (a cap so a broken server cannot hang the suite, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited:\n{log_path.read_text(errors='replace')}")
+        try:
+            if httpx.get(f"{base_url}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"the server did not become ready:\n{log_path.read_text(errors='replace')}")
+
+
 def start_server(data_dir: Path, *, extra_env: dict[str, str] | None = None) -> LiveServer:
     port = free_port()
     log_path = data_dir.parent / f"{data_dir.name}-server-{port}.log"
@@ -151,19 +169,7 @@ def start_server(data_dir: Path, *, extra_env: dict[str, str] | None = None) -> 
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data_dir.parent,
         )
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"serai serve exited: {log_path.read_text()}")
-        try:
-            if httpx.get(f"{base_url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        process.kill()
-        raise RuntimeError(f"serai serve did not become ready: {log_path.read_text()}")
+    wait_until_ready(process, base_url, log_path, timeout=120)
     keys = re.findall(r"sk-serai-[A-Za-z0-9_-]{43}", log_path.read_text())
     return LiveServer(base_url, keys[0] if keys else "", data_dir, log_path, process)
 

@@ -42,7 +42,7 @@ class Served:
         deadline = time.monotonic() + 20
         while True:
             with self.database.session() as session:
-                rows = list(session.scalars(select(UsageRow)))
+                rows = list(session.scalars(select(UsageRow).order_by(UsageRow.id)))
                 held = session.scalar(select(func.count()).select_from(Reservation))
             if (len(rows) >= expected_rows and held == 0) or time.monotonic() > deadline:
                 return rows

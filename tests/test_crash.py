@@ -26,7 +26,7 @@ from sqlalchemy import func, select
 
 from serai.storage.db import Database
 from serai.storage.tables import BalanceEntry, Organization, Reservation, UsageRow
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, wait_until_ready
 from tests.support.tenants import customer
 
 INPUT_MICROS, OUTPUT_MICROS = 1_500_000, 2_500_000
@@ -61,16 +61,7 @@ class Server:
                  "--data-dir", str(self.data_dir), "--database-url", self.database_url],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"the server exited:\n{self.log()}"
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"the server did not become ready:\n{self.log()}")
+        wait_until_ready(self.process, self.url, self.log_path, timeout=60)
 
     def kill(self) -> None:
         assert self.process is not None

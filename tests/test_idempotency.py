@@ -19,14 +19,16 @@ import httpx
 import pytest
 from sqlalchemy import func, select, update
 
-from serai import accounts, idempotency, plans
+from serai import accounts, idempotency
 from serai.app import create_app
 from serai.config import Settings
 from serai.errors import IdempotencyKeyInUse, IdempotencyKeyReused
 from serai.storage.db import Database
-from serai.storage.tables import IdempotencyRecord, Reservation, UsageRow
+from serai.storage.tables import IdempotencyRecord
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving
+from tests.support.tenants import customer
+from tests.test_admission import Served as AdmissionServed
 
 REPLY = " ".join(f"w{i}" for i in range(12))
 CHAT = {"model": "fake-model", "max_tokens": 20,
@@ -153,31 +155,14 @@ def test_the_server_sweeper_deletes_expired_records(database: Database, tmp_path
 
 # --- model calls through a real server ------------------------------------------------------
 
-class Served:
-    def __init__(self, base_url: str, database: Database, engine: FakeEngine) -> None:
-        self.base_url, self.database, self.engine = base_url, database, engine
-
+class Served(AdmissionServed):
     def key(self, name: str = "acme", plan: dict[str, Any] | None = None) -> str:
         with self.database.session() as session:
-            plan_id = plans.create_plan(session=session, name=name, **plan).id if plan else None
-            org = accounts.create_org(session=session, name=name, plan_id=plan_id)
-            _, secret = accounts.create_key(session=session, name="app", org_id=org.id)
-        return secret
+            return customer(session, name=name, plan=plan).secret
 
     def client(self, key: str) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=60,
                             headers={"authorization": f"Bearer {key}"})
-
-    def settled(self, expected_rows: int) -> list[UsageRow]:
-        """The usage rows once no reservation is held: every admitted call's row is written."""
-        deadline = time.monotonic() + 20
-        while True:
-            with self.database.session() as session:
-                rows = list(session.scalars(select(UsageRow).order_by(UsageRow.id)))
-                held = session.scalar(select(func.count()).select_from(Reservation))
-            if (len(rows) >= expected_rows and held == 0) or time.monotonic() > deadline:
-                return rows
-            time.sleep(0.05)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from serai import accounts, ledger
 from serai.ledger import LedgerWriter, UsageRecord, UsageStatus, recent_usage, write_usage
+from serai.limits import DatabaseLimiter
 from serai.storage.db import Database
 from serai.storage.tables import UsageRow
 
@@ -51,7 +52,7 @@ def test_written_usage_reads_back_newest_first(database: Database) -> None:
 
 
 async def test_a_thousand_concurrent_requests_leave_a_thousand_rows(database: Database) -> None:
-    writer = LedgerWriter(database)
+    writer = LedgerWriter(DatabaseLimiter(database))
     writer.start()
 
     async def request(n: int) -> None:
@@ -65,7 +66,7 @@ async def test_a_thousand_concurrent_requests_leave_a_thousand_rows(database: Da
 
 
 async def test_every_outcome_is_recorded(database: Database) -> None:
-    writer = LedgerWriter(database)
+    writer = LedgerWriter(DatabaseLimiter(database))
     writer.start()
     statuses: tuple[UsageStatus, ...] = ("ok", "cancelled", "error")
     for status in statuses:
@@ -94,7 +95,7 @@ async def test_a_failed_write_is_retried_without_losing_or_doubling_rows(
                 raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
 
     monkeypatch.setattr(database, "session", commit_fails_once)
-    writer = LedgerWriter(database)
+    writer = LedgerWriter(DatabaseLimiter(database))
     writer.start()
     for n in range(50):
         writer.record(usage(f"req-{n}"))
@@ -120,7 +121,7 @@ async def test_records_queued_during_an_outage_are_written_when_it_ends(
         real_insert(self, batch)
 
     monkeypatch.setattr(LedgerWriter, "_insert", insert)
-    writer = LedgerWriter(database)
+    writer = LedgerWriter(DatabaseLimiter(database))
     writer.start()
     writer.record(usage("before"))
     await asyncio.sleep(0.02)  # the writer is now retrying

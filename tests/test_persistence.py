@@ -10,6 +10,7 @@ from sqlalchemy import select, text
 from serai import accounts, ledger
 from serai.errors import AuthenticationFailed, NotFound
 from serai.ledger import LedgerWriter, UsageRecord
+from serai.limits import DatabaseLimiter
 from serai.storage.db import Database
 from serai.storage.tables import ApiKey
 
@@ -52,7 +53,7 @@ def test_key_lifecycle_stores_only_hash_and_prefix(database: Database) -> None:
 
 
 async def test_ledger_writer_keeps_every_row_under_concurrency(database: Database) -> None:
-    writer = LedgerWriter(database)
+    writer = LedgerWriter(DatabaseLimiter(database))
     writer.start()
 
     async def request(i: int) -> None:
@@ -73,7 +74,7 @@ async def test_ledger_write_failure_is_retried_not_dropped(
     database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ledger, "RETRY_DELAY_S", 0.01)
-    writer = LedgerWriter(database)
+    writer = LedgerWriter(DatabaseLimiter(database))
     real_insert = writer._insert
     failures = iter([True, True])
 

@@ -4,6 +4,10 @@ An engine knows nothing of wire protocols, keys or prices. Errors it raises befo
 chunk (a prompt longer than the context, say) are domain errors from serai.errors, which the API
 turns into 4xx responses; once chunks flow, the consumer owns the outcome. Closing the generator
 early (a client that went away) must stop the generation.
+
+A request may carry tools, a tool_choice and a response_format. An engine either honours them
+(the embedded engine constrains its decoding with a grammar; an upstream passes them on) or
+refuses the request with InvalidRequest before its first chunk; it never ignores them.
 """
 
 from __future__ import annotations

@@ -196,7 +196,7 @@ def test_aider_one_shot(aider: Path, server: LiveServer, key: str, tmp_path: Pat
                      OPENAI_API_KEY=key, LITELLM_LOCAL_MODEL_COST_MAP="True")
     result = run([aider, "--model", f"openai/{MODEL}", "--message",
                   "Add a docstring to greet.", "--yes-always", "--no-git", "--no-check-update",
-                  "--no-show-model-warnings", "--no-analytics", "--no-pretty", "--no-stream",
+                  "--no-show-model-warnings", "--no-analytics", "--no-pretty",
                   "greet.py"], env=env, cwd=project, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output

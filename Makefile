@@ -43,4 +43,4 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/engine_memory.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .cache

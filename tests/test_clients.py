@@ -159,6 +159,14 @@ def test_langchain_bind_tools(chat) -> None:  # noqa: ANN001
     assert isinstance(call["args"].get("city"), str) and call["id"]
     assert answer.response_metadata["finish_reason"] == "tool_calls"
 
+    # Streamed, the call arrives in tool_call_chunks that LangChain joins into the same shape.
+    chunks = list(forced.stream([question]))
+    joined = chunks[0]
+    for chunk in chunks[1:]:
+        joined += chunk
+    assert [c["name"] for c in joined.tool_calls] == ["get_weather"], joined
+    assert isinstance(joined.tool_calls[0]["args"].get("city"), str)
+
     # The tool's result goes back as a `tool` message; the model answers from it in text.
     result = ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"])
     final = chat.bind_tools([get_weather]).invoke([question, answer, result])
@@ -241,3 +249,4 @@ def test_claude_code_print_mode(claude: Path, server: LiveServer, key: str,
     assert answer["usage"]["input_tokens"] > 5000  # the whole system prompt and tools were read
     rows = usage_since(server, before)
     assert rows and all(r.status == "ok" for r in rows), rows
+    assert rows[0].prompt_tokens > 5000

@@ -288,6 +288,9 @@ async def test_x_api_key_and_bearer_both_authenticate(api: Api) -> None:
     for client in (api.client(), api.client(bearer=True)):
         message = await client.messages.create(model=FAKE, max_tokens=5, messages=JAPAN)
         assert message.content
+    # The OpenAI surface accepts x-api-key too.
+    chat = await api.post({"model": FAKE, "messages": JAPAN}, "/v1/chat/completions")
+    assert chat.status_code == 200, chat.text
 
 
 @pytest.mark.parametrize(("body", "words"), [
@@ -348,6 +351,18 @@ async def test_full_engine_is_a_529_overloaded_error_with_retry_after(api: Api) 
         await api.client().messages.create(model=FAKE, max_tokens=5, messages=JAPAN)
     assert err.value.status_code == 529
     assert await api.usage_rows() == []
+
+
+async def test_rate_limit_is_a_429_rate_limit_error_with_its_headers(api: Api) -> None:
+    with api.services.database.session() as session:
+        limited = customer(session, name="limited", model=FAKE, plan={"rpm": 1})
+    body = {"model": FAKE, "max_tokens": 5, "messages": JAPAN}
+    assert (await api.post(body, **{"x-api-key": limited.secret})).status_code == 200
+    refused = await api.post(body, **{"x-api-key": limited.secret})
+    assert refused.status_code == 429
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert refused.headers["retry-after"]
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
 
 
 async def test_oversized_body_is_a_413_request_too_large(api: Api) -> None:

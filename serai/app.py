@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.responses import Response
 
 from serai import __version__, idempotency
-from serai.api import admin, openai, usage
+from serai.api import admin, anthropic, openai, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
 from serai.api.middleware import BodySizeLimit, IdempotentReplays, JsonBodies, RequestContext
@@ -89,9 +89,10 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -
             database.dispose()
 
     app = FastAPI(title="Serai", version=__version__, lifespan=lifespan,
-                  description="Open-weight models behind an OpenAI-compatible API.")
+                  description="Open-weight models behind OpenAI- and Anthropic-compatible APIs.")
     install_error_handlers(app)
     app.include_router(openai.router)
+    app.include_router(anthropic.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
 

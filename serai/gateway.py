@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 from serai.accounts import KeyInfo
-from serai.engines.base import Engine
+from serai.engines.base import Engine, Measure
 from serai.engines.router import Router
 from serai.errors import SeraiError
 from serai.idempotency import IdempotentCall
@@ -188,6 +188,11 @@ class Gateway:
             raise
         idempotency.ran(run)
         return run
+
+    async def measure(self, request: GenerationRequest) -> Measure:
+        """The size of `request` on its model's engine, without running it: nothing is
+        admitted, generated or recorded (token counting endpoints)."""
+        return await self.router.engine_for(request.model).measure(request)
 
     async def _start(self, *, key: KeyInfo, request: GenerationRequest, endpoint: str) -> Run:
         """Route, admit and start a run; returns once the engine produced its first chunk.

@@ -74,6 +74,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1: off
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # max_tokens is a ceiling, not a demand: a request whose max_tokens exceeds what the context
+    # leaves after the prompt gets the room instead of a ContextLengthExceeded. Anthropic's
+    # clients send one large max_tokens whatever the model (Anthropic's API caps it per model).
+    clamp_max_tokens: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +118,12 @@ class Chunk:
     `finish_reason` (its text may be empty).
 
     `tool_calls` holds the calls completed with this chunk; the chunk that ends an answer which
-    calls tools has finish_reason "tool_calls".
+    calls tools has finish_reason "tool_calls". `stop_sequence` is the stop string that ended
+    the answer (finish_reason "stop"), whether the request's own or the prompt format's.
     """
 
     text: str
     usage: Usage
     finish_reason: FinishReason | None = None
     tool_calls: tuple[ToolCall, ...] = ()
+    stop_sequence: str | None = None

@@ -32,6 +32,20 @@ def test_stop_split_across_pieces_is_never_shown() -> None:
     assert assembler.stopped
 
 
+def test_the_stop_that_ended_the_text_is_named() -> None:
+    assembler = TextAssembler(["\nUser:", "END"])
+    assert assembler.stop_sequence is None
+    stream(assembler, [b"Tokyo", b" EN", b"D and\nUser:"])
+    assert assembler.stop_sequence == "END"
+    # The earliest match wins, whatever order the stops were given in.
+    held = TextAssembler(["END", "\nUser:"])
+    stream(held, [b"Tokyo\nUser: END"])
+    assert held.stop_sequence == "\nUser:"
+    # The start of a stop that never completes is text, and names no stop.
+    flushed = TextAssembler(["END"])
+    assert stream(flushed, [b"x EN"]) == ["x ", "EN"] and flushed.stop_sequence is None
+
+
 def test_text_before_a_stop_is_released_at_once() -> None:
     assembler = TextAssembler(["\nUser:"])
     # Nothing here can begin the stop, so a streaming client gets it without waiting.

@@ -36,7 +36,8 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 NO_KEY_MESSAGE = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header "
-    "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY). `serai keys create` makes one."
+    "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY) or in an x-api-key header. "
+    "`serai keys create` makes one."
 )
 
 
@@ -50,8 +51,14 @@ def bearer_token(request: Request) -> str | None:
     return token.strip()
 
 
+def api_key_header(request: Request) -> str | None:
+    """Anthropic's way: `x-api-key: KEY`. Either protocol's clients may use either header."""
+    value = request.headers.get("x-api-key", "").strip()
+    return value or None
+
+
 async def current_key(request: Request, services: ServicesDep) -> KeyInfo:
-    secret = bearer_token(request)
+    secret = bearer_token(request) or api_key_header(request)
     if secret is None:
         raise AuthenticationFailed(NO_KEY_MESSAGE)
 

@@ -1,4 +1,6 @@
-"""Rendering errors in OpenAI's envelope: {"error": {"message", "type", "param", "code"}}.
+"""Rendering errors in the envelope of the wire protocol a request came in on: OpenAI's
+{"error": {"message", "type", "param", "code"}} everywhere, and Anthropic's
+{"type": "error", "error": {"type", "message"}} on the Anthropic paths (/v1/messages…).
 
 Every error a client can cause becomes a 4xx with a message a person can act on; anything
 else is a bug, logged with its request id and answered with a generic 500.
@@ -15,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from serai.errors import SeraiError
+from serai.errors import EngineOverloaded, SeraiError
 
 log = logging.getLogger("serai.api")
 
@@ -26,15 +28,47 @@ def openai_error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+ANTHROPIC_PATHS = ("/v1/messages",)
+
+# Anthropic's error type for each status; Anthropic's clients branch on these.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 529: "overloaded_error"}
+ANTHROPIC_OVERLOADED = 529
+
+
+def is_anthropic(path: str) -> bool:
+    return path.startswith(ANTHROPIC_PATHS)
+
+
+def anthropic_error_body(message: str, *, status: int) -> dict[str, Any]:
+    kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def anthropic_status(error: SeraiError) -> int:
+    """A full engine is Anthropic's 529 overloaded_error; other statuses are shared."""
+    return ANTHROPIC_OVERLOADED if isinstance(error, EngineOverloaded) else error.status_code
+
+
+def error_body(path: str, status: int, message: str, *, type: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """The error envelope of the wire protocol that serves `path`."""
+    if is_anthropic(path):
+        return anthropic_error_body(message, status=status)
+    return openai_error_body(message, type=type, param=param, code=code)
+
+
 def json_response(status: int, body: Any, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json",
                     headers=headers)
 
 
-def error_response(error: SeraiError) -> Response:
-    body = openai_error_body(error.message, type=error.error_type, param=error.param,
-                             code=error.code)
-    return json_response(error.status_code, body, headers=error.headers or None)
+def error_response(error: SeraiError, path: str = "") -> Response:
+    status = anthropic_status(error) if is_anthropic(path) else error.status_code
+    body = error_body(path, status, error.message, type=error.error_type, param=error.param,
+                      code=error.code)
+    return json_response(status, body, headers=error.headers or None)
 
 
 def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -56,17 +90,17 @@ def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SeraiError)
-    async def _domain(_request: Request, exc: SeraiError) -> Response:
-        return error_response(exc)
+    async def _domain(request: Request, exc: SeraiError) -> Response:
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> Response:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         message, param = _describe_validation_error(exc)
-        return json_response(400, openai_error_body(message, type="invalid_request_error",
-                                                    param=param, code=None))
+        return json_response(400, error_body(request.url.path, 400, message,
+                                             type="invalid_request_error", param=param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         kind = "not_found" if exc.status_code == 404 else None
         message = exc.detail if isinstance(exc.detail, str) else "Request failed."
         if exc.status_code == 404:
@@ -74,12 +108,14 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             message = "This method is not allowed on this URL."
         return json_response(exc.status_code,
-                             openai_error_body(message, type="invalid_request_error", code=kind))
+                             error_body(request.url.path, exc.status_code, message,
+                                        type="invalid_request_error", code=kind))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> Response:
         request_id = getattr(request.state, "request_id", "-")
         log.error("unhandled error in request %s", request_id, exc_info=exc)
-        return json_response(500, openai_error_body(
+        return json_response(500, error_body(
+            request.url.path, 500,
             f"The server had an error while processing your request (request id {request_id}).",
             type="server_error"))

@@ -10,7 +10,7 @@ import uuid
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serai.api.errors import openai_error_body
+from serai.api.errors import error_body
 from serai.idempotency import IdempotentCall, Replayed, Stored, request_hash
 
 log = logging.getLogger("serai.requests")
@@ -21,8 +21,8 @@ def new_request_id() -> str:
 
 
 class RequestContext:
-    """Gives every request an id (`x-request-id` on the response, in the logs and the ledger)
-    and writes one log line when it ends."""
+    """Gives every request an id (`x-request-id` on the response, and `request-id` as Anthropic
+    names it; in the logs and the ledger) and writes one log line when it ends."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -43,6 +43,7 @@ class RequestContext:
                 status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
+                headers.append((b"request-id", request_id.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -73,7 +74,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+            await self._reject(scope, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -84,7 +85,7 @@ class BodySizeLimit:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_bytes:
-                await self._reject(send)
+                await self._reject(scope, send)
                 return
             chunks.append(body)
             if not message.get("more_body", False):
@@ -100,9 +101,9 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send: Send) -> None:
-        body = orjson.dumps(openai_error_body(
-            f"Request body too large: the limit is {self.max_bytes} bytes "
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        body = orjson.dumps(error_body(
+            scope["path"], 413, f"Request body too large: the limit is {self.max_bytes} bytes "
             "(SERAI_MAX_BODY_BYTES).", type="invalid_request_error", code="request_too_large"))
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),

@@ -46,8 +46,10 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
     return work_task.result()
 
 
-def sse_event(payload: Any) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
+def sse_event(payload: Any, event: str | None = None) -> bytes:
+    """One server-sent event; `event` names it (`event: <name>` line, as Anthropic's are)."""
+    data = b"data: " + orjson.dumps(payload) + b"\n\n"
+    return data if event is None else b"event: " + event.encode() + b"\n" + data
 
 
 SSE_DONE = b"data: [DONE]\n\n"

@@ -290,7 +290,9 @@ class BatchScheduler:
         assert job is not None
         if slot.strip_space:
             last = last.lstrip(" ")
-        job.emit(Chunk(last, Usage(len(job.tokens), slot.generated, slot.reused), reason))
+        stop = slot.text.stop_sequence if slot.text is not None else None
+        job.emit(Chunk(last, Usage(len(job.tokens), slot.generated, slot.reused), reason,
+                       stop_sequence=stop))
         self._release(slot)
 
     def _release(self, slot: _Slot, *, reset_cache: bool = False) -> None:

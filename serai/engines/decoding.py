@@ -18,6 +18,7 @@ class StopMatcher:
         self._stops = tuple(s for s in stops if s)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop sequence that was hit
 
     def feed(self, text: str) -> str:
         """Add generated text; return the part that is safe to send. Sets `stopped` on a match."""
@@ -35,13 +36,15 @@ class StopMatcher:
         return self._resolve(held, final=True)
 
     def _resolve(self, buffer: str, *, final: bool) -> str:
-        match = min((i for i in (buffer.find(s) for s in self._stops) if i >= 0), default=-1)
+        found = [(i, s) for s in self._stops if (i := buffer.find(s)) >= 0]
+        match, stop = min(found, key=lambda f: f[0], default=(-1, None))
         # A longer stop that started earlier may still be completing ("\nUser" of "\nUser:" while
         # "User" already matched): wait for it, so the cut never depends on how text was split.
         keep = 0 if final else self._longest_stop_prefix_suffix(buffer)
         pending = len(buffer) - keep if keep else -1
         if match >= 0 and not 0 <= pending < match:
             self.stopped = True
+            self.matched = stop
             self._held = ""
             return buffer[:match]
         cut = pending if pending >= 0 else len(buffer)
@@ -68,6 +71,11 @@ class TextAssembler:
     @property
     def stopped(self) -> bool:
         return self._stops.stopped
+
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop sequence that ended the text, if one did."""
+        return self._stops.matched
 
     def feed(self, piece: bytes) -> str:
         return self._stops.feed(self._utf8.decode(piece))

@@ -161,6 +161,8 @@ class LlamaCppEngine:
         n_ctx = self._info.context_length
         room = n_ctx - len(tokens)
         wanted = request.sampling.max_tokens
+        if wanted is not None and request.sampling.clamp_max_tokens:
+            wanted = min(wanted, max(room, 1))
         if room < 1 or (wanted is not None and wanted > room):
             asked = len(tokens) + (wanted or 1)
             raise ContextLengthExceeded(

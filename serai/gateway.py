@@ -79,7 +79,7 @@ class Run:
             self.failed = True
             raise
         self.usage = chunk.usage
-        if chunk.text and self._first_token_at is None:
+        if (chunk.text or chunk.tool_calls) and self._first_token_at is None:
             self._first_token_at = time.perf_counter()
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason

@@ -25,6 +25,9 @@ from tests.support.fake_engine import FakeEngine
 
 MODEL = "fake-model"
 CHAT = [{"role": "user", "content": "What is the capital of Japan?"}]
+WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string"}}, "required": ["city"]}}
+TOOL = {"type": "function", "function": WEATHER}
 
 
 @dataclass
@@ -181,9 +184,28 @@ async def test_models_list_and_retrieve(api: Api) -> None:
         ({"model": MODEL, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://x"}}]}]},
          "messages.[0].content.[0].type"),
-        ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
-        ({"model": MODEL, "messages": CHAT, "response_format": {"type": "json_object"}},
+        ({"model": MODEL, "messages": CHAT, "tools": [{"type": "function"}]}, "tools.0.function"),
+        ({"model": MODEL, "messages": CHAT, "tools": [{"type": "retrieval", "function": WEATHER}]},
+         "tools.[0].type"),
+        ({"model": MODEL, "messages": CHAT, "tools": [TOOL, TOOL]}, "tools.[1].function.name"),
+        ({"model": MODEL, "messages": CHAT, "tools": [
+            {"type": "function", "function": {"name": "get weather"}}]},
+         "tools.[0].function.name"),
+        ({"model": MODEL, "messages": CHAT, "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+         "tools.[0].function.parameters"),
+        ({"model": MODEL, "messages": CHAT, "tools": [TOOL],
+          "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"model": MODEL, "messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+        ({"model": MODEL, "messages": CHAT, "tools": [TOOL], "tool_choice": "sometimes"},
+         "tool_choice"),
+        ({"model": MODEL, "messages": CHAT, "functions": [WEATHER]}, "functions"),
+        ({"model": MODEL, "messages": CHAT, "response_format": {"type": "xml"}},
          "response_format.type"),
+        ({"model": MODEL, "messages": CHAT, "response_format": {"type": "json_schema"}},
+         "response_format.json_schema"),
+        ({"model": MODEL, "messages": [*CHAT, {"role": "tool", "content": "18 C"}]},
+         "messages.[1].tool_call_id"),
     ],
 )
 async def test_invalid_input_is_a_400_naming_the_parameter(

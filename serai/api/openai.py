@@ -8,6 +8,7 @@ Serai does not implement is refused with a 400 rather than silently ignored.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
@@ -29,11 +30,22 @@ from serai.engines.base import ModelInfo
 from serai.errors import InvalidRequest, SeraiError
 from serai.gateway import Run
 from serai.idempotency import IdempotentCall
-from serai.types import Chunk, GenerationRequest, Message, SamplingParams, Usage
+from serai.types import (
+    Chunk,
+    GenerationRequest,
+    Message,
+    ResponseFormat,
+    SamplingParams,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    Usage,
+)
 
 router = APIRouter(tags=["OpenAI"])
 
 MAX_STOP_SEQUENCES = 4
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
 class _Lenient(BaseModel):
@@ -45,9 +57,34 @@ class TextPart(_Lenient):
     text: str | None = None
 
 
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str = "{}"
+
+
+class MessageToolCall(_Lenient):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(_Lenient):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Lenient):
+    type: str
+    function: FunctionDefinition
 
 
 class StreamOptions(_Lenient):
@@ -111,18 +148,97 @@ class _SamplingFields(_Lenient):
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    # Accepted either way: Serai makes at most one call per answer.
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
 
     def to_generation(self, request_id: str) -> GenerationRequest:
-        self._refuse_unsupported(("tools", "functions", "logprobs", "top_logprobs", "audio",
-                                  "prediction"))
-        response_format = (self.model_extra or {}).get("response_format")
-        if isinstance(response_format, dict) and response_format.get("type") not in (None, "text"):
-            raise InvalidRequest("Structured output (response_format) is not supported by this "
-                                 "server yet.", param="response_format.type")
+        extras = self.model_extra or {}
+        for legacy in ("functions", "function_call"):
+            if extras.get(legacy) is not None:
+                raise InvalidRequest(f"'{legacy}' is the deprecated form of function calling; "
+                                     "use 'tools' and 'tool_choice'.", param=legacy)
+        self._refuse_unsupported(("logprobs", "top_logprobs", "audio", "prediction"))
         messages = tuple(_neutral_message(i, m) for i, m in enumerate(self.messages))
         max_tokens = self.max_completion_tokens or self.max_tokens
+        tools = _tools(self.tools or [])
         return GenerationRequest(request_id=request_id, model=self.model, messages=messages,
-                                 sampling=self._sampling(max_tokens))
+                                 sampling=self._sampling(max_tokens), tools=tools,
+                                 tool_choice=_tool_choice(self.tool_choice, tools),
+                                 response_format=_response_format(self.response_format))
+
+
+def _tools(definitions: list[ToolDefinition]) -> tuple[Tool, ...]:
+    tools: list[Tool] = []
+    for i, d in enumerate(definitions):
+        if d.type != "function":
+            raise InvalidRequest(f"tools[{i}] is of type '{d.type}'; only 'function' tools are "
+                                 "supported.", param=f"tools.[{i}].type")
+        name = d.function.name
+        if not TOOL_NAME.match(name):
+            raise InvalidRequest(f"Invalid 'tools[{i}].function.name': '{name}'. Expected a "
+                                 "string that matches the pattern '^[a-zA-Z0-9_-]{1,64}$'.",
+                                 param=f"tools.[{i}].function.name")
+        if any(t.name == name for t in tools):
+            raise InvalidRequest(f"Two tools are named '{name}'; tool names must be unique.",
+                                 param=f"tools.[{i}].function.name")
+        parameters = d.function.parameters if d.function.parameters is not None else {
+            "type": "object", "properties": {}}
+        if parameters.get("type", "object") != "object":
+            raise InvalidRequest(f"Invalid schema for function '{name}': the parameters must be "
+                                 "a JSON Schema of type 'object'.",
+                                 param=f"tools.[{i}].function.parameters")
+        tools.append(Tool(name=name, description=d.function.description or "",
+                          parameters=parameters))
+    return tuple(tools)
+
+
+def _tool_choice(value: str | dict[str, Any] | None, tools: tuple[Tool, ...]) -> ToolChoice:
+    if value is None or value == "auto":
+        return ToolChoice("auto")
+    if value == "none":
+        return ToolChoice("none")
+    if value == "required":
+        choice = ToolChoice("required")
+    elif isinstance(value, dict) and value.get("type") == "function" and isinstance(
+            value.get("function"), dict) and isinstance(value["function"].get("name"), str):
+        name = value["function"]["name"]
+        if not any(t.name == name for t in tools):
+            raise InvalidRequest(f"Invalid value for 'tool_choice': no function named '{name}' "
+                                 "was specified in the 'tools' parameter.", param="tool_choice")
+        choice = ToolChoice("tool", name)
+    else:
+        raise InvalidRequest("'tool_choice' must be 'none', 'auto', 'required' or "
+                             '{"type": "function", "function": {"name": ...}}.',
+                             param="tool_choice")
+    if not tools:
+        raise InvalidRequest("Invalid value for 'tool_choice': 'tool_choice' is only allowed "
+                             "when 'tools' are specified.", param="tool_choice")
+    return choice
+
+
+def _response_format(value: dict[str, Any] | None) -> ResponseFormat | None:
+    kind = None if value is None else value.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object")
+    if kind != "json_schema":
+        raise InvalidRequest(f"Invalid value for 'response_format.type': '{kind}'. Supported "
+                             "values are 'text', 'json_object' and 'json_schema'.",
+                             param="response_format.type")
+    assert value is not None
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise InvalidRequest("'response_format.json_schema' must be an object with a 'name' and "
+                             "a 'schema'.", param="response_format.json_schema")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict | bool):
+        raise InvalidRequest("'response_format.json_schema.schema' must be a JSON Schema.",
+                             param="response_format.json_schema.schema")
+    return ResponseFormat("json_schema", schema=schema, name=spec["name"])  # type: ignore[arg-type]
 
 
 class CompletionRequest(_SamplingFields):
@@ -148,6 +264,13 @@ class CompletionRequest(_SamplingFields):
 def _neutral_message(index: int, message: ChatMessage) -> Message:
     role = "system" if message.role == "developer" else message.role
     content = message.content
+    calls = tuple(ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+                  for c in message.tool_calls or ()) if role == "assistant" else ()
+    if role == "tool" and not message.tool_call_id:
+        raise InvalidRequest(f"messages[{index}] has role 'tool' but no 'tool_call_id'.",
+                             param=f"messages.[{index}].tool_call_id")
+    if content is None and calls:
+        content = ""
     if content is None:
         raise InvalidRequest(f"messages[{index}].content must not be empty.",
                              param=f"messages.[{index}].content")
@@ -160,7 +283,8 @@ def _neutral_message(index: int, message: ChatMessage) -> Message:
                     "only reads text parts.", param=f"messages.[{index}].content.[{j}].type")
             texts.append(part.text)
         content = "\n".join(texts)
-    return Message(role=role, content=content)  # type: ignore[arg-type]
+    return Message(role=role, content=content, tool_calls=calls,  # type: ignore[arg-type]
+                   tool_call_id=message.tool_call_id if role == "tool" else None)
 
 
 def _usage(usage: Usage) -> dict[str, Any]:
@@ -182,23 +306,47 @@ class _Rendering:
                 "system_fingerprint": None}
 
 
+def _call_object(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
 class ChatRendering(_Rendering):
-    def answer(self, text: str, finish: str | None, usage: Usage) -> dict[str, Any]:
+    def answer(self, text: str, finish: str | None, usage: Usage,
+               calls: tuple[ToolCall, ...] = ()) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        if calls:
+            message["content"] = text or None
+            message["tool_calls"] = [_call_object(c) for c in calls]
         return {**self.head(self.object), "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None, "finish_reason": finish}], "usage": _usage(usage)}
+            "index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": _usage(usage)}
 
     def start(self) -> dict[str, Any] | None:
         return {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}
 
-    def piece(self, chunk: Chunk) -> dict[str, Any]:
-        delta = {"content": chunk.text} if chunk.text else {}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}
+    def pieces(self, chunk: Chunk) -> list[dict[str, Any]]:
+        def choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        if not chunk.tool_calls:
+            return [choice({"content": chunk.text} if chunk.text else {}, chunk.finish_reason)]
+        # As OpenAI streams a call: its id and name first, then the arguments, then the end.
+        out = [choice({"content": chunk.text})] if chunk.text else []
+        for i, call in enumerate(chunk.tool_calls):
+            out.append(choice({"tool_calls": [{"index": i, "id": call.id, "type": "function",
+                                               "function": {"name": call.name,
+                                                            "arguments": ""}}]}))
+            out.append(choice({"tool_calls": [{"index": i,
+                                               "function": {"arguments": call.arguments}}]}))
+        out.append(choice({}, chunk.finish_reason))
+        return out
 
 
 class CompletionRendering(_Rendering):
-    def answer(self, text: str, finish: str | None, usage: Usage) -> dict[str, Any]:
+    def answer(self, text: str, finish: str | None, usage: Usage,
+               calls: tuple[ToolCall, ...] = ()) -> dict[str, Any]:
         return {**self.head(self.object), "choices": [{
             "index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
             "usage": _usage(usage)}
@@ -206,9 +354,9 @@ class CompletionRendering(_Rendering):
     def start(self) -> dict[str, Any] | None:
         return None
 
-    def piece(self, chunk: Chunk) -> dict[str, Any]:
-        return {"index": 0, "text": chunk.text, "logprobs": None,
-                "finish_reason": chunk.finish_reason}
+    def pieces(self, chunk: Chunk) -> list[dict[str, Any]]:
+        return [{"index": 0, "text": chunk.text, "logprobs": None,
+                 "finish_reason": chunk.finish_reason}]
 
 
 async def _events(run: Run, rendering: ChatRendering | CompletionRendering,
@@ -225,7 +373,8 @@ async def _events(run: Run, rendering: ChatRendering | CompletionRendering,
     try:
         async for chunk in run:
             if chunk.text or chunk.finish_reason:
-                yield event([rendering.piece(chunk)])
+                for piece in rendering.pieces(chunk):
+                    yield event([piece])
     except SeraiError as exc:
         yield sse_event(openai_error_body(exc.message, type=exc.error_type, code=exc.code))
         return
@@ -250,17 +399,22 @@ async def _serve(
         return EventStreamResponse(_events(run, render, include_usage),
                                    on_close=run.close, headers=run.admission.headers or None)
     try:
-        text = await until_disconnect(request.receive, _collect(run))
+        text, calls = await until_disconnect(request.receive, _collect(run))
     except ClientDisconnected:
         return Response(status_code=499)
     finally:
         await run.close()
-    return json_response(200, render.answer(text, run.finish_reason, run.usage),
+    return json_response(200, render.answer(text, run.finish_reason, run.usage, calls),
                          headers=run.admission.headers or None)
 
 
-async def _collect(run: Run) -> str:
-    return "".join([chunk.text async for chunk in run])
+async def _collect(run: Run) -> tuple[str, tuple[ToolCall, ...]]:
+    texts: list[str] = []
+    calls: tuple[ToolCall, ...] = ()
+    async for chunk in run:
+        texts.append(chunk.text)
+        calls += chunk.tool_calls
+    return "".join(texts), calls
 
 
 @router.post("/v1/chat/completions")

@@ -41,6 +41,8 @@ class Sequence:
     strip_leading_space: bool
     emit: Callable[[Chunk | BaseException], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # GBNF the generated text must match (tool calls, structured output); None: free text.
+    grammar: str | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -196,14 +198,23 @@ class BatchScheduler:
         slot.reused = keep
         slot.text = TextAssembler(job.stops)
         slot.strip_space = job.strip_leading_space
-        slot.sampler = self._sampler(job.sampling)
+        slot.sampler = self._sampler(job.sampling, job.grammar)
         self._clock += 1
         slot.last_used = self._clock
         log.debug("%s placed in slot %d reusing %d cached tokens", job.request_id, slot.seq_id, keep)
 
-    def _sampler(self, sampling: SamplingParams) -> llama_cpp.llama_sampler_p:
+    def _sampler(self, sampling: SamplingParams, grammar: str | None = None
+                 ) -> llama_cpp.llama_sampler_p:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
+        if grammar is not None:
+            # First: the other samplers only ever choose among tokens the grammar allows.
+            constrained = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(),
+                                                               b"root")
+            if not constrained:
+                llama_cpp.llama_sampler_free(chain)
+                raise ValueError("llama.cpp could not parse the grammar")
+            add(chain, constrained)
         if (sampling.repetition_penalty != 1.0 or sampling.frequency_penalty
                 or sampling.presence_penalty):
             add(chain, llama_cpp.llama_sampler_init_penalties(

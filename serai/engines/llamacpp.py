@@ -10,16 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import llama_cpp
 
+from serai.engines import tool_calls
 from serai.engines.base import Measure, ModelInfo
 from serai.engines.batching import BatchScheduler, Sequence
 from serai.engines.prompts import PromptFormat, choose_prompt_format
-from serai.errors import ContextLengthExceeded, EngineOverloaded, EngineUnavailable
+from serai.errors import ContextLengthExceeded, EngineOverloaded, EngineUnavailable, InvalidRequest
 from serai.models import check_gguf
 from serai.types import Chunk, GenerationRequest
 
@@ -28,6 +30,7 @@ log = logging.getLogger("serai.engines.llamacpp")
 
 RETRY_AFTER_S = 1
 MEASURED_KEPT = 1024
+GRAMMARS_KEPT = 256  # grammars llama.cpp has parsed: a client sends the same tools each turn
 
 
 def _unset_emit(item: object) -> None:
@@ -80,6 +83,8 @@ class LlamaCppEngine:
         self._info = ModelInfo(name=name, context_length=context_length,
                                created=int(path.stat().st_mtime))
         self._measured: OrderedDict[str, Sequence] = OrderedDict()
+        self._grammars: OrderedDict[str, None] = OrderedDict()
+        self._grammars_lock = threading.Lock()
         self._capacity = parallel + queue_size
         self._admitted = 0
         self._closed = False
@@ -129,17 +134,27 @@ class LlamaCppEngine:
             sequence.emit = lambda item: loop.call_soon_threadsafe(out.put_nowait, item)
             self._scheduler.submit(sequence)
             try:
-                while True:
-                    item = await out.get()
-                    if isinstance(item, BaseException):
-                        raise EngineUnavailable(f"The model failed while generating: {item}")
-                    yield item
-                    if item.finish_reason is not None:
+                chunks = self._relay(out)
+                if tool_calls.offers_calls(request):
+                    chunks = tool_calls.read_calls(chunks, request)
+                async for chunk in chunks:
+                    yield chunk
+                    if chunk.finish_reason is not None:
                         return
             finally:
                 sequence.cancelled.set()
         finally:
             self._admitted -= 1
+
+    @staticmethod
+    async def _relay(out: asyncio.Queue[Chunk | BaseException]) -> AsyncIterator[Chunk]:
+        while True:
+            item = await out.get()
+            if isinstance(item, BaseException):
+                raise EngineUnavailable(f"The model failed while generating: {item}")
+            yield item
+            if item.finish_reason is not None:
+                return
 
     def _prepare(self, request: GenerationRequest, emit) -> Sequence:  # type: ignore[no-untyped-def]
         """Tokenize and check the request against the context window (off the event loop;
@@ -147,8 +162,12 @@ class LlamaCppEngine:
         stops = request.sampling.stop
         strip = False
         llm = self._vocab_only
+        grammar = None
         if request.messages is not None:
-            prompt = self._format.render(request.messages)
+            grammar = tool_calls.answer_grammar(request)
+            if grammar is not None:
+                self._check_grammar(grammar)
+            prompt = self._format.render(tool_calls.prompt_messages(request))
             tokens = llm.tokenize(prompt.text.encode(), add_bos=not prompt.has_special_tokens,
                                   special=prompt.has_special_tokens)
             stops = stops + prompt.stops
@@ -156,6 +175,9 @@ class LlamaCppEngine:
             where = "messages"
         else:
             assert request.prompt is not None
+            if request.tools or request.response_format is not None:
+                raise InvalidRequest("Tools and response_format need messages, not a prompt.",
+                                     param="prompt")
             tokens = llm.tokenize(request.prompt.encode(), add_bos=True, special=False)
             where = "prompt"
         n_ctx = self._info.context_length
@@ -175,7 +197,23 @@ class LlamaCppEngine:
             wanted = min(room, self._default_max_tokens or room)
         return Sequence(request_id=request.request_id, tokens=tokens, max_tokens=wanted,
                         sampling=request.sampling, stops=stops, strip_leading_space=strip,
-                        emit=emit)
+                        emit=emit, grammar=grammar)
+
+    def _check_grammar(self, grammar: str) -> None:
+        """Refuse a grammar llama.cpp cannot parse before the request is admitted."""
+        with self._grammars_lock:
+            if grammar in self._grammars:
+                self._grammars.move_to_end(grammar)
+                return
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise InvalidRequest("The tools or response_format schema cannot be turned into a "
+                                 "grammar for this model.", param="tools")
+        llama_cpp.llama_sampler_free(sampler)
+        with self._grammars_lock:  # _prepare runs on worker threads
+            self._grammars[grammar] = None
+            while len(self._grammars) > GRAMMARS_KEPT:
+                self._grammars.popitem(last=False)
 
     async def aclose(self) -> None:
         self._closed = True

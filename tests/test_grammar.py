@@ -183,10 +183,15 @@ def test_unbounded_strings_and_arrays_are_capped() -> None:
     gbnf = schema_grammar({"type": "object", "properties": {
         "s": {"type": "string"}, "a": {"type": "array", "items": {"type": "integer"}}},
         "required": ["s", "a"]})
-    assert f"char{{0,{grammar.MAX_STRING_CHARS}}}" in gbnf
-    assert f"{{0,{grammar.MAX_ARRAY_ITEMS - 1}}}" in gbnf
+    rules = dict(line.split(" ::= ", 1) for line in gbnf.splitlines())
+    # A counting chain: rule k means k characters (items) written; the last can only close.
+    assert rules[f"str-{grammar.MAX_STRING_CHARS}"] == '"\\""'
+    assert f"str-{grammar.MAX_STRING_CHARS + 1}" not in rules
+    assert rules[f"value-a-items-{grammar.MAX_ARRAY_ITEMS}"] == '"]"'
     # A bound the schema asks for wins when it is tighter.
-    assert "char{0,3}" in schema_grammar({"type": "string", "maxLength": 3})
+    short = dict(line.split(" ::= ", 1)
+                 for line in schema_grammar({"type": "string", "maxLength": 3}).splitlines())
+    assert short["chars-3"] == '"\\""' and "chars-4" not in short
 
 
 def test_a_choice_naming_no_tool_is_an_invalid_request() -> None:

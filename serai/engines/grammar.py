@@ -42,16 +42,14 @@ _BASE_RULES = {
     "char": r'[^"\\\x00-\x1F\x7F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})',
     "null": '"null"',
     "boolean": '"true" | "false"',
-    "nonneg": '"0" | [1-9] [0-9]{0,15}',
     "integer": '"-"? nonneg',
-    "number": '"-"? nonneg ("." [0-9]{1,15})? ([eE] [-+]? [0-9]{1,3})?',
-    "string": f'"\\"" char{{0,{MAX_STRING_CHARS}}} "\\""',
     "date": '[0-9]{4} "-" ("0" [1-9] | "1" [0-2]) "-" ("0" [1-9] | [1-2] [0-9] | "3" [0-1])',
     "time": '([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{3})? '
             '("Z" | [+-] ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9])',
     "uuid": '[0-9a-fA-F]{8} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" '
             '[0-9a-fA-F]{12}',
 }
+QUOTE = '"\\""'
 _FORMATS = {"date": "date", "time": "time", "date-time": 'date "T" time', "uuid": "uuid"}
 
 
@@ -96,8 +94,47 @@ class Grammar:
             needs = {"string": ["char"], "integer": ["nonneg"], "number": ["nonneg"]}
             for dep in needs.get(name, []):
                 self.base(dep)
-            self._rules[name] = _BASE_RULES[name]
+            if name == "string":
+                body = f'"\\"" {self.repeat("char", 0, MAX_STRING_CHARS, close=QUOTE, hint="str")}'
+            elif name == "nonneg":
+                body = f'"0" | [1-9] {self.digits(0, MAX_DIGITS - 1)}'
+            elif name == "number":
+                body = (f'"-"? nonneg ("." {self.digits(1, 15)})? '
+                        f'([eE] [-+]? {self.digits(1, 3)})?')
+            else:
+                body = _BASE_RULES[name]
+            self._rules[name] = body
         return name
+
+    def repeat(self, item: str, low: int, high: int, *, sep: str = "", close: str = "",
+               hint: str = "rep") -> str:
+        """`item` low to high times (separated by `sep`, then `close`), as a counting chain.
+
+        llama.cpp expands `x{m,n}` so that every further item multiplies the work of checking
+        the whole vocabulary against the grammar (a 256-character string took a second per
+        token); rule k of a chain says "k items written" and continues in tail position, so
+        the grammar holds one short stack whatever the count.
+        """
+        assert high >= max(low, 1) or close
+        after = ""
+        for k in range(high, -1, -1):
+            lead = f"{sep} " if sep and k > 0 else ""
+            more = f"{lead}{item} {after}".strip()
+            if k == high:
+                if not close:
+                    after = ""
+                    continue
+                body = close
+            elif k >= low:
+                body = f"{close} | {more}" if close else f"({more})?"
+            else:
+                body = more
+            after = self.rule(body, f"{hint}-{k}")
+        return after
+
+    def digits(self, low: int, high: int) -> str:
+        """Between low and high decimal digits."""
+        return self.repeat("[0-9]", low, high, hint="digits")
 
     def rule(self, body: str, hint: str = "r") -> str:
         """A rule with this body; the name of an existing one when the body is the same."""
@@ -208,7 +245,8 @@ class SchemaConverter:
         if low == 0 and high == MAX_STRING_CHARS:
             return g.base("string")
         g.base("char")
-        return g.rule(f'"\\"" char{{{low},{high}}} "\\""', f"{hint}-string")
+        return g.rule(f'"\\"" {g.repeat("char", low, high, close=QUOTE, hint="chars")}',
+                      f"{hint}-string")
 
     def _integer(self, schema: dict[str, Any], hint: str, *, integer_only: bool) -> str:
         g = self.g
@@ -236,23 +274,22 @@ class SchemaConverter:
         item = None if items is False else self.convert(items, f"{path}/items", f"{hint}-item")
         most = high if item is not None else min(high, len(parts))
         least = min(low, most)
+        sep = '"," ws'
+        if not parts and item is not None:
+            items_rule = g.repeat(item, least, most, sep=sep, close='"]"', hint=f"{hint}-items")
+            return g.rule(f'"[" ws {items_rule}', f"{hint}-array")
+        if most == 0:
+            return g.rule('"[" ws "]"', "empty-array")
 
         def element(i: int) -> str:
             return parts[i] if i < len(parts) else str(item)
 
-        sep = '"," ws'
         fixed = " ".join(element(i) if i == 0 else f"{sep} {element(i)}" for i in range(least))
         # After the fixed elements: the rest of the tuple, each optional in turn, then up to
         # `repeat` more uniform items.
         start = max(least, len(parts))
         repeat = most - start if item is not None else 0
-        tail = ""
-        if repeat > 0:
-            if start == 0:
-                more = f" ({sep} {item}){{0,{repeat - 1}}}" if repeat > 1 else ""
-                tail = f"({item}{more})?"
-            else:
-                tail = f"({sep} {item}){{0,{repeat}}}"
+        tail = g.repeat(f"{sep} {item}", 0, repeat, hint=f"{hint}-more") if repeat > 0 else ""
         for i in reversed(range(least, min(len(parts), most))):
             lead = f"{sep} " if i > 0 else ""
             tail = f"({lead}{element(i)} {tail})?".replace(" )", ")")
@@ -307,7 +344,8 @@ class SchemaConverter:
     def _free_object(self, value: str, hint: str) -> str:
         g = self.g
         kv = g.rule(f'{g.base("string")} ws ":" ws {value}', f"{hint}-entry")
-        body = f'"{{" ws ({kv} ("," ws {kv}){{0,{MAX_FREE_MEMBERS - 1}}})? "}}"'
+        entries = g.repeat(kv, 0, MAX_FREE_MEMBERS, sep='"," ws', close='"}"', hint=f"{hint}-entries")
+        body = f'"{{" ws {entries}'
         return g.rule(body, f"{hint}-map")
 
     def free(self, depth: int) -> str:
@@ -318,8 +356,9 @@ class SchemaConverter:
             return g.rule(" | ".join(scalars), "scalar")
         inner = self.free(depth - 1)
         obj = self._free_object(inner, f"json{depth}")
-        arr = g.rule(f'"[" ws ({inner} ("," ws {inner}){{0,{MAX_ARRAY_ITEMS - 1}}})? "]"',
-                     f"json{depth}-array")
+        items = g.repeat(inner, 0, MAX_ARRAY_ITEMS, sep='"," ws', close='"]"',
+                         hint=f"json{depth}-items")
+        arr = g.rule(f'"[" ws {items}', f"json{depth}-array")
         return g.rule(" | ".join([obj, arr, *scalars]), f"json{depth}")
 
     def _deref(self, schema: Any, path: str) -> Any:
@@ -440,14 +479,14 @@ def _int_range(g: Grammar, lo: int | None, hi: int | None) -> str:
             return _at_least(g, lo)
         if -lo <= WINDOW:
             return " | ".join([json_literal(n) for n in range(lo, 0)] + [g.base("nonneg")])
-        return f'"-" {_digits_below(len(str(-lo)))} | {g.base("nonneg")}'
+        return f'"-" {_digits_below(g, len(str(-lo)))} | {g.base("nonneg")}'
     assert hi is not None  # hi only
     if hi < 0:
         return f'"-" ({_at_least(g, -hi)})'
-    negatives = '"-" [1-9] [0-9]{0,15}'
+    negatives = f'"-" [1-9] {g.digits(0, MAX_DIGITS - 1)}'
     if hi <= WINDOW:
         return " | ".join([negatives] + [json_literal(n) for n in range(0, hi + 1)])
-    return f"{negatives} | {_digits_below(len(str(hi)))}"
+    return f"{negatives} | {_digits_below(g, len(str(hi)))}"
 
 
 def _at_least(g: Grammar, lo: int) -> str:
@@ -455,21 +494,21 @@ def _at_least(g: Grammar, lo: int) -> str:
     if lo == 0:
         return g.base("nonneg")
     if lo <= 9:
-        return f"[{lo}-9] | [1-9] [0-9]{{1,{MAX_DIGITS - 1}}}"
+        return f"[{lo}-9] | [1-9] {g.digits(1, MAX_DIGITS - 1)}"
     digits = len(str(lo))
     window = " | ".join(json_literal(n) for n in range(lo, lo + WINDOW + 1))
     if digits >= MAX_DIGITS:
         return window
-    return f"{window} | [1-9] [0-9]{{{digits},{MAX_DIGITS - 1}}}"
+    return f"{window} | [1-9] {g.digits(digits, MAX_DIGITS - 1)}"
 
 
-def _digits_below(digits: int) -> str:
+def _digits_below(g: Grammar, digits: int) -> str:
     """Non-negative integers with fewer than `digits` digits (all below 10**(digits-1))."""
     if digits <= 1:
         return '"0"'
     if digits == 2:
         return "[0-9]"
-    return f"[0-9] | [1-9] [0-9]{{1,{digits - 2}}}"
+    return f"[0-9] | [1-9] {g.digits(1, digits - 2)}"
 
 
 def schema_rule(grammar: Grammar, schema: Any, hint: str = "value") -> str:

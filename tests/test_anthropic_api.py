@@ -158,6 +158,17 @@ async def test_request_fields_map_onto_the_neutral_request(api: Api) -> None:
     assert sampling.stop == ("END",)
 
 
+async def test_a_system_message_among_the_turns_is_accepted(api: Api) -> None:
+    # Claude Code sends its environment this way, after the first user turn.
+    await api.client().messages.create(
+        model=FAKE, max_tokens=20, system="Be brief.",
+        messages=[{"role": "user", "content": "Hi"},
+                  {"role": "system", "content": [{"type": "text", "text": "cwd: /tmp"}]}])
+    [request] = api.engine.requests
+    assert request.messages == (Message("system", "Be brief."), Message("user", "Hi"),
+                                Message("system", "cwd: /tmp"))
+
+
 @pytest.mark.parametrize(("choice", "neutral"), [
     ({"type": "auto"}, ToolChoice("auto")),
     ({"type": "none"}, ToolChoice("none")),

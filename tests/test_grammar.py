@@ -218,6 +218,14 @@ def test_a_round_trip_is_written_into_the_conversation() -> None:
     assert messages[3].content == "Result of get_weather: 18 C, sunny"
 
 
+def test_system_turns_are_read_as_one_leading_system_turn() -> None:
+    messages = prompt_messages(request(
+        messages=(Message("system", "Be brief."), Message("user", "Hi"),
+                  Message("system", "cwd: /tmp"), Message("user", "Where am I?"))))
+    assert [(m.role, m.content) for m in messages] == [
+        ("system", "Be brief.\n\ncwd: /tmp"), ("user", "Hi"), ("user", "Where am I?")]
+
+
 def test_only_a_whole_call_of_an_offered_tool_is_read() -> None:
     call = parse_call(f' {MARKER}{{"name": "a", "arguments": {{"x": 1}}}}', ["a"])
     assert call is not None and call.name == "a" and call.arguments == '{"x": 1}'

@@ -62,7 +62,9 @@ class ContentBlock(_Lenient):
 
 
 class InputMessage(_Lenient):
-    role: Literal["user", "assistant"]
+    # Not in Anthropic's documented API, but Claude Code sends its environment as a system
+    # message after the first user turn; it is read as part of the system prompt.
+    role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlock]
 
 

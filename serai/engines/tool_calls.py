@@ -80,19 +80,20 @@ def _call_text(call: ToolCall) -> str:
 
 def prompt_messages(request: GenerationRequest) -> tuple[Message, ...]:
     """The conversation in plain system/user/assistant turns: the tools instruction in the
-    system turn, earlier calls as the text the model would write, tool results as user turns."""
+    system turn, earlier calls as the text the model would write, tool results as user turns.
+
+    System turns are joined into one leading system turn wherever they stand (Claude Code sends
+    one after the first user turn): chat templates take a system message only first."""
     assert request.messages is not None
     tools = _offered(request)
     names = {c.id: c.name for m in request.messages for c in m.tool_calls}
-    out: list[Message] = []
+    systems = [m.content for m in request.messages if m.role == "system"]
     if tools:
-        instruction = _instruction(tools, request.tool_choice.mode)
-        systems = [m.content for m in request.messages if m.role == "system"]
-        out.append(Message("system", "\n\n".join([*systems, instruction])))
+        systems.append(_instruction(tools, request.tool_choice.mode))
+    out = [Message("system", "\n\n".join(systems))] if systems else []
     for m in request.messages:
         if m.role == "system":
-            if not tools:
-                out.append(m)
+            continue
         elif m.role == "assistant" and m.tool_calls:
             text = "\n".join([*([m.content] if m.content else []),
                               *(_call_text(c) for c in m.tool_calls)])

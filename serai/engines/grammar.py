@@ -32,7 +32,7 @@ MAX_ARRAY_ITEMS = 16
 MAX_FREE_MEMBERS = 16
 FREE_DEPTH = 3
 MAX_REF_DEPTH = 3
-WINDOW = 256  # integers spelled out one by one for a range the digit rules cannot express
+WINDOW = 128  # integers spelled out (as a digit trie) for a range the digit rules cannot express
 MAX_DIGITS = 16
 
 _TYPES = {"object", "array", "string", "integer", "number", "boolean", "null"}
@@ -466,9 +466,9 @@ def _bounds(schema: dict[str, Any]) -> tuple[float | None, float | None]:
 def _int_range(g: Grammar, lo: int | None, hi: int | None) -> str:
     """A rule body for integers in [lo, hi] (None: unbounded); all it accepts are in range."""
     if lo is not None and hi is not None and hi - lo <= WINDOW:
-        return " | ".join(json_literal(n) for n in range(lo, hi + 1))
+        return _spelled(range(lo, hi + 1))
     if lo is not None and hi is not None:
-        options = [json_literal(n) for n in range(lo, lo + WINDOW + 1)]
+        options = [_spelled(range(lo, lo + WINDOW + 1))]
         # Beyond the window: whole digit-count classes that lie inside (lo, hi].
         if lo >= 0:
             for digits in range(len(str(lo + WINDOW)) + 1, len(str(hi))):
@@ -478,14 +478,14 @@ def _int_range(g: Grammar, lo: int | None, hi: int | None) -> str:
         if lo >= 0:
             return _at_least(g, lo)
         if -lo <= WINDOW:
-            return " | ".join([json_literal(n) for n in range(lo, 0)] + [g.base("nonneg")])
+            return f'{_spelled(range(lo, 0))} | {g.base("nonneg")}'
         return f'"-" {_digits_below(g, len(str(-lo)))} | {g.base("nonneg")}'
     assert hi is not None  # hi only
     if hi < 0:
         return f'"-" ({_at_least(g, -hi)})'
     negatives = f'"-" [1-9] {g.digits(0, MAX_DIGITS - 1)}'
     if hi <= WINDOW:
-        return " | ".join([negatives] + [json_literal(n) for n in range(0, hi + 1)])
+        return f"{negatives} | {_spelled(range(0, hi + 1))}"
     return f"{negatives} | {_digits_below(g, len(str(hi)))}"
 
 
@@ -496,10 +496,36 @@ def _at_least(g: Grammar, lo: int) -> str:
     if lo <= 9:
         return f"[{lo}-9] | [1-9] {g.digits(1, MAX_DIGITS - 1)}"
     digits = len(str(lo))
-    window = " | ".join(json_literal(n) for n in range(lo, lo + WINDOW + 1))
+    window = _spelled(range(lo, lo + WINDOW + 1))
     if digits >= MAX_DIGITS:
         return window
     return f"{window} | [1-9] {g.digits(digits, MAX_DIGITS - 1)}"
+
+
+def _spelled(numbers: range) -> str:
+    """The numbers as a trie of their digits: a flat list of alternatives would make llama.cpp
+    check the vocabulary against each of them at every step."""
+    return _trie([str(n) for n in numbers])
+
+
+def _trie(words: list[str]) -> str:
+    groups: dict[str, list[str]] = {}
+    ends = False
+    for word in words:
+        if word:
+            groups.setdefault(word[0], []).append(word[1:])
+        else:
+            ends = True
+    alternatives = []
+    for first, rests in groups.items():
+        rest = _trie(rests)
+        alternatives.append(f"{literal(first)} {rest}" if rest else literal(first))
+    if not alternatives:
+        return ""
+    body = " | ".join(alternatives)
+    if ends:
+        return f"({body})?"
+    return body if len(alternatives) == 1 else f"({body})"
 
 
 def _digits_below(g: Grammar, digits: int) -> str:

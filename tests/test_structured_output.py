@@ -87,7 +87,7 @@ SAMPLING = SamplingParams(temperature=0, max_tokens=200)
 
 
 # No shrinking: every step would run the model again; a failure prints its schema as is.
-@settings(max_examples=6, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+@settings(max_examples=12, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(schema=SCHEMAS, as_tool=st.booleans())
 def test_generated_json_validates_against_its_schema(

@@ -316,6 +316,8 @@ async def test_x_api_key_and_bearer_both_authenticate(api: Api) -> None:
       "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "web_search_20250305"),
     ({"model": FAKE, "max_tokens": 5, "messages": JAPAN,
       "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice"),
+    ({"model": FAKE, "max_tokens": 5, "messages": JAPAN,
+      "tools": [WEATHER_TOOL, WEATHER_TOOL]}, "unique"),
 ])
 async def test_invalid_requests_are_400s_in_anthropics_envelope(
         api: Api, body: dict[str, Any], words: str) -> None:

@@ -214,6 +214,9 @@ def _neutral_tools(tools: list[ToolDefinition]) -> tuple[Tool, ...]:
                 "server does not. Send client tools: a name, a description and an input_schema.")
         if tool.input_schema is None:
             raise InvalidRequest(f"tools.{i}.input_schema: Field required.")
+        if any(t.name == tool.name for t in out):
+            raise InvalidRequest(f"tools.{i}.name: two tools are named '{tool.name}'; tool names "
+                                 "must be unique.")
         out.append(Tool(name=tool.name, description=tool.description or "",
                         parameters=tool.input_schema))
     return tuple(out)

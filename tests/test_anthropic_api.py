@@ -17,6 +17,7 @@ from typing import Any
 import anthropic
 import httpx
 import httpx2
+import jsonschema
 import openai
 import pytest
 from fastapi import FastAPI
@@ -447,6 +448,31 @@ def test_live_message_stream_and_count_tokens(live_server: LiveServer, api_key: 
     assert text == message.content[0].text
     assert final.usage.output_tokens == usage.output_tokens
     assert final.stop_reason == message.stop_reason
+
+
+@pytest.mark.live
+def test_live_tool_round_trip(live_server: LiveServer, api_key: str) -> None:
+    """The real model calls the tool (arguments valid against its schema, streamed as
+    input_json_delta), then answers the tool's result in text."""
+    sdk = live_client(live_server, api_key)
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with sdk.messages.stream(model=MODEL, max_tokens=100, extra_body=GREEDY, messages=ask,
+                             tools=[WEATHER_TOOL], tool_choice={"type": "any"}) as stream:
+        kinds = [event.type for event in stream]
+        called = stream.get_final_message()
+    assert "input_json" in kinds and called.stop_reason == "tool_use"
+    [use] = [b for b in called.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and use.id
+    jsonschema.validate(use.input, WEATHER_TOOL["input_schema"])
+
+    answer = sdk.messages.create(
+        model=MODEL, max_tokens=40, extra_body=GREEDY, tools=[WEATHER_TOOL],
+        tool_choice={"type": "none"},
+        messages=[*ask, {"role": "assistant", "content": called.content},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                "content": "18 degrees and sunny"}]}])
+    assert answer.stop_reason in ("end_turn", "max_tokens")
+    assert [b.type for b in answer.content] == ["text"] and answer.content[0].text.strip()
 
 
 @pytest.mark.live

@@ -28,7 +28,9 @@ log = logging.getLogger("serai")
 
 
 def load_engines(settings: Settings) -> list[Engine]:
-    """The engines `settings` describe: today, the one embedded GGUF model."""
+    """The embedded GGUF model, unless `settings.embedded` is off."""
+    if not settings.embedded:
+        return []
     from serai.engines.llamacpp import LlamaCppEngine
     from serai.models import resolve_model
 
@@ -39,6 +41,13 @@ def load_engines(settings: Settings) -> list[Engine]:
                            parallel=settings.engine_parallel, queue_size=settings.engine_queue_size,
                            prefill_chunk=settings.engine_prefill_chunk,
                            batch_invariant=settings.engine_batch_invariant)]
+
+
+def upstream_engines(settings: Settings) -> list[Engine]:
+    """An engine for each of the `[[upstreams]]` `settings` declare."""
+    from serai.engines.upstream import UpstreamEngine
+
+    return [UpstreamEngine(upstream) for upstream in settings.upstreams]
 
 
 async def _sweep_forever(limiter: Limiter, database: Database, timeout_s: float) -> None:
@@ -60,10 +69,12 @@ async def _sweep_forever(limiter: Limiter, database: Database, timeout_s: float)
 
 
 def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -> FastAPI:
-    """Build the app. `engines` replaces the configured ones (tests pass a fake engine)."""
+    """Build the app. `engines` replaces the embedded one (tests pass a fake engine); the
+    upstreams the settings declare are served beside them."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        upstreams = upstream_engines(settings)  # first: a missing API key stops start-up here
         database = Database(settings.resolved_database_url)
         await asyncio.to_thread(database.upgrade)
         limiter = create_limiter(database, redis_url=settings.redis_url,
@@ -72,7 +83,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -
         ledger.start()
         loaded = list(engines) if engines is not None else await asyncio.to_thread(
             load_engines, settings)
-        router = Router(loaded)
+        router = Router([*loaded, *upstreams])
         app.state.services = Services(settings=settings, database=database,
                                       gateway=Gateway(router=router, ledger=ledger,
                                                       database=database, limiter=limiter))

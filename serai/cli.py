@@ -107,11 +107,19 @@ def serve(
     settings = _settings(host=host, port=port, data_dir=data_dir, model=model,
                          model_name=model_name)
     _configure_logging(settings.log_level)
+    from serai.engines.upstream import read_api_key
+
     try:
-        path, name = resolve_model(settings, err)
-    except ModelFileError as exc:
+        for upstream in settings.upstreams:
+            read_api_key(upstream)  # a missing key stops start-up with a plain message
+    except ValueError as exc:
         raise _fail(str(exc)) from None
-    settings = settings.model_copy(update={"model": path, "model_name": name})
+    if settings.embedded:
+        try:
+            path, name = resolve_model(settings, err)
+        except ModelFileError as exc:
+            raise _fail(str(exc)) from None
+        settings = settings.model_copy(update={"model": path, "model_name": name})
     database = _database(settings)
     with database.session() as session:
         first_key = None

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,6 +25,33 @@ BUNDLED_MODEL_NAME = "gemma-3-270m"
 
 def _config_file() -> Path:
     return Path(os.environ.get("SERAI_CONFIG", "serai.toml"))
+
+
+class UpstreamSettings(BaseModel):
+    """One model served by an OpenAI-compatible server (a `[[upstreams]]` table in serai.toml).
+
+    The API key is never written here: only the name of the variable or the file holding it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="Name clients request the model under.")
+    base_url: str = Field(min_length=1,
+                          description="The server's OpenAI API root, e.g. http://vllm:8000/v1.")
+    model: str | None = Field(None, description="The upstream's name of the model. Unset: `name`.")
+    api_key_env: str | None = Field(None, description="Variable holding the upstream's API key.")
+    api_key_file: Path | None = Field(None, description="File holding the upstream's API key.")
+    context_length: int = Field(32768, ge=256, description="The upstream model's context window.")
+    default_max_tokens: int = Field(
+        4096, ge=1, description="Completion limit sent (and reserved) when a request gives none.")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to connect to the upstream.")
+    read_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds to wait for each read, the first token's included.")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> UpstreamSettings:
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("give api_key_env or api_key_file, not both")
+        return self
 
 
 class Settings(BaseSettings):
@@ -108,6 +135,16 @@ class Settings(BaseSettings):
         ge=1,
         description="Completion limit for requests that give no max_tokens. Unset: the rest of the "
         "context window, as OpenAI does.",
+    )
+    embedded: bool = Field(
+        True,
+        description="Serve the embedded GGUF model. Off: only the upstreams are served (a gateway "
+        "in front of vLLM, SGLang or other servers).",
+    )
+    upstreams: list[UpstreamSettings] = Field(
+        default_factory=list,
+        description="Models served by OpenAI-compatible servers, beside the embedded one: "
+        "`[[upstreams]]` tables in serai.toml (see docs/configuration.md).",
     )
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."

@@ -1,0 +1,1 @@
+"""Tools for testing and benchmarking Serai: a mock OpenAI-compatible upstream."""

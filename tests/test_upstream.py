@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 import time
@@ -439,3 +440,58 @@ def test_missing_key_or_two_key_sources_are_refused(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ValueError, match="not both"):
         UpstreamSettings(name="a", base_url="http://x/v1", api_key_env="A",
                          api_key_file=Path("k"))
+
+
+def test_the_mock_runs_as_a_server_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serai.testing.mock_upstream", "--port", str(port),
+         "--chunks", "3", "--delay-s", "0"],
+        env={**os.environ, "MOCK_UPSTREAM_REPLY": "one two three"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert httpx.get(f"{base}/stats").json()["requests"] == 0
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, process.stderr.read() if process.stderr else ""
+                time.sleep(0.1)
+        stream = httpx.post(f"{base}/v1/chat/completions", json={"model": "m", "messages": CHAT,
+                                                                 "stream": True})
+        assert stream.text.count('"content"') == 4 and "one two three" not in stream.text
+        assert httpx.post(f"{base}/config", json={"failure": "503"}).status_code == 200
+        assert httpx.post(f"{base}/v1/chat/completions", json={}).status_code == 503
+        assert httpx.get(f"{base}/stats").json()["requests"] == 2
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.parametrize(("reported", "billed"), [
+    ({"prompt_tokens": 9, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}},
+     (9, 5, 4)),
+    ({"prompt_tokens": 9, "completion_tokens": 11}, (9, 4, 0)),  # above max_tokens (10)
+    ({"prompt_tokens": 9, "completion_tokens": 2}, (9, 4, 0)),  # fewer than the 4 deltas
+    ({"prompt_tokens": 9, "completion_tokens": -1}, (9, 4, 0)),
+    ({"prompt_tokens": 9, "completion_tokens": "7"}, (9, 4, 0)),
+    ({"prompt_tokens": 10**6, "completion_tokens": 4}, (3, 4, 0)),  # prompt: the estimate
+    ({"prompt_tokens": 9, "completion_tokens": 4,
+      "prompt_tokens_details": {"cached_tokens": 99}}, (9, 4, 9)),
+    (None, (3, 4, 0)),
+])
+def test_reported_usage_is_checked_against_what_was_relayed(
+        reported: dict[str, object] | None, billed: tuple[int, int, int]) -> None:
+    from serai.engines.upstream import _Relay
+
+    relay = _Relay(prompt_estimate=3, max_tokens=10, deltas=4, chars=6)
+    usage = relay.checked(reported, model=MODEL, prompt_chars=40)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == billed

@@ -145,9 +145,10 @@ class _Relay:
         completion = _int(reported.get("completion_tokens"))
         details = reported.get("prompt_tokens_details") or {}
         cached = _int(details.get("cached_tokens") if isinstance(details, dict) else None) or 0
-        # A token is at least a character of what was relayed, or one delta.
-        ceiling = min(self.max_tokens, max(self.deltas, self.chars + self.deltas))
-        if completion is None or completion < 0 or completion > ceiling:
+        # Each delta relayed holds a token at least, and each token a character at most (or
+        # none, as a special token may): fewer than the deltas or more than this cannot be.
+        ceiling = min(self.max_tokens, self.chars + self.deltas)
+        if completion is None or completion < relayed or completion > ceiling:
             log.warning("upstream of %s reported %r completion tokens (at most %d possible); "
                         "billing the %d relayed", model, reported.get("completion_tokens"),
                         ceiling, relayed)

@@ -131,7 +131,10 @@ def serve(
             f"[bold]{first_key}[/bold]\n\nThis admin key is shown once. Use it as "
             "`Authorization: Bearer <key>`;\n`serai keys create` makes more.",
             title="New data dir: admin API key", border_style="green"))
-    err.print(f"Serving [bold]{name}[/bold] on http://{settings.host}:{settings.port} "
+    served = [name] if settings.embedded else []
+    served += [upstream.name for upstream in settings.upstreams]
+    err.print(f"Serving [bold]{', '.join(served) or 'no model'}[/bold] on "
+              f"http://{settings.host}:{settings.port} "
               f"(data dir {settings.data_dir.resolve()})")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="uvloop",
                 http="httptools", log_config=None, access_log=False,

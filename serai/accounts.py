@@ -6,6 +6,7 @@ display prefix are stored; the secret is shown once, when it is created.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -48,6 +49,8 @@ class KeyInfo:
     rpm: int | None = None
     tpm: int | None = None
     allowed_cidrs: list[str] | None = None
+    # The organization's allowed regions (None or empty: any); read when the key authenticates.
+    allowed_regions: list[str] | None = None
 
     @property
     def revoked(self) -> bool:
@@ -71,11 +74,13 @@ class OrgInfo:
     rpm: int | None
     tpm: int | None
     max_concurrency: int | None
+    allowed_regions: list[str] | None = None
 
 
 def _org_info(row: Organization) -> OrgInfo:
     return OrgInfo(row.id, row.name, row.disabled, row.plan_id, row.price_book_id,
-                   row.balance_micros, row.rpm, row.tpm, row.max_concurrency)
+                   row.balance_micros, row.rpm, row.tpm, row.max_concurrency,
+                   row.allowed_regions or None)
 
 
 def create_org(*, session: Session, name: str, plan_id: int | None = None,
@@ -115,8 +120,10 @@ _UNSET: Any = object()
 def update_org(*, session: Session, org_id: int, name: str | None = None,
                disabled: bool | None = None, plan_id: int | None = _UNSET,
                price_book_id: int | None = _UNSET, rpm: int | None = _UNSET,
-               tpm: int | None = _UNSET, max_concurrency: int | None = _UNSET) -> OrgInfo:
-    """Change what is given; `None` clears a plan, price book or limit."""
+               tpm: int | None = _UNSET, max_concurrency: int | None = _UNSET,
+               allowed_regions: list[str] | None = _UNSET) -> OrgInfo:
+    """Change what is given; `None` clears a plan, price book, limit or region restriction
+    (an empty list of regions means any, as `None` does)."""
     row = session.get(Organization, org_id)
     if row is None:
         raise NotFound(f"No organization {org_id}.", param="org")
@@ -126,7 +133,9 @@ def update_org(*, session: Session, org_id: int, name: str | None = None,
     if disabled is not None:
         row.disabled = disabled
     for field, value in (("plan_id", plan_id), ("price_book_id", price_book_id), ("rpm", rpm),
-                         ("tpm", tpm), ("max_concurrency", max_concurrency)):
+                         ("tpm", tpm), ("max_concurrency", max_concurrency),
+                         ("allowed_regions", allowed_regions or None
+                          if allowed_regions is not _UNSET else _UNSET)):
         if value is not _UNSET:
             setattr(row, field, value)
     session.flush()
@@ -233,7 +242,11 @@ def authenticate(*, session: Session, secret: str) -> KeyInfo:
     if match.expires_at is not None and _aware(match.expires_at) <= datetime.now(UTC):
         raise AuthenticationFailed(f"The API key {match.prefix}… expired at "
                                    f"{_aware(match.expires_at):%Y-%m-%d %H:%M} UTC.")
-    return key_info(match)
+    info = key_info(match)
+    org = session.get(Organization, match.org_id) if match.org_id is not None else None
+    if org is not None and org.allowed_regions:
+        info = dataclasses.replace(info, allowed_regions=list(org.allowed_regions))
+    return info
 
 
 def _aware(moment: datetime) -> datetime:

@@ -16,7 +16,7 @@ from serai.api import admin, anthropic, openai, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
 from serai.api.middleware import BodySizeLimit, IdempotentReplays, JsonBodies, RequestContext
-from serai.config import Settings
+from serai.config import Settings, UpstreamSettings
 from serai.engines.base import Engine
 from serai.engines.router import Router
 from serai.gateway import Gateway
@@ -43,11 +43,24 @@ def load_engines(settings: Settings) -> list[Engine]:
                            batch_invariant=settings.engine_batch_invariant)]
 
 
-def upstream_engines(settings: Settings) -> list[Engine]:
+def upstream_engines(settings: Settings) -> list[tuple[UpstreamSettings, Engine]]:
     """An engine for each of the `[[upstreams]]` `settings` declare."""
     from serai.engines.upstream import UpstreamEngine
 
-    return [UpstreamEngine(upstream) for upstream in settings.upstreams]
+    return [(upstream, UpstreamEngine(upstream)) for upstream in settings.upstreams]
+
+
+def build_router(settings: Settings, local: Sequence[Engine],
+                 upstreams: Sequence[tuple[UpstreamSettings, Engine]]) -> Router:
+    """The deployments: engines of this process in `settings.region`, then each upstream."""
+    router = Router(eject_after=settings.eject_after_failures, cooldown_s=settings.eject_cooldown_s)
+    for engine in local:
+        router.add(engine, deployment=f"{engine.model.name}@local", region=settings.region)
+    for config, engine in upstreams:
+        router.add(engine, deployment=config.deployment_id, region=config.region,
+                   weight=config.weight, max_concurrency=config.max_concurrency,
+                   aliases=config.aliases)
+    return router
 
 
 async def _sweep_forever(limiter: Limiter, database: Database, timeout_s: float) -> None:
@@ -83,10 +96,10 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -
         ledger.start()
         loaded = list(engines) if engines is not None else await asyncio.to_thread(
             load_engines, settings)
-        router = Router([*loaded, *upstreams])
-        app.state.services = Services(settings=settings, database=database,
-                                      gateway=Gateway(router=router, ledger=ledger,
-                                                      database=database, limiter=limiter))
+        router = build_router(settings, loaded, upstreams)
+        gateway = Gateway(router=router, ledger=ledger, database=database, limiter=limiter,
+                          failover_attempts=settings.failover_attempts)
+        app.state.services = Services(settings=settings, database=database, gateway=gateway)
         sweeper = asyncio.create_task(_sweep_forever(limiter, database,
                                                      settings.reservation_timeout_s),
                                       name="reservation-sweeper")

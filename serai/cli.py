@@ -132,7 +132,8 @@ def serve(
             "`Authorization: Bearer <key>`;\n`serai keys create` makes more.",
             title="New data dir: admin API key", border_style="green"))
     served = [name] if settings.embedded else []
-    served += [upstream.name for upstream in settings.upstreams]
+    for upstream in settings.upstreams:  # several deployments of one model: named once
+        served += [n for n in (upstream.name, *upstream.aliases) if n not in served]
     err.print(f"Serving [bold]{', '.join(served) or 'no model'}[/bold] on "
               f"http://{settings.host}:{settings.port} "
               f"(data dir {settings.data_dir.resolve()})")
@@ -315,9 +316,11 @@ def orgs_update(
     disable: Annotated[bool | None, typer.Option(
         "--disable/--enable", help="Refuse (or allow again) every request of the organization.",
         show_default=False)] = None,
+    regions: Annotated[str | None, typer.Option(
+        help="Comma-separated regions whose deployments may serve it; '' lifts it.")] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Change an organization's name, plan, price book, limits or state."""
+    """Change an organization's name, plan, price book, limits, regions or state."""
     with _session(data_dir) as session:
         found = accounts.find_org(session=session, ref=org)
         fields: dict[str, object] = {}
@@ -328,6 +331,8 @@ def orgs_update(
             fields["price_book_id"] = None if price_book == "none" else plans.find_price_book(
                 session=session, ref=price_book).id
         fields.update(_lifted(rpm=rpm, tpm=tpm, max_concurrency=max_concurrency))
+        if regions is not None:
+            fields["allowed_regions"] = _csv(regions) or None
         updated = accounts.update_org(session=session, org_id=found.id, name=name,
                                       disabled=disable, **fields)  # type: ignore[arg-type]
         table = _org_table(session, [updated])

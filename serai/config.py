@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
@@ -34,7 +35,21 @@ class UpstreamSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, description="Name clients request the model under.")
+    name: str = Field(min_length=1, description="Name clients request the model under. Several "
+                      "upstreams may share it: they are deployments of one model.")
+    deployment: str | None = Field(
+        None, description="Id of this deployment, unique across upstreams, shown in usage rows. "
+        "Unset: `<name>@<host>:<port>` of base_url.")
+    aliases: list[str] = Field(default_factory=list,
+                               description="More names clients may request the model under.")
+    region: str = Field("default", min_length=1,
+                        description="Region label of the server, matched against organizations' "
+                        "allowed regions.")
+    weight: int = Field(1, ge=1, description="Share of the model's traffic relative to its other "
+                        "deployments.")
+    max_concurrency: int | None = Field(
+        None, ge=1, description="Requests this deployment runs at once; past it the router picks "
+        "another deployment or answers 503. Unset: no limit.")
     base_url: str = Field(min_length=1,
                           description="The server's OpenAI API root, e.g. http://vllm:8000/v1.")
     model: str | None = Field(None, description="The upstream's name of the model. Unset: `name`.")
@@ -52,6 +67,13 @@ class UpstreamSettings(BaseModel):
         if self.api_key_env and self.api_key_file:
             raise ValueError("give api_key_env or api_key_file, not both")
         return self
+
+    @property
+    def deployment_id(self) -> str:
+        if self.deployment:
+            return self.deployment
+        parts = urlsplit(self.base_url)
+        return f"{self.name}@{parts.netloc or self.base_url}"
 
 
 class Settings(BaseSettings):
@@ -146,12 +168,42 @@ class Settings(BaseSettings):
         description="Models served by OpenAI-compatible servers, beside the embedded one: "
         "`[[upstreams]]` tables in serai.toml (see docs/configuration.md).",
     )
+    region: str = Field(
+        "default", min_length=1,
+        description="Region label of the embedded model's deployment (this machine), matched "
+        "against organizations' allowed regions.",
+    )
+    failover_attempts: int = Field(
+        3, ge=1, le=10,
+        description="Deployments a request is tried on, one after the other, while they fail "
+        "before their first byte (unreachable, 5xx, 429, timeout, full). Never after it.",
+    )
+    eject_after_failures: int = Field(
+        3, ge=1,
+        description="Consecutive failures before the first byte after which a deployment is "
+        "ejected: it gets no traffic for eject_cooldown_s.",
+    )
+    eject_cooldown_s: float = Field(
+        30.0, gt=0,
+        description="Seconds an ejected deployment rests; then one trial request decides whether "
+        "it is back (success) or rests again (failure).",
+    )
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the server."
     )
+
+    @model_validator(mode="after")
+    def _unique_deployments(self) -> Settings:
+        seen: set[str] = set()
+        for upstream in self.upstreams:
+            if upstream.deployment_id in seen:
+                raise ValueError(f"two upstreams are the deployment {upstream.deployment_id!r}: "
+                                 "give them distinct `deployment` ids")
+            seen.add(upstream.deployment_id)
+        return self
 
     @classmethod
     def settings_customise_sources(

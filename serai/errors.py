@@ -95,6 +95,15 @@ class EngineOverloaded(SeraiError):
     refusal = True
 
 
+class RegionUnavailable(SeraiError):
+    """No deployment of the model in the organization's allowed regions can take the request.
+    Residency fails closed: the request is never sent to another region."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "region_unavailable"
+
+
 class LimitsUnavailable(SeraiError):
     """The shared limits store (Redis) cannot be reached: nobody is let in unlimited, and the
     client should retry in a moment."""

@@ -1,8 +1,10 @@
 """What every model request goes through between the wire protocol and the engine.
 
-The gateway routes a neutral request to its engine, runs it, and meters it: whatever way a run
-ends (finished, client gone, engine failure), exactly one usage row is recorded for it. It never
-knows which wire protocol the request came in on.
+The gateway routes a neutral request to a deployment of its model, runs it, and meters it:
+whatever way a request ends (finished, client gone, engine failure), exactly one usage row is
+recorded for it. A deployment that fails before its first chunk is replaced by another (under the
+same admission, without a row of its own); once a chunk came, the request stays where it is. It
+never knows which wire protocol the request came in on.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from collections.abc import AsyncIterator
 
 from serai.accounts import KeyInfo
 from serai.engines.base import Engine, Measure
-from serai.engines.router import Router
-from serai.errors import SeraiError
+from serai.engines.router import Router, Ticket
+from serai.errors import EngineOverloaded, EngineUnavailable, SeraiError
 from serai.idempotency import IdempotentCall
 from serai.ledger import UNMETERED, Admission, LedgerWriter, UsageRecord, UsageStatus
 from serai.limits import DatabaseLimiter, Limiter
@@ -35,9 +37,10 @@ class Run:
     def __init__(
         self, *, engine: Engine, request: GenerationRequest, key: KeyInfo, endpoint: str,
         ledger: LedgerWriter, admission: Admission = UNMETERED,
-        limiter: Limiter | None = None,
+        limiter: Limiter | None = None, ticket: Ticket | None = None,
     ) -> None:
         self.request = request
+        self.ticket = ticket
         self.admission = admission
         self._limiter = limiter
         self.engine = engine
@@ -54,23 +57,47 @@ class Run:
         self._closed = False
         self._committed: asyncio.Future[None] | None = None
 
-    async def open(self) -> None:
+    async def open(self, *, may_fail_over: bool = False) -> None:
         """Wait for the first chunk, so errors the engine raises up front (a prompt too long
-        for the context) reach the client as a 4xx instead of a broken stream."""
+        for the context) reach the client as a 4xx instead of a broken stream.
+
+        With `may_fail_over`, a deployment that is unavailable or full leaves neither a row nor
+        a released admission: the caller runs the request elsewhere under the same admission.
+        """
         try:
             self._pending = await self._next()
         except SeraiError as error:
+            if self.ticket is not None and isinstance(error, EngineUnavailable):
+                self.ticket.failed()
+            if may_fail_over and isinstance(error, EngineUnavailable | EngineOverloaded):
+                await self._abandon()
+                raise
             if not error.refusal:
                 await self.close()
                 raise
             # Refused before generating: never a billable run, so it leaves no usage row.
             self._closed = True
+            if self.ticket is not None:
+                self.ticket.done()
             if self._limiter is not None:
                 await _give_back(self._limiter, self.admission)
             raise
         except BaseException:
             await self.close()
             raise
+        if self.ticket is not None:
+            self.ticket.succeeded()
+
+    async def _abandon(self) -> None:
+        """Drop an attempt that produced nothing, leaving the admission to the next one."""
+        self._closed = True
+        try:
+            await asyncio.shield(self._chunks.aclose())
+        except Exception:
+            log.exception("engine stream of %s failed to close", self.request.request_id)
+        finally:
+            if self.ticket is not None:
+                self.ticket.done()
 
     async def _next(self) -> Chunk:
         try:
@@ -134,6 +161,9 @@ class Run:
         except Exception:
             log.exception("engine stream of %s failed to close", self.request.request_id)
         finally:
+            if self.ticket is not None:
+                self.ticket.done()
+            deployment = None if self.ticket is None else self.ticket.deployment
             now = time.perf_counter()
             self._committed = self._ledger.record(
                 UsageRecord(
@@ -150,6 +180,8 @@ class Run:
                     if self._first_token_at is None
                     else (self._first_token_at - self._started) * 1000,
                     latency_ms=(now - self._started) * 1000,
+                    region=None if deployment is None else deployment.region,
+                    deployment=None if deployment is None else deployment.id,
                 )
             )
 
@@ -163,8 +195,9 @@ async def _give_back(limiter: Limiter, admission: Admission) -> None:
 
 class Gateway:
     def __init__(self, *, router: Router, ledger: LedgerWriter, database: Database,
-                 limiter: Limiter | None = None) -> None:
+                 limiter: Limiter | None = None, failover_attempts: int = 3) -> None:
         self.router = router
+        self.failover_attempts = failover_attempts
         self.ledger = ledger
         self.database = database
         self.limiter = limiter if limiter is not None else DatabaseLimiter(database)
@@ -195,25 +228,50 @@ class Gateway:
         return await self.router.engine_for(request.model).measure(request)
 
     async def _start(self, *, key: KeyInfo, request: GenerationRequest, endpoint: str) -> Run:
-        """Route, admit and start a run; returns once the engine produced its first chunk.
+        """Route, admit and start a run; returns once an engine produced its first chunk.
 
-        Admission errors (RateLimited, QuotaExceeded, PermissionDenied) and a prompt that does
-        not fit reach the caller before anything is held or generated.
+        Admission errors (RateLimited, QuotaExceeded, PermissionDenied), a prompt that does not
+        fit and a model with no deployment the key's regions allow reach the caller before
+        anything is held or generated. Reserved once, the request is tried on up to
+        `failover_attempts` deployments while they fail before their first chunk.
         """
-        engine = self.router.engine_for(request.model)
-        size = await engine.measure(request)
+        regions = key.allowed_regions
+        ticket = self.router.pick(request.model, regions=regions)
+        try:
+            size = await ticket.deployment.engine.measure(request)
 
-        def reserve() -> Admission:
-            return self.limiter.reserve(key=key, request_id=request.request_id,
-                                        model=request.model, endpoint=endpoint,
-                                        prompt_tokens=size.prompt_tokens,
-                                        max_tokens=size.max_tokens)
+            def reserve() -> Admission:
+                return self.limiter.reserve(key=key, request_id=request.request_id,
+                                            model=request.model, endpoint=endpoint,
+                                            prompt_tokens=size.prompt_tokens,
+                                            max_tokens=size.max_tokens)
 
-        async def give_back(admission: Admission) -> None:  # the client left meanwhile
-            await _give_back(self.limiter, admission)
+            async def give_back(admission: Admission) -> None:  # the client left meanwhile
+                await _give_back(self.limiter, admission)
 
-        admission = await finish_or_undo(reserve, give_back)
-        run = Run(engine=engine, request=request, key=key, endpoint=endpoint, ledger=self.ledger,
-                  admission=admission, limiter=self.limiter)
-        await run.open()
-        return run
+            admission = await finish_or_undo(reserve, give_back)
+        except BaseException:
+            ticket.done()
+            raise
+        tried = []
+        while True:
+            tried.append(ticket.deployment)
+            may_fail_over = len(tried) < self.failover_attempts and self.router.has_alternative(
+                request.model, regions=regions, exclude=tried)
+            run = Run(engine=ticket.deployment.engine, request=request, key=key,
+                      endpoint=endpoint, ledger=self.ledger, admission=admission,
+                      limiter=self.limiter, ticket=ticket)
+            try:
+                await run.open(may_fail_over=may_fail_over)
+                return run
+            except (EngineUnavailable, EngineOverloaded) as error:
+                if not may_fail_over:
+                    raise
+                log.warning("%s failed on %s before its first byte (%s); trying another "
+                            "deployment", request.request_id, ticket.deployment.id, error.code)
+                try:
+                    ticket = self.router.pick(request.model, regions=regions, exclude=tried)
+                except SeraiError:
+                    # The alternative went away meanwhile: nothing ran, nothing is billed.
+                    await _give_back(self.limiter, admission)
+                    raise error from None

@@ -72,6 +72,8 @@ class UsageRecord:
     latency_ms: float
     cached_tokens: int = 0
     admission: Admission = UNMETERED
+    region: str | None = None  # of the deployment that served it
+    deployment: str | None = None
 
 
 def db_now_ms(session: Session) -> int:
@@ -319,7 +321,7 @@ def write_usage(*, session: Session, records: list[UsageRecord]) -> None:
             model=record.model, endpoint=record.endpoint, prompt_tokens=record.prompt_tokens,
             completion_tokens=record.completion_tokens, cached_tokens=record.cached_tokens,
             status=record.status, ttft_ms=record.ttft_ms, latency_ms=record.latency_ms,
-            cost_micros=cost, charged=admission.charged,
+            region=record.region, deployment=record.deployment, cost_micros=cost, charged=admission.charged,
             requests_milli=admission.multiplier_milli if counted else 0,
             tokens_milli=(record.prompt_tokens + record.completion_tokens)
             * admission.multiplier_milli,

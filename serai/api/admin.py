@@ -70,6 +70,9 @@ class OrgCreate(_Strict):
     max_concurrency: PositiveInt | None = None
 
 
+Region = Annotated[str, Field(min_length=1, max_length=64)]
+
+
 class OrgUpdate(_Strict):
     name: Name | None = None
     disabled: bool | None = None
@@ -78,13 +81,16 @@ class OrgUpdate(_Strict):
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
     max_concurrency: PositiveInt | None = None
+    allowed_regions: list[Region] | None = Field(
+        None, description="Regions whose deployments may serve the organization; null or [] "
+        "lifts the restriction.")
 
 
 def _org_object(org: OrgInfo) -> dict[str, Any]:
     return {"id": org.id, "object": "organization", "name": org.name, "disabled": org.disabled,
             "plan_id": org.plan_id, "price_book_id": org.price_book_id,
             "balance_micros": org.balance_micros, "rpm": org.rpm, "tpm": org.tpm,
-            "max_concurrency": org.max_concurrency}
+            "max_concurrency": org.max_concurrency, "allowed_regions": org.allowed_regions}
 
 
 def _check_links(session: Session, plan_id: int | None, price_book_id: int | None) -> None:

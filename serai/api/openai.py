@@ -464,5 +464,4 @@ async def list_models(_key: KeyDep, services: ServicesDep) -> Response:
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, _key: KeyDep, services: ServicesDep) -> Response:
     """Describes one model."""
-    engine = services.gateway.router.engine_for(model_id)
-    return json_response(200, _model_object(engine.model))
+    return json_response(200, _model_object(services.gateway.router.model(model_id)))

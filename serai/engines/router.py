@@ -1,37 +1,189 @@
-"""Maps the model names clients ask for to the engines that serve them."""
+"""Maps the model names clients ask for to the deployments that serve them, and picks one.
+
+A deployment is one engine serving a model in a region. Several may serve one public name; the
+router picks among the healthy ones in the regions a request may use, the least loaded for its
+weight (outstanding / weight; ties drawn at random in proportion to weight). Health is passive:
+`eject_after` consecutive failures before a first byte eject a deployment for `cooldown_s`; then
+one trial request (half-open) closes the circuit if it succeeds and re-opens it if it fails.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 from serai.engines.base import Engine, ModelInfo
-from serai.errors import UnknownModel
+from serai.errors import EngineOverloaded, EngineUnavailable, RegionUnavailable, UnknownModel
+
+Circuit = Literal["closed", "open", "half_open"]
+
+
+@dataclass(eq=False)
+class Deployment:
+    """One engine serving a model in a region, with its load and health."""
+
+    id: str
+    engine: Engine
+    region: str = "default"
+    weight: int = 1
+    max_concurrency: int | None = None
+    aliases: Sequence[str] = ()
+    outstanding: int = 0
+    failures: int = 0  # consecutive, before a first byte
+    circuit: Circuit = "closed"
+    opened_at: float = 0.0
+    trial: bool = False  # a half-open trial request is in flight
+
+    @property
+    def names(self) -> list[str]:
+        return [self.engine.model.name, *self.aliases]
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A request's hold on the deployment picked for it: counted as outstanding until `done`."""
+
+    deployment: Deployment
+    _router: Router
+    _done: bool = field(default=False)
+
+    def succeeded(self) -> None:
+        """The first chunk arrived: the deployment is healthy."""
+        self._router._verdict(self.deployment, ok=True)
+
+    def failed(self) -> None:
+        """The deployment failed before its first byte (unreachable, 5xx, 429, timeout)."""
+        self._router._verdict(self.deployment, ok=False)
+
+    def done(self) -> None:
+        """The request left the deployment (idempotent)."""
+        if self._done:
+            return
+        self._done = True
+        self.deployment.outstanding -= 1
+        self.deployment.trial = False
 
 
 class Router:
-    def __init__(self, engines: Iterable[Engine] = ()) -> None:
-        self._engines: dict[str, Engine] = {}
+    def __init__(self, engines: Iterable[Engine] = (), *, eject_after: int = 3,
+                 cooldown_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self._models: dict[str, list[Deployment]] = {}
+        self._ids: set[str] = set()
+        self.eject_after = eject_after
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._rng = rng or random.Random()
         for engine in engines:
             self.add(engine)
 
-    def add(self, engine: Engine) -> None:
-        name = engine.model.name
-        if name in self._engines:
-            raise ValueError(f"two engines serve the model name {name!r}")
-        self._engines[name] = engine
+    def add(self, engine: Engine, *, deployment: str | None = None, region: str = "default",
+            weight: int = 1, max_concurrency: int | None = None,
+            aliases: Sequence[str] = ()) -> Deployment:
+        ident = deployment or engine.model.name
+        if ident in self._ids:
+            raise ValueError(f"two deployments have the id {ident!r}")
+        self._ids.add(ident)
+        added = Deployment(ident, engine, region=region, weight=weight,
+                           max_concurrency=max_concurrency, aliases=tuple(aliases))
+        for name in added.names:
+            self._models.setdefault(name, []).append(added)
+        return added
 
-    def engine_for(self, model: str) -> Engine:
+    def deployments(self, model: str) -> list[Deployment]:
         try:
-            return self._engines[model]
+            return self._models[model]
         except KeyError:
             raise UnknownModel(
                 f"The model `{model}` does not exist or you do not have access to it.",
                 param="model",
             ) from None
 
+    def engine_for(self, model: str) -> Engine:
+        """An engine serving `model` (the first declared): to measure or describe it."""
+        return self.deployments(model)[0].engine
+
+    def model(self, name: str) -> ModelInfo:
+        info = self.engine_for(name).model
+        return info if info.name == name else ModelInfo(name, info.context_length, info.created,
+                                                        info.owned_by)
+
     def models(self) -> list[ModelInfo]:
-        return [engine.model for engine in self._engines.values()]
+        return [self.model(name) for name in self._models]
+
+    def _available(self, deployment: Deployment, now: float) -> bool:
+        if deployment.circuit == "open":
+            if now - deployment.opened_at < self.cooldown_s:
+                return False
+            deployment.circuit = "half_open"
+        if deployment.circuit == "half_open" and deployment.trial:
+            return False  # one trial at a time
+        return not (deployment.max_concurrency is not None
+                    and deployment.outstanding >= deployment.max_concurrency)
+
+    def pick(self, model: str, *, regions: Sequence[str] | None = None,
+             exclude: Iterable[Deployment] = ()) -> Ticket:
+        """Hold the best deployment of `model` in `regions` (None or empty: any), skipping
+        `exclude`. RegionUnavailable if the regions have none that can take the request;
+        EngineUnavailable or EngineOverloaded if no region restriction applies."""
+        skipped = set(map(id, exclude))
+        allowed = [d for d in self.deployments(model)
+                   if id(d) not in skipped and (not regions or d.region in regions)]
+        now = self._clock()
+        candidates = [d for d in allowed if self._available(d, now)]
+        if not candidates:
+            raise self._none_available(model, allowed, regions, now)
+        best = min(d.outstanding / d.weight for d in candidates)
+        tied = [d for d in candidates if d.outstanding / d.weight == best]
+        chosen = self._rng.choices(tied, weights=[d.weight for d in tied])[0]
+        chosen.outstanding += 1
+        if chosen.circuit == "half_open":
+            chosen.trial = True
+        return Ticket(chosen, self)
+
+    def has_alternative(self, model: str, *, regions: Sequence[str] | None,
+                        exclude: Iterable[Deployment]) -> bool:
+        skipped = set(map(id, exclude))
+        now = self._clock()
+        return any(self._available(d, now) for d in self.deployments(model)
+                   if id(d) not in skipped and (not regions or d.region in regions))
+
+    def _none_available(self, model: str, allowed: list[Deployment],
+                        regions: Sequence[str] | None, now: float) -> Exception:
+        if regions:
+            return RegionUnavailable(
+                f"No deployment of `{model}` in the regions this organization may use "
+                f"({', '.join(regions)}) can take the request now; it is not sent elsewhere. "
+                "Retry in a moment.", headers={"retry-after": str(self._retry_after(allowed, now))})
+        if allowed and all(d.circuit == "closed" for d in allowed):
+            return EngineOverloaded(f"Every deployment of `{model}` is busy; retry in a moment.",
+                                    headers={"retry-after": "1"})
+        return EngineUnavailable(f"No deployment of `{model}` is healthy now; retry in a moment.",
+                                 headers={"retry-after": str(self._retry_after(allowed, now))})
+
+    def _retry_after(self, deployments: list[Deployment], now: float) -> int:
+        waits = [self.cooldown_s - (now - d.opened_at) for d in deployments
+                 if d.circuit == "open"]
+        return max(1, math.ceil(min(waits))) if waits else 1
+
+    def _verdict(self, deployment: Deployment, *, ok: bool) -> None:
+        if ok:
+            deployment.failures = 0
+            deployment.circuit = "closed"
+            return
+        deployment.failures += 1
+        if deployment.circuit == "half_open" or deployment.failures >= self.eject_after:
+            deployment.circuit = "open"
+            deployment.opened_at = self._clock()
 
     async def aclose(self) -> None:
-        for engine in self._engines.values():
-            await engine.aclose()
+        seen: set[int] = set()
+        for deployments in self._models.values():
+            for deployment in deployments:
+                if id(deployment) not in seen:
+                    seen.add(id(deployment))
+                    await deployment.engine.aclose()

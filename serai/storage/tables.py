@@ -49,6 +49,8 @@ class Organization(Base):
     tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Regions whose deployments may serve this organization; null or empty: any.
+    allowed_regions: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
     __table_args__ = (CheckConstraint("balance_micros >= 0",
                                       name="ck_organizations_balance_not_negative"),)
@@ -188,6 +190,9 @@ class UsageRow(Base):
     tokens_milli: Mapped[int] = mapped_column(BigInteger, default=0)
     # The database clock when the row was settled: what rolling windows are measured against.
     created_ms: Mapped[int] = mapped_column(Millis, default=0)
+    # The deployment that served the request, and its region (null: none was reached).
+    region: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    deployment: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
     __table_args__ = (Index("ix_usage_org_window", "org_id", "created_ms"),
                       Index("ix_usage_key_window", "key_id", "created_ms"))

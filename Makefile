@@ -36,11 +36,12 @@ test: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check serai tests benchmarks
 
-# Speed against llama_cpp.server and a bare loop, then memory (about 25 minutes on 2 cores; run
-# it on an otherwise idle machine).
+# Speed against llama_cpp.server and a bare loop, then memory, then the gateway's overhead in
+# front of a mock upstream (about 27 minutes on 2 cores; run it on an otherwise idle machine).
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/embedded_engine.py
 	$(BIN)/python benchmarks/engine_memory.py
+	$(BIN)/python benchmarks/gateway_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache

@@ -10,24 +10,21 @@ concurrency-1 reference, and prints the figures side by side with their ratios (
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import llama_cpp
+from processes import Server, cpu_model, die_with_parent, free_port
 from rich.console import Console
 from rich.table import Table
 
@@ -61,71 +58,6 @@ hwm = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()
 print(json.dumps({"output_tokens": tokens, "duration_s": duration,
                   "output_throughput": tokens / duration, "peak_rss_mib": hwm / 1024}))
 """
-
-
-def _die_with_parent() -> None:
-    # Children get SIGTERM if this script dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG).
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def proc_status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-class Server:
-    """A child server process with its log in `log_path`."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path,
-                 ready_url: str, base_url: str) -> None:
-        self.name, self.log_path, self.base_url = name, log_path, base_url
-        self.api_key: str | None = None
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            cwd=log_path.parent, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{name} exited:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"{name} did not become ready:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def memory_mib(self) -> dict[str, float]:
-        pid = self.process.pid
-        return {"peak_rss_mib": proc_status_kib(pid, "VmHWM") / 1024,
-                "rss_mib": proc_status_kib(pid, "VmRSS") / 1024}
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def start_serai(gguf: Path, work: Path, threads: int, ctx: int, parallel: int,
@@ -190,7 +122,7 @@ def bare_loop(gguf: Path, args: argparse.Namespace, seed: int) -> dict[str, floa
             "output_len": args.output_len,
             "prompts": synthetic_prompts(count=args.prompts_c1, input_len=args.input_len, seed=seed)}
     done = subprocess.run([sys.executable, "-c", BARE_LOOP, json.dumps(spec)], capture_output=True,
-                          text=True, check=True, preexec_fn=_die_with_parent)
+                          text=True, check=True, preexec_fn=die_with_parent)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from embedded_engine import MODEL_NAME, Server, cpu_model, proc_status_kib, start_serai
+from embedded_engine import MODEL_NAME, start_serai
+from processes import Server, cpu_model, proc_status_kib
 from rich.console import Console
 from rich.table import Table
 

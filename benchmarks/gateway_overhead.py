@@ -13,20 +13,17 @@ requests/s, against the issue's targets (docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from processes import Server, cpu_model, die_with_parent, free_port
 from rich.console import Console
 from rich.table import Table
 
@@ -44,59 +41,6 @@ TARGET_RPS_RATIO = 0.5
 # the key, requests in flight on the organization, and a balance the requests draw from.
 LIMITS = {"rpm": 1_000_000, "tpm": 1_000_000_000, "max_concurrency": 1_000}
 console = Console(width=None if sys.stdout.isatty() else 120)
-
-
-def _die_with_parent() -> None:
-    # Children get SIGTERM if this script dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG).
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-class Server:
-    """A child server process with its log in `log_path`, ready once `ready_url` answers 200."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path,
-                 ready_url: str) -> None:
-        self.name, self.log_path = name, log_path
-        with log_path.open("wb") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            cwd=log_path.parent, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{name} exited:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{name} did not become ready:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 def start_mock(work: Path, delay_s: float, chunks: int) -> tuple[Server, str]:
@@ -120,7 +64,7 @@ def serai_cli(env: dict[str, str], data_dir: Path, *args: str) -> str:
     # In the work dir, like `serai serve`: no serai.toml of the caller's is read.
     done = subprocess.run([sys.executable, "-m", "serai", *args, "--data-dir", str(data_dir)],
                           env=env, cwd=data_dir.parent, capture_output=True, text=True,
-                          preexec_fn=_die_with_parent)
+                          preexec_fn=die_with_parent)
     if done.returncode != 0:
         raise RuntimeError(f"serai {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
     return done.stdout

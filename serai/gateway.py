@@ -91,7 +91,12 @@ class Run:
     async def _abandon(self) -> None:
         """Drop an attempt that produced nothing, leaving the admission to the next one."""
         self._closed = True
+        await self._stop_engine()
+
+    async def _stop_engine(self) -> None:
+        """Close the engine's stream and free the deployment's slot, whatever the stream does."""
         try:
+            # Shielded: a cancelled request must still stop its engine.
             await asyncio.shield(self._chunks.aclose())
         except Exception:
             log.exception("engine stream of %s failed to close", self.request.request_id)
@@ -156,13 +161,8 @@ class Run:
         self._closed = True
         status = self.status
         try:
-            # Shielded: a cancelled request must still stop its engine before the row is written.
-            await asyncio.shield(self._chunks.aclose())
-        except Exception:
-            log.exception("engine stream of %s failed to close", self.request.request_id)
+            await self._stop_engine()  # before the row is written
         finally:
-            if self.ticket is not None:
-                self.ticket.done()
             deployment = None if self.ticket is None else self.ticket.deployment
             now = time.perf_counter()
             self._committed = self._ledger.record(

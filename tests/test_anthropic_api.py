@@ -22,7 +22,7 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from serai import accounts, ledger
+from serai import accounts
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings
@@ -30,6 +30,7 @@ from serai.storage.tables import UsageRow
 from serai.types import Message, ResponseFormat, Tool, ToolCall, ToolChoice
 from tests.conftest import LiveServer
 from tests.support.fake_engine import FakeEngine
+from tests.support.ledger_rows import usage_rows
 from tests.support.tenants import customer
 from tests.test_live_server import wait_for_row
 
@@ -61,9 +62,7 @@ class Api:
         return await self.http.post(path, json=body, headers={"x-api-key": self.key, **headers})
 
     async def usage_rows(self) -> list[UsageRow]:
-        await self.services.gateway.ledger.flush()
-        with self.services.database.session() as session:
-            return list(reversed(ledger.recent_usage(session=session)))
+        return await usage_rows(self.services)
 
 
 @pytest.fixture

@@ -16,12 +16,13 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
-from serai import accounts, ledger
+from serai import accounts
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings
 from serai.storage.tables import Reservation, UsageRow
 from tests.support.fake_engine import FakeEngine
+from tests.support.ledger_rows import usage_rows
 
 MODEL = "fake-model"
 CHAT = [{"role": "user", "content": "What is the capital of Japan?"}]
@@ -44,9 +45,7 @@ class Api:
                                   http_client=self.http, max_retries=0)
 
     async def usage_rows(self) -> list[UsageRow]:
-        await self.services.gateway.ledger.flush()
-        with self.services.database.session() as session:
-            return list(reversed(ledger.recent_usage(session=session)))
+        return await usage_rows(self.services)
 
 
 @pytest.fixture

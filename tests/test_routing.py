@@ -27,6 +27,7 @@ from serai.errors import EngineOverloaded, EngineUnavailable, RegionUnavailable,
 from serai.storage.tables import Reservation, UsageRow
 from serai.testing.mock_upstream import MockConfig, Stats
 from tests.support.fake_engine import FakeEngine
+from tests.support.ledger_rows import usage_rows
 from tests.test_upstream import MockServer
 
 MODEL = "up"
@@ -209,9 +210,7 @@ class Api:
     secret: str
 
     async def usage_rows(self) -> list[UsageRow]:
-        await self.services.gateway.ledger.flush()
-        with self.services.database.session() as session:
-            return list(reversed(ledger.recent_usage(session=session, limit=1000)))
+        return await usage_rows(self.services, limit=1000)
 
     def reservations(self) -> int:
         with self.services.database.session() as session:

@@ -25,7 +25,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from serai import accounts, ledger
+from serai import accounts
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings, UpstreamSettings, load_settings
@@ -33,6 +33,7 @@ from serai.engines.upstream import UpstreamEngine, estimate_prompt_tokens
 from serai.storage.tables import UsageRow
 from serai.testing.mock_upstream import SECRET_IN_ERRORS, MockConfig, MockUpstream
 from serai.types import GenerationRequest, Message, SamplingParams
+from tests.support.ledger_rows import usage_rows
 
 MODEL = "up"
 API_KEY = "sk-upstream-do-not-leak-4242"
@@ -44,6 +45,7 @@ ESTIMATE = estimate_prompt_tokens(GenerationRequest("r", MODEL, messages=(
     Message("user", QUESTION),)))
 WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {
     "city": {"type": "string"}}, "required": ["city"]}}
+
 
 
 class MockServer:
@@ -116,9 +118,7 @@ class Api:
                                         http_client=self.sdk_http, max_retries=0)
 
     async def usage_rows(self) -> list[UsageRow]:
-        await self.services.gateway.ledger.flush()
-        with self.services.database.session() as session:
-            return list(reversed(ledger.recent_usage(session=session)))
+        return await usage_rows(self.services)
 
 
 async def _serve(tmp_path: Path, mock: MockUpstream, config: UpstreamSettings

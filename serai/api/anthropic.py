@@ -21,7 +21,8 @@ from starlette.responses import Response
 
 from serai.api.deps import IdempotencyDep, KeyDep, ServicesDep
 from serai.api.errors import anthropic_error_body, anthropic_status, json_response
-from serai.api.sse import ClientDisconnected, EventStreamResponse, sse_event, until_disconnect
+from serai.api.serving import Answer, serve
+from serai.api.sse import sse_event
 from serai.errors import InvalidRequest, SeraiError
 from serai.gateway import Run
 from serai.types import (
@@ -345,21 +346,6 @@ async def _events(run: Run, render: Rendering) -> AsyncIterator[bytes]:
     yield _event("message_stop", {})
 
 
-async def _collect(run: Run) -> tuple[list[dict[str, Any]], Chunk | None]:
-    texts: list[str] = []
-    calls: list[ToolCall] = []
-    last = None
-    async for chunk in run:
-        texts.append(chunk.text)
-        calls.extend(chunk.tool_calls)
-        if chunk.finish_reason is not None:
-            last = chunk
-    text = "".join(texts)
-    content = [{"type": "text", "text": text}] if text else []
-    content += [_tool_use(call, _tool_input(call)) for call in calls]
-    return content, last
-
-
 @router.post("/v1/messages")
 async def create_message(
     body: MessagesRequest, request: Request, key: KeyDep, services: ServicesDep,
@@ -367,23 +353,18 @@ async def create_message(
 ) -> Response:
     """Creates a model response for the given conversation (Anthropic Messages API)."""
     generation = body.to_generation(request.state.request_id)
-    try:
-        run = await until_disconnect(request.receive, services.gateway.start(
-            key=key, request=generation, endpoint="messages", idempotency=idempotency))
-    except ClientDisconnected:
-        return Response(status_code=499)
     render = Rendering(id="msg_" + generation.request_id.removeprefix("req_"),
                        model=generation.model, stops=generation.sampling.stop)
-    headers = run.admission.headers or None
-    if body.stream:
-        return EventStreamResponse(_events(run, render), on_close=run.close, headers=headers)
-    try:
-        content, last = await until_disconnect(request.receive, _collect(run))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    finally:
-        await run.close()
-    return json_response(200, render.message(content, last, run.usage), headers=headers)
+
+    def message(run: Run, answer: Answer) -> dict[str, Any]:
+        content = [{"type": "text", "text": answer.text}] if answer.text else []
+        content += [_tool_use(call, _tool_input(call)) for call in answer.tool_calls]
+        return render.message(content, answer.last, run.usage)
+
+    return await serve(request, services.gateway, key=key, generation=generation,
+                       endpoint="messages", idempotency=idempotency,
+                       events=(lambda run: _events(run, render)) if body.stream else None,
+                       body=message)
 
 
 @router.post("/v1/messages/count_tokens")

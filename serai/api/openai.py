@@ -19,12 +19,10 @@ from starlette.responses import Response
 
 from serai.api.deps import IdempotencyDep, KeyDep, ServicesDep
 from serai.api.errors import json_response, openai_error_body
+from serai.api.serving import serve
 from serai.api.sse import (
     SSE_DONE,
-    ClientDisconnected,
-    EventStreamResponse,
     sse_event,
-    until_disconnect,
 )
 from serai.engines.base import ModelInfo
 from serai.errors import InvalidRequest, SeraiError
@@ -388,33 +386,13 @@ async def _serve(
     endpoint: str, stream: bool, include_usage: bool, idempotency: IdempotentCall | None,
     rendering: Callable[[str, str], ChatRendering | CompletionRendering],
 ) -> Response:
-    gateway = services.gateway
-    try:
-        run = await until_disconnect(request.receive, gateway.start(
-            key=key, request=generation, endpoint=endpoint, idempotency=idempotency))
-    except ClientDisconnected:
-        return Response(status_code=499)
     render = rendering(generation.request_id, generation.model)
-    if stream:
-        return EventStreamResponse(_events(run, render, include_usage),
-                                   on_close=run.close, headers=run.admission.headers or None)
-    try:
-        text, calls = await until_disconnect(request.receive, _collect(run))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    finally:
-        await run.close()
-    return json_response(200, render.answer(text, run.finish_reason, run.usage, calls),
-                         headers=run.admission.headers or None)
-
-
-async def _collect(run: Run) -> tuple[str, tuple[ToolCall, ...]]:
-    texts: list[str] = []
-    calls: tuple[ToolCall, ...] = ()
-    async for chunk in run:
-        texts.append(chunk.text)
-        calls += chunk.tool_calls
-    return "".join(texts), calls
+    return await serve(
+        request, services.gateway, key=key, generation=generation, endpoint=endpoint,
+        idempotency=idempotency,
+        events=(lambda run: _events(run, render, include_usage)) if stream else None,
+        body=lambda run, answer: render.answer(answer.text, run.finish_reason, run.usage,
+                                               answer.tool_calls))
 
 
 @router.post("/v1/chat/completions")

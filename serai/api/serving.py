@@ -1,0 +1,69 @@
+"""Running one model request for a wire protocol: start it, then stream it or answer it whole.
+
+Both surfaces (OpenAI's and Anthropic's) do the same around their own rendering: the request is
+started through the gateway while `receive()` is watched (a client that leaves gets no run), a
+stream is handed to an EventStreamResponse that closes the run when it ends, and a whole answer
+is collected under the same watch and its run closed however collecting ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from starlette.responses import Response
+
+from serai.accounts import KeyInfo
+from serai.api.errors import json_response
+from serai.api.sse import ClientDisconnected, EventStreamResponse, until_disconnect
+from serai.gateway import Gateway, Run
+from serai.idempotency import IdempotentCall
+from serai.types import Chunk, GenerationRequest, ToolCall
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole generation: its text, its tool calls and the chunk that ended it."""
+
+    text: str
+    tool_calls: tuple[ToolCall, ...]
+    last: Chunk | None
+
+
+async def collect(run: Run) -> Answer:
+    texts: list[str] = []
+    calls: tuple[ToolCall, ...] = ()
+    last = None
+    async for chunk in run:
+        texts.append(chunk.text)
+        calls += chunk.tool_calls
+        if chunk.finish_reason is not None:
+            last = chunk
+    return Answer("".join(texts), calls, last)
+
+
+async def serve(
+    request: Request, gateway: Gateway, *, key: KeyInfo, generation: GenerationRequest,
+    endpoint: str, idempotency: IdempotentCall | None,
+    events: Callable[[Run], AsyncIterator[bytes]] | None,
+    body: Callable[[Run, Answer], Any],
+) -> Response:
+    """Run `generation`: as the stream `events` renders when given, else as the JSON `body`
+    renders from the whole answer. A client gone before the answer is ready gets a 499."""
+    try:
+        run = await until_disconnect(request.receive, gateway.start(
+            key=key, request=generation, endpoint=endpoint, idempotency=idempotency))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    headers = run.admission.headers or None
+    if events is not None:
+        return EventStreamResponse(events(run), on_close=run.close, headers=headers)
+    try:
+        answer = await until_disconnect(request.receive, collect(run))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        await run.close()
+    return json_response(200, body(run, answer), headers=headers)

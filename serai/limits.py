@@ -76,20 +76,20 @@ class DatabaseLimiter:
 
     def reserve(self, *, key: KeyInfo, request_id: str, model: str, endpoint: str,
                 prompt_tokens: int, max_tokens: int) -> Admission:
-        with self._database.session() as session:
+        with self._database.session(write=True) as session:
             return admit(session=session, key=key, request_id=request_id, model=model,
                          endpoint=endpoint, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
 
     def settle(self, records: list[UsageRecord]) -> None:
-        with self._database.session() as session:
+        with self._database.session(write=True) as session:
             write_usage(session=session, records=records)
 
     def release(self, admission: Admission) -> None:
-        with self._database.session() as session:
+        with self._database.session(write=True) as session:
             release(session=session, admission=admission)
 
     def sweep(self, older_than_s: float) -> int:
-        with self._database.session() as session:
+        with self._database.session(write=True) as session:
             return sweep_reservations(session=session, older_than_s=older_than_s)
 
     def close(self) -> None:

@@ -86,9 +86,9 @@ async def test_a_failed_write_is_retried_without_losing_or_doubling_rows(
     attempts: list[int] = []
 
     @contextmanager
-    def commit_fails_once() -> Iterator[Session]:
+    def commit_fails_once(**kwargs: bool) -> Iterator[Session]:
         # The insert runs, then the commit fails, as when the database drops the connection.
-        with real_session() as session:
+        with real_session(**kwargs) as session:
             yield session
             attempts.append(1)
             if len(attempts) == 1:

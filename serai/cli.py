@@ -92,6 +92,10 @@ def _fail(message: str) -> typer.Exit:
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "debug":
+        # httpx logs every request at info, health probes of each upstream included; Serai
+        # logs what matters of them itself.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -717,17 +721,22 @@ def models_list(
     data_dir: DataDir = None,
     model: Annotated[Path | None, typer.Option(help="GGUF file instead of the bundled one.")] = None,
 ) -> None:
-    """List the models `serai serve` would serve with these settings."""
-    from serai.models import resolve_model
+    """List the embedded models `serai serve` would serve with these settings."""
+    from serai.models import check_gguf, prepare_bundled_model
 
     settings = _settings(data_dir=data_dir, model=model)
-    try:
-        path, name = resolve_model(settings, err)
-    except ModelFileError as exc:
-        raise _fail(str(exc)) from None
     table = Table("model", "file", "size", "context")
-    table.add_row(name, str(path), f"{path.stat().st_size / 2**20:.0f} MiB",
-                  str(settings.context_length))
+    for entry in settings.embedded_models:
+        try:
+            if entry.path is None:
+                path = prepare_bundled_model(settings.models_dir, err)
+            else:
+                path = entry.path.expanduser().resolve()
+                check_gguf(path)
+        except ModelFileError as exc:
+            raise _fail(str(exc)) from None
+        table.add_row(entry.name, str(path), f"{path.stat().st_size / 2**20:.0f} MiB",
+                      str(entry.context_length))
     Console().print(table)
 
 

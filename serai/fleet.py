@@ -12,6 +12,7 @@ Deployments the settings do not declare (engines a test passed in) are left alon
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,7 +36,8 @@ class Declared:
     id: str
     kind: str  # "embedded" or "upstream"
     config: EmbeddedModelSettings | UpstreamSettings
-    # Top-level engine settings an embedded model depends on beside its own table.
+    # What else the engine depends on: for an embedded model the top-level engine settings,
+    # for an upstream a digest of its API key (so a rotated key file replaces it).
     engine_options: tuple[object, ...] = ()
 
 
@@ -45,8 +47,16 @@ def declared(settings: Settings, *, embedded: bool = True) -> dict[str, Declared
                settings.engine_batch_invariant)
     items = [Declared(m.deployment_id, "embedded", m, options)
              for m in (settings.embedded_models if embedded else ())]
-    items += [Declared(u.deployment_id, "upstream", u) for u in settings.upstreams]
+    items += [Declared(u.deployment_id, "upstream", u, (_key_digest(u),))
+              for u in settings.upstreams]
     return {item.id: item for item in items}
+
+
+def _key_digest(config: UpstreamSettings) -> str | None:
+    from serai.engines.upstream import read_api_key
+
+    key = read_api_key(config)  # a missing variable or file refuses the settings here
+    return None if key is None else hashlib.sha256(key.encode()).hexdigest()
 
 
 def open_engine(item: Declared, settings: Settings) -> Engine:

@@ -75,6 +75,10 @@ def write_config(path: Path, upstreams: list[dict[str, Any]], *,
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_key(path: Path, key: str) -> None:
+    path.write_text(key + "\n")
+
+
 def upstream(server: MockServer, deployment: str, **changes: object) -> dict[str, Any]:
     return {"name": MODEL, "base_url": server.url, "deployment": deployment,
             "api_key_env": "MOCK_UPSTREAM_KEY", "read_timeout_s": 5.0,
@@ -274,6 +278,21 @@ async def test_an_invalid_config_changes_nothing(
         response = await api.http.post("/admin/v1/deployments/reload", headers={
             "authorization": f"Bearer {api.client.api_key}"})
         assert response.status_code == 403  # a model key may not reload
+
+
+async def test_a_rotated_key_file_replaces_the_upstream(
+        tmp_path: Path, config: Path, servers: dict[str, MockServer]) -> None:
+    key_file = tmp_path / "upstream.key"
+    keyed = {k: v for k, v in upstream(servers["a"], "a").items() if k != "api_key_env"}
+    write_key(key_file, "sk-first")
+    write_config(config, [{**keyed, "api_key_file": str(key_file)}], data_dir=str(tmp_path),
+                 embedded=False)
+    async with serai() as api:
+        assert (await api.reload()).json()["unchanged"] == ["a"]
+        write_key(key_file, "sk-second")
+        assert (await api.reload()).json()["replaced"] == ["a"]
+        assert await _ask(api) == ANSWER
+        assert servers["a"].mock.stats.authorizations[-1] == "Bearer sk-second"
 
 
 async def test_active_probe_ejects_and_brings_back(

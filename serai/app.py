@@ -1,11 +1,13 @@
-"""create_app(settings) -> FastAPI. The lifespan opens the database, starts the ledger writer and
-loads the engines; shutting down drains the ledger so no usage row is lost."""
+"""create_app(settings) -> FastAPI. The lifespan opens the deployments the settings declare (see
+serai.fleet), the database and the ledger writer, and starts the health probes; shutting down
+drains the ledger so no usage row is lost."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+import signal
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -16,9 +18,10 @@ from serai.api import admin, anthropic, openai, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
 from serai.api.middleware import BodySizeLimit, IdempotentReplays, JsonBodies, RequestContext
-from serai.config import Settings, UpstreamSettings
+from serai.config import Settings
 from serai.engines.base import Engine
 from serai.engines.router import Router
+from serai.fleet import Fleet, probe_forever
 from serai.gateway import Gateway
 from serai.ledger import LedgerWriter
 from serai.limits import Limiter, create_limiter
@@ -27,40 +30,32 @@ from serai.storage.db import Database
 log = logging.getLogger("serai")
 
 
-def load_engines(settings: Settings) -> list[Engine]:
-    """The embedded GGUF model, unless `settings.embedded` is off."""
-    if not settings.embedded:
-        return []
-    from serai.engines.llamacpp import LlamaCppEngine
-    from serai.models import resolve_model
-
-    path, name = resolve_model(settings)
-    return [LlamaCppEngine(path, name=name, context_length=settings.context_length,
-                           threads=settings.threads, prompt_format=settings.prompt_format,
-                           default_max_tokens=settings.default_max_tokens,
-                           parallel=settings.engine_parallel, queue_size=settings.engine_queue_size,
-                           prefill_chunk=settings.engine_prefill_chunk,
-                           batch_invariant=settings.engine_batch_invariant)]
-
-
-def upstream_engines(settings: Settings) -> list[tuple[UpstreamSettings, Engine]]:
-    """An engine for each of the `[[upstreams]]` `settings` declare."""
-    from serai.engines.upstream import UpstreamEngine
-
-    return [(upstream, UpstreamEngine(upstream)) for upstream in settings.upstreams]
-
-
-def build_router(settings: Settings, local: Sequence[Engine],
-                 upstreams: Sequence[tuple[UpstreamSettings, Engine]]) -> Router:
-    """The deployments: engines of this process in `settings.region`, then each upstream."""
+def build_router(settings: Settings, local: Sequence[Engine] = ()) -> Router:
+    """A router with `local` engines (tests pass fakes) as deployments of this process in
+    `settings.region`; the declared deployments are added by the fleet."""
     router = Router(eject_after=settings.eject_after_failures, cooldown_s=settings.eject_cooldown_s)
     for engine in local:
         router.add(engine, deployment=f"{engine.model.name}@local", region=settings.region)
-    for config, engine in upstreams:
-        router.add(engine, deployment=config.deployment_id, region=config.region,
-                   weight=config.weight, max_concurrency=config.max_concurrency,
-                   aliases=config.aliases)
     return router
+
+
+def _reload_on_sighup(fleet: Fleet) -> Callable[[], None]:
+    """SIGHUP reloads the deployments (as `serai deployments reload` does); returns the undo.
+    Only the main thread may handle signals: elsewhere (a server in a test thread) nothing."""
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        log.info("SIGHUP: reloading the deployments")
+        task = loop.create_task(fleet.reload_logged())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    except (ValueError, RuntimeError, NotImplementedError):
+        return lambda: None
+    return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
 async def _sweep_forever(limiter: Limiter, database: Database, timeout_s: float) -> None:
@@ -81,32 +76,41 @@ async def _sweep_forever(limiter: Limiter, database: Database, timeout_s: float)
         await asyncio.sleep(min(60.0, timeout_s / 2))
 
 
-def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None) -> FastAPI:
-    """Build the app. `engines` replaces the embedded one (tests pass a fake engine); the
-    upstreams the settings declare are served beside them."""
+def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
+               reread: Callable[[], Settings] = Settings, sighup: bool = False) -> FastAPI:
+    """Build the app. `engines` replaces the embedded models (tests pass a fake engine); the
+    upstreams the settings declare are served beside them. A reload (the admin API, or SIGHUP
+    if `sighup`) applies the deployments of the settings `reread` builds."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        upstreams = upstream_engines(settings)  # first: a missing API key stops start-up here
+        router = build_router(settings, engines or ())
+        fleet = Fleet(router, reread=reread, embedded=engines is None)
+        await fleet.apply(settings)  # first: a missing API key stops start-up here
         database = Database(settings.resolved_database_url)
         await asyncio.to_thread(database.upgrade)
         limiter = create_limiter(database, redis_url=settings.redis_url,
                                  redis_prefix=settings.redis_prefix)
         ledger = LedgerWriter(limiter)
         ledger.start()
-        loaded = list(engines) if engines is not None else await asyncio.to_thread(
-            load_engines, settings)
-        router = build_router(settings, loaded, upstreams)
         gateway = Gateway(router=router, ledger=ledger, database=database, limiter=limiter,
                           failover_attempts=settings.failover_attempts)
-        app.state.services = Services(settings=settings, database=database, gateway=gateway)
-        sweeper = asyncio.create_task(_sweep_forever(limiter, database,
-                                                     settings.reservation_timeout_s),
-                                      name="reservation-sweeper")
+        app.state.services = Services(settings=settings, database=database, gateway=gateway,
+                                      fleet=fleet)
+        tasks = [asyncio.create_task(_sweep_forever(limiter, database,
+                                                    settings.reservation_timeout_s),
+                                     name="reservation-sweeper")]
+        if settings.probe_interval_s > 0:
+            tasks.append(asyncio.create_task(probe_forever(router, settings.probe_interval_s),
+                                             name="health-probes"))
+        undo_sighup = _reload_on_sighup(fleet) if sighup else (lambda: None)
         try:
             yield
         finally:
-            sweeper.cancel()
+            undo_sighup()
+            for task in tasks:
+                task.cancel()
+            await fleet.aclose()
             await router.aclose()
             await ledger.aclose()
             await asyncio.to_thread(limiter.close)

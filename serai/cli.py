@@ -1,19 +1,22 @@
-"""The `serai` command: serve, keys, orgs, plans, prices, balance, usage, invoices, models, db,
-bench.
+"""The `serai` command: serve, keys, orgs, plans, prices, balance, usage, invoices, models,
+deployments, db, bench.
 
 Every command takes --data-dir (or SERAI_DATA_DIR) and acts on that data dir's database, so
-`serai keys create` makes a key for the server running on the same data dir.
+`serai keys create` makes a key for the server running on the same data dir. `serai deployments`
+is the exception: deployments live in the running server's memory, so it calls the server's
+admin API (--url, --key).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -46,6 +49,8 @@ balance_app = typer.Typer(help="Balances: top-ups, adjustments and redemption co
 codes_app = typer.Typer(help="Redemption codes: generate, list, disable.", no_args_is_help=True)
 models_app = typer.Typer(help="The models this server serves.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+deployments_app = typer.Typer(help="The running server's deployments: load and health, and "
+                              "reloading them from the configuration.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(orgs_app, name="orgs")
 app.add_typer(plans_app, name="plans")
@@ -54,6 +59,7 @@ app.add_typer(balance_app, name="balance")
 balance_app.add_typer(codes_app, name="codes")
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
+app.add_typer(deployments_app, name="deployments")
 
 err = Console(stderr=True)
 
@@ -86,6 +92,10 @@ def _fail(message: str) -> typer.Exit:
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "debug":
+        # httpx logs every request at info, health probes of each upstream included; Serai
+        # logs what matters of them itself.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -102,24 +112,22 @@ def serve(
     import uvicorn
 
     from serai.app import create_app
-    from serai.models import resolve_model
-
-    settings = _settings(host=host, port=port, data_dir=data_dir, model=model,
-                         model_name=model_name)
-    _configure_logging(settings.log_level)
     from serai.engines.upstream import read_api_key
+    from serai.models import check_gguf
 
+    flags = {"host": host, "port": port, "data_dir": data_dir, "model": model,
+             "model_name": model_name}
+    settings = _settings(**flags)
+    _configure_logging(settings.log_level)
     try:
         for upstream in settings.upstreams:
             read_api_key(upstream)  # a missing key stops start-up with a plain message
-    except ValueError as exc:
+        for entry in settings.models:
+            if entry.path is not None:
+                check_gguf(entry.path.expanduser())
+        settings = _with_model_file(settings)
+    except (ValueError, ModelFileError) as exc:
         raise _fail(str(exc)) from None
-    if settings.embedded:
-        try:
-            path, name = resolve_model(settings, err)
-        except ModelFileError as exc:
-            raise _fail(str(exc)) from None
-        settings = settings.model_copy(update={"model": path, "model_name": name})
     database = _database(settings)
     with database.session() as session:
         first_key = None
@@ -131,15 +139,31 @@ def serve(
             f"[bold]{first_key}[/bold]\n\nThis admin key is shown once. Use it as "
             "`Authorization: Bearer <key>`;\n`serai keys create` makes more.",
             title="New data dir: admin API key", border_style="green"))
-    served = [name] if settings.embedded else []
-    for upstream in settings.upstreams:  # several deployments of one model: named once
-        served += [n for n in (upstream.name, *upstream.aliases) if n not in served]
+    served: list[str] = []
+    for each in [*settings.embedded_models, *settings.upstreams]:  # a model is named once
+        served += [n for n in (each.name, *each.aliases) if n not in served]
     err.print(f"Serving [bold]{', '.join(served) or 'no model'}[/bold] on "
               f"http://{settings.host}:{settings.port} "
               f"(data dir {settings.data_dir.resolve()})")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="uvloop",
+
+    def reread() -> Settings:  # on reload: the same flags over the new file and variables
+        return _with_model_file(load_settings(**flags))
+
+    uvicorn.run(create_app(settings, reread=reread, sighup=True), host=settings.host,
+                port=settings.port, loop="uvloop",
                 http="httptools", log_config=None, access_log=False,
                 log_level=settings.log_level, timeout_graceful_shutdown=10)
+
+
+def _with_model_file(settings: Settings) -> Settings:
+    """With one embedded model given by the top-level settings, prepare or check its file now
+    (with a progress bar on first start), so the engine loads the file as named here."""
+    if not settings.embedded or settings.models:
+        return settings
+    from serai.models import resolve_model
+
+    path, name = resolve_model(settings, err)
+    return settings.model_copy(update={"model": path, "model_name": name})
 
 
 @contextmanager
@@ -697,18 +721,105 @@ def models_list(
     data_dir: DataDir = None,
     model: Annotated[Path | None, typer.Option(help="GGUF file instead of the bundled one.")] = None,
 ) -> None:
-    """List the models `serai serve` would serve with these settings."""
-    from serai.models import resolve_model
+    """List the embedded models `serai serve` would serve with these settings."""
+    from serai.models import check_gguf, prepare_bundled_model
 
     settings = _settings(data_dir=data_dir, model=model)
-    try:
-        path, name = resolve_model(settings, err)
-    except ModelFileError as exc:
-        raise _fail(str(exc)) from None
     table = Table("model", "file", "size", "context")
-    table.add_row(name, str(path), f"{path.stat().st_size / 2**20:.0f} MiB",
-                  str(settings.context_length))
+    for entry in settings.embedded_models:
+        try:
+            if entry.path is None:
+                path = prepare_bundled_model(settings.models_dir, err)
+            else:
+                path = entry.path.expanduser().resolve()
+                check_gguf(path)
+        except ModelFileError as exc:
+            raise _fail(str(exc)) from None
+        table.add_row(entry.name, str(path), f"{path.stat().st_size / 2**20:.0f} MiB",
+                      str(entry.context_length))
     Console().print(table)
+
+
+ServerUrl = Annotated[str | None, typer.Option(
+    "--url", envvar="SERAI_URL", help="The running server's address. Default: "
+    "http://<host>:<port> of the settings.", show_default=False)]
+AdminKey = Annotated[str | None, typer.Option(
+    "--key", envvar="SERAI_ADMIN_KEY", help="A platform operator's admin key.",
+    show_default=False)]
+
+
+def _server_call(method: str, path: str, *, url: str | None, key: str | None,
+                 data_dir: Path | None) -> dict[str, Any]:
+    """Call the running server's admin API; its error message, or why it cannot be reached,
+    becomes a one-line failure."""
+    import httpx
+
+    if not key:
+        raise _fail("give a platform operator's admin key with --key or SERAI_ADMIN_KEY")
+    if url is None:
+        settings = _settings(data_dir=data_dir)
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        url = f"http://{host}:{settings.port}"
+    try:
+        # Long enough for a reload that loads GGUF files.
+        response = httpx.request(method, f"{url.rstrip('/')}/admin/v1{path}", timeout=600,
+                                 headers={"authorization": f"Bearer {key}"})
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach the server at {url}: {type(exc).__name__}") from None
+    try:
+        body: dict[str, Any] = response.json()
+    except ValueError:
+        raise _fail(f"the server at {url} answered {response.status_code}, not JSON") from None
+    if response.status_code >= 400:
+        error = body.get("error") or {}
+        raise _fail(str(error.get("message") or f"the server answered {response.status_code}"))
+    return body
+
+
+def _health(deployment: dict[str, Any]) -> str:
+    health = deployment["health"]
+    text = health["circuit"]
+    if health["consecutive_failures"]:
+        text += f", {health['consecutive_failures']} failed"
+    return text + (", draining" if deployment["draining"] else "")
+
+
+def _probe(deployment: dict[str, Any]) -> str:
+    probe = deployment["health"]["last_probe"]
+    if probe is None:
+        return "-"
+    at = datetime.fromisoformat(probe["at"]).astimezone()
+    return f"{'ok' if probe['ok'] else 'failed'} {at:%H:%M:%S}" + (
+        f" {probe['detail']}" if probe["detail"] else "")
+
+
+@deployments_app.command("list")
+def deployments_list(
+    url: ServerUrl = None, key: AdminKey = None, data_dir: DataDir = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+) -> None:
+    """List the running server's deployments with their load and health."""
+    body = _server_call("GET", "/deployments", url=url, key=key, data_dir=data_dir)
+    if as_json:
+        typer.echo(json.dumps(body["data"], indent=2))
+        return
+    table = Table("deployment", "model", "kind", "region", "weight", "load", "health",
+                  "last probe")
+    for d in body["data"]:
+        limit = "" if d["max_concurrency"] is None else f"/{d['max_concurrency']}"
+        table.add_row(d["id"], ", ".join([d["model"], *d["aliases"]]), d["kind"], d["region"],
+                      str(d["weight"]), f"{d['outstanding']}{limit}", _health(d), _probe(d))
+    Console(width=max(Console().width, 140)).print(table)
+
+
+@deployments_app.command("reload")
+def deployments_reload(url: ServerUrl = None, key: AdminKey = None,
+                       data_dir: DataDir = None) -> None:
+    """Make the running server re-read serai.toml and its variables and apply the deployments:
+    add new ones, drain removed ones, replace changed ones (as SIGHUP does)."""
+    body = _server_call("POST", "/deployments/reload", url=url, key=key, data_dir=data_dir)
+    for change in ("added", "removed", "replaced", "unchanged"):
+        typer.echo(f"{change}: {', '.join(body[change]) or '-'}")
 
 
 @db_app.command("upgrade")

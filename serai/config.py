@@ -76,6 +76,38 @@ class UpstreamSettings(BaseModel):
         return f"{self.name}@{parts.netloc or self.base_url}"
 
 
+class EmbeddedModelSettings(BaseModel):
+    """One GGUF model this process serves (a `[[models]]` table in serai.toml). Unset engine
+    values come from the top-level settings of the same name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="Name clients request the model under.")
+    path: Path | None = Field(None, description="GGUF file to serve. Unset: the bundled Gemma 3 "
+                              "270M, prepared into <data_dir>/models.")
+    deployment: str | None = Field(None, description="Id of this deployment, unique across all "
+                                   "deployments, shown in usage rows. Unset: `<name>@local`.")
+    aliases: list[str] = Field(default_factory=list,
+                               description="More names clients may request the model under.")
+    region: str | None = Field(None, min_length=1,
+                               description="Region label of this deployment. Unset: `region`.")
+    weight: int = Field(1, ge=1, description="Share of the model's traffic relative to its other "
+                        "deployments.")
+    context_length: int | None = Field(None, ge=256, description="Context window per sequence. "
+                                       "Unset: `context_length`.")
+    threads: int | None = Field(None, ge=1, description="CPU threads. Unset: `threads`.")
+    parallel: int | None = Field(None, ge=1, le=64, description="Sequences decoded at once. "
+                                 "Unset: `engine_parallel`.")
+    queue_size: int | None = Field(None, ge=0, description="Requests that may wait for a free "
+                                   "sequence. Unset: `engine_queue_size`.")
+    prompt_format: Literal["auto", "transcript", "template"] | None = Field(
+        None, description="How chat messages become a prompt. Unset: `prompt_format`.")
+
+    @property
+    def deployment_id(self) -> str:
+        return self.deployment or f"{self.name}@local"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SERAI_", extra="forbid")
 
@@ -173,6 +205,17 @@ class Settings(BaseSettings):
         description="Region label of the embedded model's deployment (this machine), matched "
         "against organizations' allowed regions.",
     )
+    models: list[EmbeddedModelSettings] = Field(
+        default_factory=list,
+        description="Several embedded GGUF models, each with its own engine: `[[models]]` tables "
+        "in serai.toml (see docs/configuration.md). Empty: the one model of `model`.",
+    )
+    probe_interval_s: float = Field(
+        10.0, ge=0,
+        description="Seconds between active health probes of each upstream (GET <base_url>/models). "
+        "A failed probe counts as a failure before the first byte; a successful one closes an "
+        "open circuit. 0: no probes.",
+    )
     failover_attempts: int = Field(
         3, ge=1, le=10,
         description="Deployments a request is tried on, one after the other, while they fail "
@@ -198,12 +241,32 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _unique_deployments(self) -> Settings:
         seen: set[str] = set()
-        for upstream in self.upstreams:
-            if upstream.deployment_id in seen:
-                raise ValueError(f"two upstreams are the deployment {upstream.deployment_id!r}: "
+        for declared in [*self.embedded_models, *self.upstreams]:
+            if declared.deployment_id in seen:
+                kind = "models" if isinstance(declared, EmbeddedModelSettings) else "upstreams"
+                raise ValueError(f"two {kind} are the deployment {declared.deployment_id!r}: "
                                  "give them distinct `deployment` ids")
-            seen.add(upstream.deployment_id)
+            seen.add(declared.deployment_id)
         return self
+
+    @property
+    def embedded_models(self) -> list[EmbeddedModelSettings]:
+        """The embedded models to serve, every unset engine value filled in from the top-level
+        settings: the `[[models]]` tables, or else the one model `model` names."""
+        if not self.embedded:
+            return []
+        declared = self.models or [EmbeddedModelSettings(
+            name=self.model_name or (BUNDLED_MODEL_NAME if self.model is None
+                                     else self.model.expanduser().stem),
+            path=self.model)]
+        return [m.model_copy(update={
+            "region": m.region or self.region,
+            "context_length": m.context_length or self.context_length,
+            "threads": m.threads or self.threads,
+            "parallel": m.parallel or self.engine_parallel,
+            "queue_size": self.engine_queue_size if m.queue_size is None else m.queue_size,
+            "prompt_format": m.prompt_format or self.prompt_format,
+        }) for m in declared]
 
     @classmethod
     def settings_customise_sources(

@@ -20,3 +20,15 @@ def test_every_documented_setting_exists() -> None:
     text = (DOCS / "configuration.md").read_text()
     documented = {line.split("`")[1] for line in text.splitlines() if line.startswith("| `SERAI_")}
     assert documented == {f"SERAI_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_every_table_key_is_documented() -> None:
+    """`[[upstreams]]` and `[[models]]` keys each have a row in their table."""
+    from serai.config import EmbeddedModelSettings, UpstreamSettings
+
+    text = (DOCS / "configuration.md").read_text()
+    for entry, section in ((UpstreamSettings, "## Upstream models"),
+                           (EmbeddedModelSettings, "## Several embedded models")):
+        table = text.split(section, 1)[1].split("\n## ", 1)[0]
+        documented = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
+        assert documented == set(entry.model_fields), section

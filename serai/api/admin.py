@@ -1,5 +1,5 @@
 """The admin API under /admin/v1: organizations, keys, plans, price books, balances, redemption
-codes, usage and invoices.
+codes, usage, invoices, and the deployments serving the models.
 
 Who may do what is decided by the key's role (see `AdminScope`): a platform operator manages
 everything; an organization's owner and admin manage its keys and redeem codes; a viewer reads.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Query
@@ -25,6 +25,7 @@ from serai import accounts, invoices, plans
 from serai.accounts import CodeInfo, KeyInfo, OrgInfo
 from serai.api.deps import AdminScope, ScopeDep, ServicesDep
 from serai.api.errors import json_response
+from serai.engines.router import Deployment
 from serai.errors import InvalidRequest, NotFound, PermissionDenied
 from serai.storage.tables import Plan, PriceBook, Reservation
 
@@ -603,3 +604,45 @@ async def organization_invoice(org_id: int, month: str, scope: ScopeDep, service
         return invoices.invoice(session=session, org_id=org_id, month=month)
 
     return invoice_response(await in_session(services, read), format)
+
+
+# -- deployments ------------------------------------------------------------------------------
+
+
+def _deployment_object(deployment: Deployment, *, draining: bool = False) -> dict[str, Any]:
+    """What an operator sees of a deployment. Deliberately no base_url nor anything read from
+    the upstream's settings beyond routing: nothing here can carry an API key."""
+    probe = deployment.probe
+    return {"id": deployment.id, "object": "deployment", "model": deployment.engine.model.name,
+            "aliases": list(deployment.aliases), "kind": deployment.kind,
+            "region": deployment.region, "weight": deployment.weight,
+            "max_concurrency": deployment.max_concurrency,
+            "outstanding": deployment.outstanding, "draining": draining,
+            "health": {"circuit": deployment.circuit,
+                       "consecutive_failures": deployment.failures,
+                       "last_probe": None if probe is None else {
+                           "ok": probe.ok, "detail": probe.detail,
+                           "at": datetime.fromtimestamp(probe.at, UTC).isoformat()}}}
+
+
+@router.get("/deployments")
+async def list_deployments(scope: ScopeDep, services: ServicesDep) -> Response:
+    """Lists the deployments with their load and health, then removed ones still finishing
+    their requests (platform operators only)."""
+    scope.operate("list deployments")
+    fleet = services.fleet
+    data = [_deployment_object(d) for d in services.gateway.router.all()]
+    data += [_deployment_object(d, draining=True) for d in (fleet.draining if fleet else ())]
+    return json_response(200, {"object": "list", "data": data})
+
+
+@router.post("/deployments/reload")
+async def reload_deployments(scope: ScopeDep, services: ServicesDep) -> Response:
+    """Re-reads serai.toml and the SERAI_* variables and applies the deployments they declare:
+    new ones are added, removed ones drained, changed ones replaced. An invalid configuration
+    changes nothing and answers 400 (platform operators only)."""
+    scope.operate("reload deployments")
+    if services.fleet is None:
+        raise InvalidRequest("This server has no declared deployments to reload.")
+    changes = await services.fleet.reload()
+    return json_response(200, {"object": "deployment_reload", **changes.as_dict()})

@@ -13,6 +13,7 @@ from serai import accounts
 from serai.accounts import KeyInfo
 from serai.config import Settings
 from serai.errors import AuthenticationFailed, NotFound, PermissionDenied
+from serai.fleet import Fleet
 from serai.gateway import Gateway
 from serai.idempotency import IdempotentCall, check_key
 from serai.storage.db import Database
@@ -22,9 +23,10 @@ from serai.storage.db import Database
 class Services:
     """Everything a request handler may use, built once by create_app's lifespan."""
 
-    settings: Settings
+    settings: Settings  # as at start-up: a reload changes the deployments, not these
     database: Database
     gateway: Gateway
+    fleet: Fleet | None = None  # the declared deployments, for reloads
 
 
 def get_services(request: Request) -> Services:

@@ -433,13 +433,15 @@ def _model_object(info: ModelInfo) -> dict[str, Any]:
 
 
 @router.get("/v1/models")
-async def list_models(_key: KeyDep, services: ServicesDep) -> Response:
-    """Lists the models this server serves."""
-    models = services.gateway.router.models()
+async def list_models(key: KeyDep, services: ServicesDep) -> Response:
+    """Lists the models this server serves: those with a deployment in a region the key's
+    organization may use."""
+    models = services.gateway.router.models(regions=key.allowed_regions)
     return json_response(200, {"object": "list", "data": [_model_object(m) for m in models]})
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, _key: KeyDep, services: ServicesDep) -> Response:
-    """Describes one model."""
-    return json_response(200, _model_object(services.gateway.router.model(model_id)))
+async def retrieve_model(model_id: str, key: KeyDep, services: ServicesDep) -> Response:
+    """Describes one model (404 if no deployment of it is in the key's regions)."""
+    model = services.gateway.router.model(model_id, regions=key.allowed_regions)
+    return json_response(200, _model_object(model))

@@ -54,3 +54,14 @@ class Engine(Protocol):
     async def aclose(self) -> None:
         """Stop accepting work and release the model."""
         ...
+
+
+@runtime_checkable
+class Probed(Protocol):
+    """An engine whose server can be asked, cheaply, whether it is up (an upstream). Engines of
+    this process are healthy while loaded and need not implement it."""
+
+    async def probe(self) -> None:
+        """Return if the server answers; raise EngineUnavailable (a message with no secret in
+        it) if it does not."""
+        ...

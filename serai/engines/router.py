@@ -5,10 +5,17 @@ router picks among the healthy ones in the regions a request may use, the least 
 weight (outstanding / weight; ties drawn at random in proportion to weight). Health is passive:
 `eject_after` consecutive failures before a first byte eject a deployment for `cooldown_s`; then
 one trial request (half-open) closes the circuit if it succeeds and re-opens it if it fails.
+Active probes (see serai.fleet) report through `probed`: a failure counts like one before a first
+byte, a success closes an open circuit at once.
+
+Deployments come and go while requests run (a reload): `remove` stops new requests reaching one
+at once, and `drained` waits until the requests it holds have left, so its engine can be closed
+without failing any of them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
@@ -20,6 +27,15 @@ from serai.engines.base import Engine, ModelInfo
 from serai.errors import EngineOverloaded, EngineUnavailable, RegionUnavailable, UnknownModel
 
 Circuit = Literal["closed", "open", "half_open"]
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """The outcome of one active health probe."""
+
+    ok: bool
+    at: float  # wall-clock time (time.time()), for people to read
+    detail: str = ""
 
 
 @dataclass(eq=False)
@@ -37,6 +53,10 @@ class Deployment:
     circuit: Circuit = "closed"
     opened_at: float = 0.0
     trial: bool = False  # a half-open trial request is in flight
+    kind: str = "embedded"  # or "upstream": what serves it, for operators
+    probe: Probe | None = None  # the last active probe, if any
+    removed: bool = False  # no new requests; closed once `outstanding` reaches 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def names(self) -> list[str]:
@@ -66,6 +86,13 @@ class Ticket:
         self._done = True
         self.deployment.outstanding -= 1
         self.deployment.trial = False
+        if self.deployment.removed and self.deployment.outstanding == 0:
+            self.deployment._idle.set()
+
+
+def _unknown(model: str) -> UnknownModel:
+    return UnknownModel(f"The model `{model}` does not exist or you do not have access to it.",
+                        param="model")
 
 
 class Router:
@@ -73,7 +100,7 @@ class Router:
                  cooldown_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None) -> None:
         self._models: dict[str, list[Deployment]] = {}
-        self._ids: set[str] = set()
+        self._by_id: dict[str, Deployment] = {}  # every deployment, in the order added
         self.eject_after = eject_after
         self.cooldown_s = cooldown_s
         self._clock = clock
@@ -83,37 +110,63 @@ class Router:
 
     def add(self, engine: Engine, *, deployment: str | None = None, region: str = "default",
             weight: int = 1, max_concurrency: int | None = None,
-            aliases: Sequence[str] = ()) -> Deployment:
+            aliases: Sequence[str] = (), kind: str = "embedded") -> Deployment:
         ident = deployment or engine.model.name
-        if ident in self._ids:
+        if ident in self._by_id:
             raise ValueError(f"two deployments have the id {ident!r}")
-        self._ids.add(ident)
         added = Deployment(ident, engine, region=region, weight=weight,
-                           max_concurrency=max_concurrency, aliases=tuple(aliases))
+                           max_concurrency=max_concurrency, aliases=tuple(aliases), kind=kind)
+        self._by_id[ident] = added
         for name in added.names:
             self._models.setdefault(name, []).append(added)
         return added
+
+    def remove(self, ident: str) -> Deployment:
+        """Take a deployment out: no request picks it from now on; those holding a ticket on it
+        run to their end. Its engine stays open (see `drained`)."""
+        removed = self._by_id.pop(ident)
+        for name in removed.names:
+            left = [d for d in self._models[name] if d is not removed]
+            if left:
+                self._models[name] = left
+            else:
+                del self._models[name]
+        removed.removed = True
+        if removed.outstanding == 0:
+            removed._idle.set()
+        return removed
+
+    async def drained(self, deployment: Deployment) -> None:
+        """Wait until a removed deployment holds no request any more."""
+        await deployment._idle.wait()
+
+    def all(self) -> list[Deployment]:
+        """Every deployment, in the order they were added."""
+        return list(self._by_id.values())
 
     def deployments(self, model: str) -> list[Deployment]:
         try:
             return self._models[model]
         except KeyError:
-            raise UnknownModel(
-                f"The model `{model}` does not exist or you do not have access to it.",
-                param="model",
-            ) from None
+            raise _unknown(model) from None
 
     def engine_for(self, model: str) -> Engine:
         """An engine serving `model` (the first declared): to measure or describe it."""
         return self.deployments(model)[0].engine
 
-    def model(self, name: str) -> ModelInfo:
+    def model(self, name: str, *, regions: Sequence[str] | None = None) -> ModelInfo:
+        """What `name` is; with `regions`, UnknownModel unless a deployment is in one of them
+        (a model an organization cannot use is one it does not see)."""
+        if regions and not any(d.region in regions for d in self.deployments(name)):
+            raise _unknown(name)
         info = self.engine_for(name).model
         return info if info.name == name else ModelInfo(name, info.context_length, info.created,
                                                         info.owned_by)
 
-    def models(self) -> list[ModelInfo]:
-        return [self.model(name) for name in self._models]
+    def models(self, *, regions: Sequence[str] | None = None) -> list[ModelInfo]:
+        """The models served; with `regions`, only those with a deployment in one of them."""
+        return [self.model(name) for name, deployments in self._models.items()
+                if not regions or any(d.region in regions for d in deployments)]
 
     def _available(self, deployment: Deployment, now: float) -> bool:
         if deployment.circuit == "open":
@@ -180,10 +233,16 @@ class Router:
             deployment.circuit = "open"
             deployment.opened_at = self._clock()
 
+    def probed(self, deployment: Deployment, *, ok: bool, detail: str = "") -> None:
+        """Record an active probe. A failure counts like one before a first byte; a success
+        closes an open circuit without waiting for a trial request. A success leaves the
+        failures of a closed circuit counted: requests, not probes, say a serving one is sick."""
+        deployment.probe = Probe(ok, time.time(), detail)
+        if not ok:
+            self._verdict(deployment, ok=False)
+        elif deployment.circuit != "closed":
+            self._verdict(deployment, ok=True)
+
     async def aclose(self) -> None:
-        seen: set[int] = set()
-        for deployments in self._models.values():
-            for deployment in deployments:
-                if id(deployment) not in seen:
-                    seen.add(id(deployment))
-                    await deployment.engine.aclose()
+        for deployment in self.all():
+            await deployment.engine.aclose()

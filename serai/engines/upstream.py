@@ -32,6 +32,7 @@ CHARS_PER_TOKEN = 4  # the prompt estimate: no tokenizer of the upstream's model
 # Template tokens an upstream may add around a prompt beyond its characters (roles, specials).
 PROMPT_OVERHEAD_TOKENS = 256
 ERROR_BODY_BYTES = 4096
+PROBE_TIMEOUT_S = 3.0  # a health probe is a cheap request: slower than this is unhealthy
 FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length",
                                            "tool_calls": "tool_calls",
                                            "function_call": "tool_calls"}
@@ -348,6 +349,19 @@ class UpstreamEngine:
             relay.deltas += 1
             relay.chars += len(text)
         return text
+
+    async def probe(self) -> None:
+        """Ask the upstream for its model list, the cheapest request every OpenAI-compatible
+        server answers; EngineUnavailable (naming only the status or the kind of failure,
+        never the key) if it does not answer 2xx within a few seconds."""
+        timeout = httpx.Timeout(min(PROBE_TIMEOUT_S, self._config.read_timeout_s),
+                                connect=min(PROBE_TIMEOUT_S, self._config.connect_timeout_s))
+        try:
+            response = await self._client.get("/models", timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(f"unreachable ({type(exc).__name__})") from None
+        if not response.is_success:
+            raise EngineUnavailable(f"GET /models answered {response.status_code}")
 
     async def aclose(self) -> None:
         await self._client.aclose()

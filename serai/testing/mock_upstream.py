@@ -6,7 +6,8 @@ before any byte, a hang, a stream cut midway, no usage frame, absurd usage. In p
 `python -m serai.testing.mock_upstream --port 9100 --delay 0.01 --failure none`. Its settings
 come from the constructor, MOCK_UPSTREAM_* variables or the command line, and can be changed
 while it runs with `POST /config` (a JSON object of MockConfig fields). `GET /stats` counts the
-requests: received, finished, and stopped early by a client that went away.
+requests: received, finished, and stopped early by a client that went away. `GET /v1/models`
+(what health probes ask) fails with the same 503, 429, 401 and hang as the completions.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class MockUpstream:
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self._chat, methods=["POST"]),
             Route("/v1/completions", self._completion, methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
             Route("/stats", self._stats, methods=["GET"]),
             Route("/config", self._configure, methods=["POST"]),
         ])
@@ -96,6 +98,16 @@ class MockUpstream:
             return JSONResponse({"error": {"message": "unknown setting"}}, status_code=400)
         self.config = dataclasses.replace(self.config, **changes)
         return JSONResponse(dataclasses.asdict(self.config))
+
+    async def _models(self, request: Request) -> Response:
+        failure = self.config.failure
+        if failure in ("503", "429", "401"):
+            return JSONResponse({"error": {"message": f"failing ({SECRET_IN_ERRORS})"}},
+                                status_code=int(failure))
+        if failure == "hang":
+            await asyncio.sleep(3600)
+        return JSONResponse({"object": "list", "data": [
+            {"id": "mock-model", "object": "model", "created": 0, "owned_by": "mock"}]})
 
     async def _chat(self, request: Request) -> Response:
         return await self._answer(request, chat=True)

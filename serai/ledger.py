@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
-from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from serai.accounts import KeyInfo
 from serai.errors import PermissionDenied, QuotaExceeded, RateLimited
 from serai.plans import MILLI, Pricing, Window, multiplier_milli, peak_multiplier_milli
 from serai.storage.tables import Organization, Plan, Price, PriceBook, Reservation, UsageRow
+from serai.windows import Totals, WindowReader, WindowUse
 
 if TYPE_CHECKING:
     from serai.limits import Limiter
@@ -96,39 +97,6 @@ def _lock_org(session: Session, org_id: int) -> Organization:
     return org
 
 
-@dataclass(frozen=True, slots=True)
-class WindowUse:
-    """Units used in a window: settled (with the oldest row's time) plus held."""
-
-    used: int
-    oldest_ms: int | None
-
-
-def _window_use(session: Session, *, column: str, org_id: int, key_id: int | None,
-                since_ms: int) -> WindowUse:
-    owner_usage = UsageRow.key_id == key_id if key_id is not None else UsageRow.org_id == org_id
-    owner_held = (Reservation.key_id == key_id if key_id is not None
-                  else Reservation.org_id == org_id)
-    if column == "count":
-        settled_expr, held_expr = func.count(), func.count()
-    elif column == "raw_tokens":  # tokens per minute count real tokens, whatever the multiplier
-        settled_expr = func.coalesce(func.sum(UsageRow.prompt_tokens + UsageRow.completion_tokens), 0)
-        held_expr = func.coalesce(func.sum(Reservation.prompt_tokens + Reservation.max_tokens), 0)
-    else:
-        settled_expr = func.coalesce(func.sum(getattr(UsageRow, column)), 0)
-        held_expr = func.coalesce(func.sum(getattr(Reservation, _HELD[column])), 0)
-    settled, oldest = session.execute(
-        select(settled_expr, func.min(UsageRow.created_ms))
-        .where(owner_usage, UsageRow.created_ms > since_ms)).one()
-    held = session.execute(select(held_expr).where(owner_held)).scalar_one()
-    return WindowUse(int(settled) + int(held), oldest)
-
-
-# Usage columns and what a reservation holds against them.
-_HELD = {"requests_milli": "requests_milli", "tokens_milli": "tokens_milli",
-         "cost_micros": "amount_micros"}
-
-
 def reset_after(now_ms: int, use: WindowUse, seconds: int) -> float:
     """Seconds until the oldest counted row leaves the window (or the whole window)."""
     if use.oldest_ms is None:
@@ -174,9 +142,9 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
     # In flight: reservations held now.
     cap = min((c for c in (org.max_concurrency, plan.max_concurrency if plan else None)
                if c is not None), default=None)
+    windows = WindowReader(session, org_id=org.id, key_id=key.id)
     if cap is not None:
-        running = session.scalar(select(func.count()).select_from(Reservation)
-                                 .where(Reservation.org_id == org.id)) or 0
+        running = windows.held()["count"]
         if running >= cap:
             raise RateLimited(f"{running} requests of {org.name} are running, the most its plan "
                               f"allows at once ({cap}). Retry when one finishes.",
@@ -184,21 +152,19 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
 
     # Requests and tokens per minute: of the key, the organization and its plan.
     since = now_ms - MINUTE_S * 1000
-    for owner_key, rpm, tpm, who in ((key.id, key.rpm, key.tpm, "key"),
-                                     (None, org.rpm, org.tpm, "organization"),
-                                     (None, plan.rpm if plan else None,
+    for owner_key, rpm, tpm, who in ((True, key.rpm, key.tpm, "key"),
+                                     (False, org.rpm, org.tpm, "organization"),
+                                     (False, plan.rpm if plan else None,
                                       plan.tpm if plan else None, "plan")):
         if rpm is not None:
-            use = _window_use(session, column="count", org_id=org.id, key_id=owner_key,
-                              since_ms=since)
+            use = windows.use("count", key=owner_key, since_ms=since)
             reset = reset_after(now_ms, use, MINUTE_S)
             if use.used + 1 > rpm:
                 raise rate_limited("requests", f"{rpm} requests per minute", who, reset,
                                     rpm)
             note("requests", rpm, rpm - use.used - 1, reset)
         if tpm is not None:
-            use = _window_use(session, column="raw_tokens", org_id=org.id, key_id=owner_key,
-                              since_ms=since)
+            use = windows.use("raw_tokens", key=owner_key, since_ms=since)
             reset = reset_after(now_ms, use, MINUTE_S)
             if use.used + worst_tokens > tpm:
                 raise rate_limited("tokens", f"{tpm} tokens per minute (this request may use "
@@ -211,7 +177,7 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
     scale = {"requests": MILLI, "tokens": MILLI, "credits": 1}
     for raw in (plan.windows if plan is not None else []):
         window = Window.parse(raw)
-        use = _window_use(session, column=columns[window.metric], org_id=org.id, key_id=None,
+        use = windows.use(columns[window.metric], key=False,
                           since_ms=now_ms - window.seconds * 1000)
         limit = window.limit * scale[window.metric]
         if use.used + needs[window.metric] > limit:
@@ -225,9 +191,7 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
 
     # Prepaid money: settled balance minus what running requests hold.
     if charged:
-        held = session.scalar(select(func.coalesce(func.sum(Reservation.amount_micros), 0))
-                              .where(Reservation.org_id == org.id)) or 0
-        available = org.balance_micros - int(held)
+        available = org.balance_micros - windows.held()["cost_micros"]
         if amount > available:
             raise QuotaExceeded(
                 f"The balance of {org.name} does not cover this request: it may cost up to "
@@ -288,20 +252,13 @@ def write_usage(*, session: Session, records: list[UsageRecord]) -> None:
     balance. A record whose reservation is already gone was settled or swept: skipped."""
     if not records:
         return
-    now_ms = db_now_ms(session)
-    locked: set[int] = set()
+    rows = _Rows(session)
     # Organizations in one order, so two writers never wait on each other's locks.
     for record in sorted(records, key=lambda r: r.admission.org_id or 0):
         admission = record.admission
         cost = 0
+        rows.lock(admission.org_id)
         if admission.reservation_id is not None:
-            # The organization's lock first, as admission takes it: an admission then sees this
-            # settlement either whole or not at all, never the reservation gone and the row
-            # not yet there (PostgreSQL reads each statement at its own snapshot).
-            assert admission.org_id is not None
-            if admission.org_id not in locked:
-                _lock_org(session, admission.org_id)
-                locked.add(admission.org_id)
             gone = session.execute(delete(Reservation)
                                    .where(Reservation.id == admission.reservation_id))
             if gone.rowcount == 0:
@@ -316,16 +273,47 @@ def write_usage(*, session: Session, records: list[UsageRecord]) -> None:
                 session.execute(update(Organization).where(Organization.id == admission.org_id)
                                 .values(balance_micros=Organization.balance_micros - cost))
         counted = record.status in ("ok", "cancelled")
-        session.execute(insert(UsageRow).values(
+        rows.add(
             request_id=record.request_id, key_id=record.key_id, org_id=admission.org_id,
             model=record.model, endpoint=record.endpoint, prompt_tokens=record.prompt_tokens,
             completion_tokens=record.completion_tokens, cached_tokens=record.cached_tokens,
             status=record.status, ttft_ms=record.ttft_ms, latency_ms=record.latency_ms,
-            region=record.region, deployment=record.deployment, cost_micros=cost, charged=admission.charged,
+            region=record.region, deployment=record.deployment, cost_micros=cost,
+            charged=admission.charged,
             requests_milli=admission.multiplier_milli if counted else 0,
             tokens_milli=(record.prompt_tokens + record.completion_tokens)
-            * admission.multiplier_milli,
-            created_ms=now_ms))
+            * admission.multiplier_milli)
+    rows.write()
+
+
+class _Rows:
+    """The usage rows one transaction appends, stamped with the database clock and their
+    owners' running totals once each organization's lock is held."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._totals = Totals(session)
+        self._clock: dict[int | None, int] = {}  # organization -> database clock under its lock
+        self._rows: list[dict[str, object]] = []
+
+    def lock(self, org_id: int | None) -> None:
+        """Take the organization's lock first, as admission does: an admission then sees a
+        settlement either whole or not at all, never the reservation gone and the row not yet
+        there (PostgreSQL reads each statement at its own snapshot). The clock is read after
+        it, so an organization's rows are stamped in the order they are written."""
+        if org_id in self._clock:
+            return
+        if org_id is not None:
+            _lock_org(self._session, org_id)
+        self._clock[org_id] = db_now_ms(self._session)
+
+    def add(self, **row: object) -> None:
+        row["created_ms"] = self._clock[row["org_id"]]  # type: ignore[index]
+        self._rows.append(self._totals.stamp(row))
+
+    def write(self) -> None:
+        if self._rows:
+            self._session.execute(insert(UsageRow), self._rows)
 
 
 def sweep_reservations(*, session: Session, older_than_s: float) -> int:
@@ -334,17 +322,18 @@ def sweep_reservations(*, session: Session, older_than_s: float) -> int:
     now_ms = db_now_ms(session)
     stale = list(session.scalars(select(Reservation).where(
         Reservation.created_ms < now_ms - int(older_than_s * 1000))))
+    rows = _Rows(session)
     for reservation in sorted(stale, key=lambda r: r.org_id):
-        _lock_org(session, reservation.org_id)
+        rows.lock(reservation.org_id)
         gone = session.execute(delete(Reservation).where(Reservation.id == reservation.id))
         if gone.rowcount:
-            session.execute(insert(UsageRow).values(
+            rows.add(
                 request_id=reservation.request_id, key_id=reservation.key_id,
                 org_id=reservation.org_id, model=reservation.model,
                 endpoint=reservation.endpoint, prompt_tokens=0, completion_tokens=0,
                 cached_tokens=0, status="interrupted", ttft_ms=None, latency_ms=0.0,
-                cost_micros=0, charged=False, requests_milli=0, tokens_milli=0,
-                created_ms=now_ms))
+                cost_micros=0, charged=False, requests_milli=0, tokens_milli=0)
+    rows.write()
     return len(stale)
 
 

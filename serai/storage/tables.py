@@ -193,6 +193,17 @@ class UsageRow(Base):
     # The deployment that served the request, and its region (null: none was reached).
     region: Mapped[str | None] = mapped_column(String(64), nullable=True)
     deployment: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # Running totals of the organization's and of the key's rows up to and including this one,
+    # in (created_ms, id) order: a window's use is the newest row's total minus the total of
+    # the newest row before the window (serai/windows.py).
+    org_count_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    org_raw_tokens_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    org_requests_milli_total: Mapped[int] = mapped_column(BigInteger, default=0,
+                                                          server_default="0")
+    org_tokens_milli_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    org_cost_total: Mapped[int] = mapped_column(Money, default=0, server_default="0")
+    key_count_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    key_raw_tokens_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
     __table_args__ = (Index("ix_usage_org_window", "org_id", "created_ms"),
                       Index("ix_usage_key_window", "key_id", "created_ms"))

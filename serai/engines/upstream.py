@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import orjson
 
 from serai.config import UpstreamSettings
 from serai.engines.base import Measure, ModelInfo
@@ -244,10 +245,10 @@ class UpstreamEngine:
             stop_sequence: str | None = None
             reported: dict[str, Any] | None = None
             async for line in self._lines(response):
-                if not line.startswith("data:"):
+                if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     break
                 frame = self._frame(data)
                 if isinstance(frame.get("usage"), dict):
@@ -300,18 +301,25 @@ class UpstreamEngine:
                                     "credentials; tell the operator.")
         raise InvalidRequest(self._redact(_upstream_message(response, body)))
 
-    async def _lines(self, response: httpx.Response) -> AsyncIterator[str]:
+    async def _lines(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        # Split the bytes ourselves: httpx's aiter_lines decodes to text and re-splits through
+        # two more generators, a visible share of the gateway's CPU per relayed chunk.
+        pending = b""
         try:
-            async for line in response.aiter_lines():
-                yield line
+            async for part in response.aiter_bytes():
+                *lines, pending = (pending + part).split(b"\n")
+                for line in lines:
+                    yield line.rstrip(b"\r")
+            if pending:
+                yield pending
         except httpx.HTTPError as exc:
             log.warning("upstream stream of %s broke: %s", self._info.name, type(exc).__name__)
             raise EngineUnavailable(f"The upstream serving `{self._info.name}` broke off "
                                     "its answer.") from None
 
-    def _frame(self, data: str) -> dict[str, Any]:
+    def _frame(self, data: bytes) -> dict[str, Any]:
         try:
-            frame = json.loads(data)
+            frame = orjson.loads(data)
         except ValueError:
             raise EngineUnavailable(f"The upstream serving `{self._info.name}` sent a frame "
                                     "that is not JSON.") from None

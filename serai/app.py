@@ -28,13 +28,25 @@ log = logging.getLogger("serai")
 
 
 def load_engines(settings: Settings) -> list[Engine]:
-    """The embedded GGUF model, unless `settings.embedded` is off."""
+    """The embedded GGUF model, unless `settings.embedded` is off: in this process, or as Ray
+    Serve replicas when `settings.ray_address` is set."""
     if not settings.embedded:
         return []
     from serai.engines.llamacpp import LlamaCppEngine
     from serai.models import resolve_model
 
     path, name = resolve_model(settings)
+    if settings.ray_address:
+        from serai.engines.rayserve import RayServeEngine, engine_options
+
+        return [RayServeEngine(path, name=name, address=settings.ray_address,
+                               engine_options=engine_options(settings),
+                               min_replicas=settings.ray_min_replicas,
+                               max_replicas=settings.ray_max_replicas,
+                               target_ongoing_requests=settings.ray_target_ongoing_requests,
+                               replica_cpus=settings.ray_replica_cpus,
+                               max_ongoing_requests=settings.engine_parallel,
+                               max_queued_requests=settings.engine_queue_size)]
     return [LlamaCppEngine(path, name=name, context_length=settings.context_length,
                            threads=settings.threads, prompt_format=settings.prompt_format,
                            default_max_tokens=settings.default_max_tokens,
@@ -55,7 +67,9 @@ def build_router(settings: Settings, local: Sequence[Engine],
     """The deployments: engines of this process in `settings.region`, then each upstream."""
     router = Router(eject_after=settings.eject_after_failures, cooldown_s=settings.eject_cooldown_s)
     for engine in local:
-        router.add(engine, deployment=f"{engine.model.name}@local", region=settings.region)
+        # `<model>@local` in this process, `<model>@ray` on a Ray cluster (its `placement`).
+        placement = getattr(engine, "placement", "local")
+        router.add(engine, deployment=f"{engine.model.name}@{placement}", region=settings.region)
     for config, engine in upstreams:
         router.add(engine, deployment=config.deployment_id, region=config.region,
                    weight=config.weight, max_concurrency=config.max_concurrency,

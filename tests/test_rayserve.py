@@ -37,30 +37,36 @@ CONTEXT = 1024
 PARALLEL = 4  # sequences per replica: Serve sends a replica at most this many at once
 RAY = Path(sys.executable).parent / "ray"
 CHAT = [{"role": "user", "content": "Name a colour."}]
-# About 600 prompt tokens: with one thread a replica takes a few seconds to read four of them,
+SENTENCE = "The caravan stopped at the inn by the old road, and the traders rested. "
+# About 160 prompt tokens: with one thread a replica takes several seconds to read four of them,
 # so a replica killed a second after they were sent has not started any of its answers.
-LONG_TEXT = "The caravan stopped at the inn by the old road, and the traders rested. " * 40
+LONG_TEXT = SENTENCE * 10
+TOO_LONG = SENTENCE * 80  # about 1,300 tokens, past the context
 
 
 def _ray_processes(temp_dir: Path) -> list[int]:
-    """Processes of the cluster whose files are under `temp_dir` (GCS, raylet, workers)."""
+    """Processes of the cluster: those named after `temp_dir` or holding a file under it (its
+    logs). Ray's processes retitle themselves (`ray::DashboardAgent`), so the name is not
+    enough."""
     found = []
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+            mine = str(temp_dir) in cmdline or any(
+                os.readlink(fd).startswith(str(temp_dir)) for fd in (proc / "fd").iterdir())
+        except OSError:  # gone meanwhile
             continue
-        if str(temp_dir) in cmdline:
+        if mine:
             found.append(int(proc.name))
     return found
 
 
 def _stop_cluster(temp_dir: Path) -> None:
     """`ray stop` kills every Ray process of the machine; only this cluster's are stopped here:
-    SIGTERM, then SIGKILL for any left after ten seconds."""
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+    SIGTERM, then SIGKILL for any left after five seconds."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         for pid in _ray_processes(temp_dir):
             try:
                 os.kill(pid, sig)
@@ -243,7 +249,7 @@ def test_two_replicas_serve_chat_streamed_and_whole(ray_server: RayServer) -> No
 
 def test_prompt_longer_than_the_context_is_a_400(ray_server: RayServer) -> None:
     client = ray_server.client()
-    long_chat = [{"role": "user", "content": LONG_TEXT * 3}]  # about 1,800 tokens
+    long_chat = [{"role": "user", "content": TOO_LONG}]
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=MODEL, messages=long_chat, max_tokens=8,

@@ -17,15 +17,12 @@ the other gateways; `serve delete serai-<model>` removes it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from serai import __version__
 from serai.engines.base import Measure, ModelInfo
 from serai.errors import EngineOverloaded, EngineUnavailable, SeraiError
 from serai.types import Chunk, GenerationRequest
@@ -112,23 +109,26 @@ class RayServeEngine:
         # No Serve HTTP proxy: the gateways are the only way in.
         serve.start(proxy_location="Disabled")
         self._app = application_name(name)
-        args = (str(path), name, engine_options)
-        # The same model and options give the same version: a second gateway starting on the
-        # cluster joins the running replicas instead of replacing them.
-        version = hashlib.sha256(json.dumps([__version__, *args], sort_keys=True,
-                                            default=str).encode()).hexdigest()[:16]
-        deployment = serve.deployment(
-            ModelReplica, name=DEPLOYMENT, version=version,
-            ray_actor_options={"num_cpus": replica_cpus},
-            max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
-            autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
-                                "initial_replicas": min_replicas,
-                                "target_ongoing_requests": target_ongoing_requests},
-            # Stopping a replica waits for its streams, up to a minute.
-            graceful_shutdown_timeout_s=60)
-        log.info("deploying %s on the Ray cluster at %s (%d to %d replicas)", self._app, address,
-                 min_replicas, max_replicas)
-        handle = serve.run(deployment.bind(*args), name=self._app, route_prefix=None)
+        running = serve.status().applications.get(self._app)
+        if running is not None and running.status == "RUNNING":
+            # Another gateway deployed it: join its replicas rather than replace them (a new
+            # deployment of the same app would restart every replica).
+            log.info("joining the Ray Serve application %s on %s", self._app, address)
+            handle = serve.get_app_handle(self._app)
+        else:
+            deployment = serve.deployment(
+                ModelReplica, name=DEPLOYMENT, ray_actor_options={"num_cpus": replica_cpus},
+                max_ongoing_requests=max_ongoing_requests,
+                max_queued_requests=max_queued_requests,
+                autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
+                                    "initial_replicas": min_replicas,
+                                    "target_ongoing_requests": target_ongoing_requests},
+                # Stopping a replica waits for its streams, up to a minute.
+                graceful_shutdown_timeout_s=60)
+            log.info("deploying %s on the Ray cluster at %s (%d to %d replicas)", self._app,
+                     address, min_replicas, max_replicas)
+            handle = serve.run(deployment.bind(str(path), name, engine_options), name=self._app,
+                               route_prefix=None)
         self._handle = handle
         self._stream = handle.options(stream=True)
         self._info: ModelInfo = handle.info.remote().result(timeout_s=READY_TIMEOUT_S)

@@ -123,8 +123,16 @@ class RayServer:
                 found[request_id] = replica
         return found
 
-    def usage(self, request_ids: list[str]) -> list[tuple[str, str, str]]:
-        """(request id, status, deployment) of each usage row of `request_ids`."""
+    def usage(self, request_ids: list[str], *, expect: int = 0) -> list[tuple[str, str, str]]:
+        """(request id, status, deployment) of each usage row of `request_ids`, waiting (a few
+        seconds at most) until there are `expect` of them: a row is written when its run
+        closes, which may be just after the client saw the stream end."""
+        deadline = time.monotonic() + 10
+        while len(rows := self._usage(request_ids)) < expect and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return rows
+
+    def _usage(self, request_ids: list[str]) -> list[tuple[str, str, str]]:
         from sqlalchemy import select
 
         from serai.storage.tables import UsageRow
@@ -243,7 +251,7 @@ def test_two_replicas_serve_chat_streamed_and_whole(ray_server: RayServer) -> No
     replicas = ray_server.replicas_in_log(ids)
     assert set(replicas) == set(ids)
     assert len(set(replicas.values())) == 2, replicas  # both replicas took a share
-    rows = ray_server.usage(ids)
+    rows = ray_server.usage(ids, expect=len(ids))
     assert sorted(rows) == sorted((i, "ok", DEPLOYMENT) for i in ids)
 
 
@@ -280,7 +288,7 @@ def test_client_that_leaves_stops_its_replica(ray_server: RayServer) -> None:
     while (idle := _replicas_busy(0.5)) > 0.15 and time.monotonic() < deadline:
         pass
     assert idle < 0.15, f"the replica kept generating after the client left ({idle:.2f} cores)"
-    rows = ray_server.usage([request_id])
+    rows = ray_server.usage([request_id], expect=1)
     assert rows == [(request_id, "cancelled", DEPLOYMENT)]
 
 
@@ -344,7 +352,7 @@ def test_killed_replica_loses_no_request_that_had_not_started(ray_server: RaySer
         assert (outcome.finished and outcome.error is None) or (
             outcome.chunks > 0 and outcome.error is not None), outcome
     ids = [o.request_id for o in outcomes]
-    rows = ray_server.usage(ids)
+    rows = ray_server.usage(ids, expect=len(ids))
     assert sorted(r[0] for r in rows) == sorted(ids)  # exactly one usage row each
     assert {r[2] for r in rows} == {DEPLOYMENT}
     for request_id, status, _ in rows:

@@ -219,14 +219,19 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _unique_deployments(self) -> Settings:
-        if self.ray_min_replicas > self.ray_max_replicas:
-            raise ValueError("ray_min_replicas is above ray_max_replicas")
         seen: set[str] = set()
         for upstream in self.upstreams:
             if upstream.deployment_id in seen:
                 raise ValueError(f"two upstreams are the deployment {upstream.deployment_id!r}: "
                                  "give them distinct `deployment` ids")
             seen.add(upstream.deployment_id)
+        return self
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> Settings:
+        if self.ray_min_replicas > self.ray_max_replicas:
+            raise ValueError(f"ray_min_replicas ({self.ray_min_replicas}) is above "
+                             f"ray_max_replicas ({self.ray_max_replicas})")
         return self
 
     @classmethod

@@ -1,11 +1,11 @@
-"""The bundled model served by Ray Serve replicas behind a live Serai (marked live).
+"""The bundled model served by Ray Serve replicas behind a live Serai.
 
 A local Ray cluster (`ray start --head` on 127.0.0.1, two CPUs) runs for the module; `serai serve
 --ray ADDRESS` deploys two replicas of Gemma 3 270M on it (one llama.cpp thread each) and is
-driven over HTTP with the openai SDK and httpx. Replicas are found as operators would find them,
-by their process title (`ray::ServeReplica:serai-<model>:...`), to watch their CPU and to kill
-one. Without Ray installed the module skips, unless SERAI_TEST_REQUIRE_SERVICES=1.
-"""
+driven over HTTP with the openai SDK and httpx (those tests are marked live). Replicas are found
+as operators would find them, by their process title (`ray::ServeReplica:serai-<model>:...`), to
+watch their CPU and to kill one. Without Ray installed they skip, unless
+SERAI_TEST_REQUIRE_SERVICES=1."""
 
 from __future__ import annotations
 
@@ -29,8 +29,6 @@ import pytest
 
 from tests.conftest import REPO, LiveServer, _missing, free_port, stop_server, wait_until_ready
 
-pytestmark = pytest.mark.live
-
 MODEL = "gemma-3-270m"
 DEPLOYMENT = f"{MODEL}@ray"
 CONTEXT = 1024
@@ -42,6 +40,24 @@ SENTENCE = "The caravan stopped at the inn by the old road, and the traders rest
 # so a replica killed a second after they were sent has not started any of its answers.
 LONG_TEXT = SENTENCE * 10
 TOO_LONG = SENTENCE * 80  # about 1,300 tokens, past the context
+
+
+def test_ray_settings_from_the_flag_and_environment(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from serai.cli import app
+    from serai.config import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SERAI_RAY_MAX_REPLICAS", "4")
+    settings = load_settings(ray_address="10.0.0.5:6379")
+    assert (settings.ray_address, settings.ray_min_replicas, settings.ray_max_replicas,
+            settings.ray_target_ongoing_requests) == ("10.0.0.5:6379", 1, 4, 2)
+    monkeypatch.setenv("SERAI_RAY_MIN_REPLICAS", "5")
+    result = CliRunner().invoke(app, ["serve", "--ray", "10.0.0.5:6379"])
+    assert result.exit_code == 2
+    assert "ray_min_replicas (5) is above ray_max_replicas (4)" in " ".join(result.output.split())
 
 
 def _ray_processes(temp_dir: Path) -> list[int]:
@@ -218,6 +234,7 @@ def _wait_replicas_idle(count: int = 2, timeout: float = 60.0) -> None:
     raise AssertionError(f"replicas not idle: {_replica_pids()}")
 
 
+@pytest.mark.live
 def test_two_replicas_serve_chat_streamed_and_whole(ray_server: RayServer) -> None:
     client = ray_server.client()
     assert [m.id for m in client.models.list().data] == [MODEL]
@@ -255,6 +272,7 @@ def test_two_replicas_serve_chat_streamed_and_whole(ray_server: RayServer) -> No
     assert sorted(rows) == sorted((i, "ok", DEPLOYMENT) for i in ids)
 
 
+@pytest.mark.live
 def test_prompt_longer_than_the_context_is_a_400(ray_server: RayServer) -> None:
     client = ray_server.client()
     long_chat = [{"role": "user", "content": TOO_LONG}]
@@ -268,6 +286,7 @@ def test_prompt_longer_than_the_context_is_a_400(ray_server: RayServer) -> None:
         assert ray_server.usage([request_id]) == []  # refused: nothing ran, nothing billed
 
 
+@pytest.mark.live
 def test_client_that_leaves_stops_its_replica(ray_server: RayServer) -> None:
     _wait_replicas_idle()
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 900,
@@ -332,6 +351,7 @@ async def _stream_chat(http: httpx.AsyncClient, key: str, content: str) -> Outco
     return outcome
 
 
+@pytest.mark.live
 def test_killed_replica_loses_no_request_that_had_not_started(ray_server: RayServer) -> None:
     _wait_replicas_idle()
     key = ray_server.live.admin_key

@@ -86,7 +86,8 @@ def _translate(error: BaseException) -> BaseException:
                                 "Retry shortly.", headers={"retry-after": "1"})
     lost = (RayActorError, ReplicaUnavailableError, WorkerCrashedError, TaskCancelledError)
     if isinstance(cause, lost):
-        return _ReplicaLost(f"{type(cause).__name__}: {cause}")
+        first_line = (str(cause).splitlines() or [""])[0]  # Ray's own are a page long
+        return _ReplicaLost(f"{type(cause).__name__}: {first_line}")
     log.warning("Ray Serve call failed: %s: %s", type(cause).__name__, cause)
     return EngineUnavailable("The model's replicas failed; retry later.")
 

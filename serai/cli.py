@@ -107,6 +107,9 @@ def serve(
         help="GGUF file to serve instead of the bundled Gemma 3 270M.")] = None,
     model_name: Annotated[str | None, typer.Option(
         help="Name clients request the model by [default: from the file]")] = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", metavar="ADDRESS",
+        help="Serve the model as Ray Serve replicas on the Ray cluster at ADDRESS.")] = None,
 ) -> None:
     """Serve the API (prepares the bundled model and the database on first start)."""
     import uvicorn
@@ -116,7 +119,7 @@ def serve(
     from serai.models import check_gguf
 
     flags = {"host": host, "port": port, "data_dir": data_dir, "model": model,
-             "model_name": model_name}
+             "model_name": model_name, "ray_address": ray}
     settings = _settings(**flags)
     _configure_logging(settings.log_level)
     try:

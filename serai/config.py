@@ -231,6 +231,28 @@ class Settings(BaseSettings):
         description="Seconds an ejected deployment rests; then one trial request decides whether "
         "it is back (success) or rests again (failure).",
     )
+    ray_address: str | None = Field(
+        None,
+        description="Address of a Ray cluster's head node (`host:6379`, as `ray start --head` "
+        "prints it). Set: the "
+        "embedded model is served by a Ray Serve application of autoscaled replicas on that "
+        "cluster (deployment `<model>@ray`) instead of in this process. Unset: in process.",
+    )
+    ray_min_replicas: int = Field(
+        1, ge=1, description="Fewest Ray Serve replicas of the embedded model, kept even when idle."
+    )
+    ray_max_replicas: int = Field(
+        1, ge=1, description="Most Ray Serve replicas of the embedded model under load."
+    )
+    ray_target_ongoing_requests: float = Field(
+        2, gt=0,
+        description="Requests each Ray Serve replica should be running on average: the "
+        "autoscaler adds replicas above it and removes them below it.",
+    )
+    ray_replica_cpus: float = Field(
+        1.0, gt=0,
+        description="CPUs Ray reserves for each replica (its llama.cpp threads are `threads`).",
+    )
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
     )
@@ -267,6 +289,13 @@ class Settings(BaseSettings):
             "queue_size": self.engine_queue_size if m.queue_size is None else m.queue_size,
             "prompt_format": m.prompt_format or self.prompt_format,
         }) for m in declared]
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> Settings:
+        if self.ray_min_replicas > self.ray_max_replicas:
+            raise ValueError(f"ray_min_replicas ({self.ray_min_replicas}) is above "
+                             f"ray_max_replicas ({self.ray_max_replicas})")
+        return self
 
     @classmethod
     def settings_customise_sources(

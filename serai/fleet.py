@@ -34,7 +34,7 @@ class Declared:
     reload leaves it running."""
 
     id: str
-    kind: str  # "embedded" or "upstream"
+    kind: str  # "embedded" (in this process), "ray" (Ray Serve replicas) or "upstream"
     config: EmbeddedModelSettings | UpstreamSettings
     # What else the engine depends on: for an embedded model the top-level engine settings,
     # for an upstream a digest of its API key (so a rotated key file replaces it).
@@ -43,9 +43,15 @@ class Declared:
 
 def declared(settings: Settings, *, embedded: bool = True) -> dict[str, Declared]:
     """Every deployment `settings` declare, by id; the embedded ones only if `embedded`."""
-    options = (settings.default_max_tokens, settings.engine_prefill_chunk,
-               settings.engine_batch_invariant)
-    items = [Declared(m.deployment_id, "embedded", m, options)
+    options: tuple[object, ...] = (settings.default_max_tokens, settings.engine_prefill_chunk,
+                                   settings.engine_batch_invariant)
+    kind = "embedded"
+    if settings.ray_address:  # the embedded models run as Ray Serve replicas on that cluster
+        kind = "ray"
+        options += (settings.ray_address, settings.ray_min_replicas, settings.ray_max_replicas,
+                    settings.ray_target_ongoing_requests, settings.ray_replica_cpus)
+    items = [Declared(m.deployment or f"{m.name}@{'ray' if kind == 'ray' else 'local'}", kind,
+                      m, options)
              for m in (settings.embedded_models if embedded else ())]
     items += [Declared(u.deployment_id, "upstream", u, (_key_digest(u),))
               for u in settings.upstreams]
@@ -76,12 +82,25 @@ def open_engine(item: Declared, settings: Settings) -> Engine:
         check_gguf(path)
     assert model.context_length is not None and model.parallel is not None
     assert model.queue_size is not None and model.prompt_format is not None
-    return LlamaCppEngine(path, name=model.name, context_length=model.context_length,
-                          threads=model.threads, prompt_format=model.prompt_format,
-                          default_max_tokens=settings.default_max_tokens,
-                          parallel=model.parallel, queue_size=model.queue_size,
-                          prefill_chunk=settings.engine_prefill_chunk,
-                          batch_invariant=settings.engine_batch_invariant)
+    options = {"context_length": model.context_length, "threads": model.threads,
+               "prompt_format": model.prompt_format,
+               "default_max_tokens": settings.default_max_tokens,
+               "parallel": model.parallel, "queue_size": model.queue_size,
+               "prefill_chunk": settings.engine_prefill_chunk,
+               "batch_invariant": settings.engine_batch_invariant}
+    if item.kind == "ray":
+        from serai.engines.rayserve import RayServeEngine
+
+        assert settings.ray_address is not None
+        return RayServeEngine(path, name=model.name, address=settings.ray_address,
+                              engine_options=options, min_replicas=settings.ray_min_replicas,
+                              max_replicas=settings.ray_max_replicas,
+                              target_ongoing_requests=settings.ray_target_ongoing_requests,
+                              replica_cpus=settings.ray_replica_cpus,
+                              # each replica batches `parallel`; Serve queues the rest
+                              max_ongoing_requests=model.parallel,
+                              max_queued_requests=model.queue_size)
+    return LlamaCppEngine(path, name=model.name, **options)  # type: ignore[arg-type]
 
 
 def _add(router: Router, item: Declared, engine: Engine) -> Deployment:

@@ -1,4 +1,5 @@
-"""The bundled model served by Ray Serve replicas behind a live Serai.
+"""The bundled model served by Ray Serve replicas behind a live Serai, beside a GPU model served
+by mock upstreams in two regions.
 
 A local Ray cluster (`ray start --head` on 127.0.0.1, two CPUs) runs for the module; `serai serve
 --ray ADDRESS` deploys two replicas of Gemma 3 270M on it (one llama.cpp thread each) and is
@@ -31,6 +32,7 @@ from tests.conftest import REPO, LiveServer, _missing, free_port, stop_server, w
 
 MODEL = "gemma-3-270m"
 DEPLOYMENT = f"{MODEL}@ray"
+GPU_MODEL = "glm-gpu"  # served by mock upstreams in two regions
 CONTEXT = 1024
 PARALLEL = 4  # sequences per replica: Serve sends a replica at most this many at once
 RAY = Path(sys.executable).parent / "ray"
@@ -126,6 +128,7 @@ def ray_cluster() -> Iterator[str]:
 class RayServer:
     live: LiveServer
     temp: Path
+    mocks: dict[str, str] = field(default_factory=dict)  # region -> mock upstream URL
 
     def client(self, **options: object) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.live.base_url}/v1", api_key=self.live.admin_key,
@@ -172,6 +175,12 @@ def ray_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> It
     port = free_port()
     log_path = root / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERAI_")}
+    # Beside the Ray deployment (region sg), a GPU model served by two OpenAI-compatible
+    # upstreams, one per region: three deployments in two regions behind one API.
+    mocks = {region: _start_mock(root, region) for region in ("eu", "sg")}
+    upstreams = [{"name": GPU_MODEL, "deployment": f"{GPU_MODEL}@{region}", "region": region,
+                  "base_url": f"{url}/v1"} for region, (_, url) in mocks.items()]
+    env.update({"SERAI_REGION": "sg", "SERAI_UPSTREAMS": json.dumps(upstreams)})
     env.update({"SERAI_RAY_MIN_REPLICAS": "2", "SERAI_RAY_MAX_REPLICAS": "2",
                 "SERAI_RAY_REPLICA_CPUS": "1", "SERAI_THREADS": "1",
                 "SERAI_CONTEXT_LENGTH": str(CONTEXT), "SERAI_ENGINE_PARALLEL": str(PARALLEL),
@@ -186,8 +195,33 @@ def ray_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> It
     keys = re.findall(r"sk-serai-[A-Za-z0-9_-]{43}", log_path.read_text())
     live = LiveServer(base_url, keys[0] if keys else "", data_dir, log_path, process)
     assert live.admin_key, live.log()
-    yield RayServer(live, root)
-    stop_server(live)
+    try:
+        yield RayServer(live, root, {region: url for region, (_, url) in mocks.items()})
+    finally:
+        stop_server(live)
+        for mock, _ in mocks.values():
+            if mock.poll() is None:
+                mock.terminate()
+                mock.wait(timeout=10)
+
+
+def _start_mock(root: Path, region: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A mock OpenAI-compatible upstream (the GPU servers of `region`)."""
+    port = free_port()
+    with (root / f"mock-{region}.log").open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "serai.testing.mock_upstream",
+                                    "--port", str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/stats", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"the {region} mock upstream did not start")
 
 
 def _replica_pids() -> list[int]:
@@ -237,7 +271,7 @@ def _wait_replicas_idle(count: int = 2, timeout: float = 60.0) -> None:
 @pytest.mark.live
 def test_two_replicas_serve_chat_streamed_and_whole(ray_server: RayServer) -> None:
     client = ray_server.client()
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == [MODEL, GPU_MODEL]
 
     async def burst() -> list[str]:
         async with openai.AsyncOpenAI(base_url=f"{ray_server.live.base_url}/v1",
@@ -382,3 +416,74 @@ def test_killed_replica_loses_no_request_that_had_not_started(ray_server: RaySer
     retried = re.findall(r"(\S+): a replica of \S+ was lost before the first chunk",
                          ray_server.live.log())
     assert set(retried) & set(ids), ray_server.live.log()[-4000:]
+
+
+def _serai(server: RayServer, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "serai", *args, "--data-dir",
+                           str(server.live.data_dir)], capture_output=True, text=True,
+                          cwd=server.temp, timeout=60,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("SERAI_")})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _mock_requests(server: RayServer) -> dict[str, int]:
+    return {region: httpx.get(f"{url}/stats").json()["requests"]
+            for region, url in server.mocks.items()}
+
+
+def test_three_deployments_in_two_regions_behind_one_api(ray_server: RayServer) -> None:
+    """Ray replicas in sg, a GPU upstream in eu and one in sg: each organization is served only
+    in its regions, the usage rows say where, and a region whose deployments are down fails
+    closed."""
+    keys = {}
+    for region in ("eu", "sg"):
+        _serai(ray_server, "orgs", "create", f"org-{region}")
+        _serai(ray_server, "orgs", "update", f"org-{region}", "--regions", region)
+        out = _serai(ray_server, "keys", "create", "--org", f"org-{region}", "--name", region)
+        keys[region] = out.strip().splitlines()[-1]
+    clients = {region: openai.OpenAI(base_url=f"{ray_server.live.base_url}/v1", api_key=key,
+                                     max_retries=0) for region, key in keys.items()}
+    assert {m.id for m in clients["eu"].models.list()} == {GPU_MODEL}
+    assert {m.id for m in clients["sg"].models.list()} == {GPU_MODEL, MODEL}
+
+    before = _mock_requests(ray_server)
+    served: dict[str, list[str]] = {"eu": [], "sg": []}
+    for region, client in clients.items():
+        for _ in range(3):
+            reply = client.chat.completions.with_raw_response.create(
+                model=GPU_MODEL, messages=CHAT, max_tokens=4)
+            served[region].append(reply.headers["x-request-id"])
+    sg_ray = clients["sg"].chat.completions.with_raw_response.create(
+        model=MODEL, messages=CHAT, max_tokens=4)
+    after = _mock_requests(ray_server)
+    assert {r: after[r] - before[r] for r in after} == {"eu": 3, "sg": 3}
+    rows = ray_server.usage([*served["eu"], *served["sg"], sg_ray.headers["x-request-id"]],
+                            expect=7)
+    by_request = {request_id: deployment for request_id, status, deployment in rows
+                  if status == "ok"}
+    assert {by_request[r] for r in served["eu"]} == {f"{GPU_MODEL}@eu"}
+    assert {by_request[r] for r in served["sg"]} == {f"{GPU_MODEL}@sg"}
+    assert by_request[sg_ray.headers["x-request-id"]] == DEPLOYMENT
+
+    # The Ray model has no deployment in eu: refused, not sent to sg.
+    with pytest.raises(openai.APIStatusError) as refused:
+        clients["eu"].chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+    assert (refused.value.status_code, refused.value.code) == (503, "region_unavailable")
+
+    # eu's GPU servers go down: eu fails closed while sg is still served.
+    httpx.post(f"{ray_server.mocks['eu']}/config", json={"failure": "503"}).raise_for_status()
+    try:
+        before = _mock_requests(ray_server)
+        for _ in range(4):  # until the eu deployment is ejected
+            with pytest.raises(openai.APIStatusError) as down:
+                clients["eu"].chat.completions.create(model=GPU_MODEL, messages=CHAT,
+                                                      max_tokens=4)
+            assert down.value.status_code == 503
+        assert down.value.code == "region_unavailable"
+        assert clients["sg"].chat.completions.create(model=GPU_MODEL, messages=CHAT,
+                                                     max_tokens=4).choices
+        after = _mock_requests(ray_server)
+        assert after["sg"] - before["sg"] == 1  # only sg's own request reached sg
+    finally:
+        httpx.post(f"{ray_server.mocks['eu']}/config", json={"failure": "none"})

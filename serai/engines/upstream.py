@@ -10,6 +10,7 @@ errors, not in responses.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -33,6 +34,9 @@ CHARS_PER_TOKEN = 4  # the prompt estimate: no tokenizer of the upstream's model
 # Template tokens an upstream may add around a prompt beyond its characters (roles, specials).
 PROMPT_OVERHEAD_TOKENS = 256
 ERROR_BODY_BYTES = 4096
+# Seconds to read the end of a body after its [DONE]: closing a response before its end closes its
+# connection, and every request would then open a new one.
+DRAIN_S = 1.0
 PROBE_TIMEOUT_S = 3.0  # a health probe is a cheap request: slower than this is unhealthy
 FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length",
                                            "tool_calls": "tool_calls",
@@ -244,11 +248,13 @@ class UpstreamEngine:
             finish: FinishReason | None = None
             stop_sequence: str | None = None
             reported: dict[str, Any] | None = None
-            async for line in self._lines(response):
+            lines = self._lines(response)
+            async for line in lines:
                 if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
                 if data == b"[DONE]":
+                    await _drain(lines)
                     break
                 frame = self._frame(data)
                 if isinstance(frame.get("usage"), dict):
@@ -373,3 +379,14 @@ class UpstreamEngine:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+async def _drain(lines: AsyncIterator[bytes]) -> None:
+    """Read what follows [DONE] (normally nothing but the body's end), for DRAIN_S at most, so
+    the connection goes back to the pool."""
+    try:
+        async with asyncio.timeout(DRAIN_S):
+            async for _ in lines:
+                pass
+    except (TimeoutError, EngineUnavailable):
+        pass  # the connection is dropped instead; the answer is complete anyway

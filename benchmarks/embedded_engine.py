@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from processes import Server, cpu_model, die_with_parent, free_port
+from processes import Server, cpu_model, die_with_parent
 from rich.console import Console
 from rich.table import Table
 
 from serai.bench import BenchConfig, BenchResult, run, synthetic_prompts
 from serai.models import prepare_bundled_model
+from serai.testing.processes import free_port
 
 MODEL_NAME = "gemma-3-270m"
 KEY_PATTERN = re.compile(r"sk-serai-[A-Za-z0-9_-]{43}")

@@ -23,11 +23,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from processes import Server, cpu_model, die_with_parent, free_port
+from processes import Server, cpu_model, die_with_parent
 from rich.console import Console
 from rich.table import Table
 
 from serai.bench import BenchConfig, BenchResult, Summary, run
+from serai.testing.processes import free_port
 
 MODEL = "mock-model"
 ORG = "bench-org"

@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import ctypes
 import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-import httpx
+from serai.testing.processes import wait_until_ready
 
 
 def die_with_parent() -> None:
     # Children get SIGTERM if this script dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG).
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def proc_status_kib(pid: int, field: str) -> int:
@@ -51,18 +43,12 @@ class Server:
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             cwd=log_path.parent, preexec_fn=die_with_parent)
-        deadline = time.monotonic() + ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{name} exited:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(ready_url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"{name} did not become ready:\n{self.log()[-3000:]}")
+        try:
+            wait_until_ready(self.process, ready_url, log_path, timeout=ready_timeout_s,
+                             name=name)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -11,19 +11,17 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
 from serai.storage.db import Database
+from serai.testing.processes import free_port, wait_until_ready
 
 POSTGRES_URL = os.environ.get("SERAI_TEST_POSTGRES_URL")
 REDIS_URL = os.environ.get("SERAI_TEST_REDIS_URL")
@@ -110,12 +108,6 @@ def database(database_url: str) -> Iterator[Database]:
     db.dispose()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class LiveServer:
     base_url: str
@@ -139,24 +131,6 @@ class LiveServer:
         )
 
 
-def wait_until_ready(process: subprocess.Popen[bytes], base_url: str, log_path: Path, *,
-                     timeout: float) -> None:
-    """Poll `/ready` until the server answers 200; fail with its log if it exits or never does
-    (a cap so a broken server cannot hang the suite, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited:\n{log_path.read_text(errors='replace')}")
-        try:
-            if httpx.get(f"{base_url}/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"the server did not become ready:\n{log_path.read_text(errors='replace')}")
-
-
 def start_server(data_dir: Path, *, extra_env: dict[str, str] | None = None) -> LiveServer:
     port = free_port()
     log_path = data_dir.parent / f"{data_dir.name}-server-{port}.log"
@@ -169,7 +143,7 @@ def start_server(data_dir: Path, *, extra_env: dict[str, str] | None = None) -> 
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=data_dir.parent,
         )
     base_url = f"http://127.0.0.1:{port}"
-    wait_until_ready(process, base_url, log_path, timeout=120)
+    wait_until_ready(process, f"{base_url}/ready", log_path, timeout=120)
     keys = re.findall(r"sk-serai-[A-Za-z0-9_-]{43}", log_path.read_text())
     return LiveServer(base_url, keys[0] if keys else "", data_dir, log_path, process)
 

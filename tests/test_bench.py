@@ -26,7 +26,7 @@ from serai.app import create_app
 from serai.bench import BenchConfig, BenchResult, percentile, run, synthetic_prompts
 from serai.cli import app as cli_app
 from serai.config import Settings
-from tests.conftest import free_port
+from serai.testing.processes import free_port
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving
 

@@ -38,6 +38,7 @@ from serai.testing.mock_upstream import MockConfig, Stats
 from tests.conftest import LiveServer, start_server, stop_server
 from tests.support.fake_engine import FakeEngine
 from tests.support.ledger_rows import usage_rows
+from tests.support.tenants import customer
 from tests.test_upstream import MockServer
 
 MODEL = "up"
@@ -187,9 +188,7 @@ async def serai(regions: list[str] | None = None) -> AsyncIterator[Api]:
     async with app.router.lifespan_context(app):
         services: Services = app.state.services
         with services.database.session() as session:
-            org = accounts.create_org(session=session, name="acme")
-            accounts.update_org(session=session, org_id=org.id, allowed_regions=regions)
-            _, secret = accounts.create_key(session=session, name="app", org_id=org.id)
+            secret = customer(session, regions=regions).secret
             _, admin = accounts.create_key(session=session, name="root", is_admin=True)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://serai") as http:

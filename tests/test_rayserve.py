@@ -28,7 +28,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO, LiveServer, _missing, free_port, stop_server, wait_until_ready
+from serai.testing.processes import free_port, wait_until_ready
+from tests.conftest import REPO, LiveServer, _missing, stop_server
 
 MODEL = "gemma-3-270m"
 DEPLOYMENT = f"{MODEL}@ray"
@@ -191,7 +192,7 @@ def ray_server(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> It
              str(data_dir), "--ray", ray_cluster],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
     base_url = f"http://127.0.0.1:{port}"
-    wait_until_ready(process, base_url, log_path, timeout=240)
+    wait_until_ready(process, f"{base_url}/ready", log_path, timeout=240)
     keys = re.findall(r"sk-serai-[A-Za-z0-9_-]{43}", log_path.read_text())
     live = LiveServer(base_url, keys[0] if keys else "", data_dir, log_path, process)
     assert live.admin_key, live.log()

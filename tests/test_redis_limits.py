@@ -33,7 +33,8 @@ from serai.ledger import Admission, UsageRecord, db_now_ms
 from serai.limits import RedisLimiter
 from serai.storage.db import Database
 from serai.storage.tables import Organization, Reservation, UsageRow
-from tests.conftest import _missing, free_port
+from serai.testing.processes import free_port
+from tests.conftest import _missing
 from tests.support import tenants
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving

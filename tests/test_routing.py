@@ -28,6 +28,7 @@ from serai.storage.tables import Reservation, UsageRow
 from serai.testing.mock_upstream import MockConfig, Stats
 from tests.support.fake_engine import FakeEngine
 from tests.support.ledger_rows import usage_rows
+from tests.support.tenants import customer
 from tests.test_upstream import MockServer
 
 MODEL = "up"
@@ -225,9 +226,7 @@ async def serai(tmp_path: Path, upstreams: list[UpstreamSettings], *,
     async with app.router.lifespan_context(app):
         services: Services = app.state.services
         with services.database.session() as session:
-            org = accounts.create_org(session=session, name="acme")
-            accounts.update_org(session=session, org_id=org.id, allowed_regions=regions)
-            _, secret = accounts.create_key(session=session, name="app", org_id=org.id)
+            secret = customer(session, regions=regions).secret
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://serai") as http:
             client = openai.AsyncOpenAI(base_url="http://serai/v1", api_key=secret,

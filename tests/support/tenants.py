@@ -21,8 +21,10 @@ class Customer:
 
 def customer(session: Session, *, name: str = "acme", model: str = "fake-model",
              plan: dict[str, Any] | None = None, prices: tuple[int, int] | None = None,
-             cached_price: int | None = None, balance: int = 0) -> Customer:
-    """`prices` are (input, output) micro-units per million tokens of `model`."""
+             cached_price: int | None = None, balance: int = 0,
+             regions: list[str] | None = None) -> Customer:
+    """`prices` are (input, output) micro-units per million tokens of `model`; `regions` are
+    the organization's allowed regions (None: any)."""
     plan_id = plans.create_plan(session=session, name=f"{name}-plan", **plan).id if plan else None
     book_id = None
     if prices is not None:
@@ -31,6 +33,8 @@ def customer(session: Session, *, name: str = "acme", model: str = "fake-model",
                         input_micros=prices[0], output_micros=prices[1],
                         cached_input_micros=cached_price)
     org = accounts.create_org(session=session, name=name, plan_id=plan_id, price_book_id=book_id)
+    if regions is not None:
+        accounts.update_org(session=session, org_id=org.id, allowed_regions=regions)
     if balance:
         accounts.adjust_balance(session=session, org_id=org.id, amount_micros=balance,
                                 kind="topup", reason="test")

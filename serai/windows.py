@@ -70,6 +70,9 @@ class WindowReader:
         self._session = session
         self._owners = {"org_id": org_id, "key_id": key_id}
         self._latest: dict[str, dict[str, int]] = {}
+        # Per (owner, since): the totals at `since` and the oldest row after it. A minute's
+        # requests and tokens share them, so one pair of lookups serves both limits.
+        self._earlier: dict[tuple[str, int], tuple[dict[str, int], int | None]] = {}
         self._held: dict[str, int] | None = None
 
     def held(self) -> dict[str, int]:
@@ -91,12 +94,15 @@ class WindowReader:
         params = {"owner": self._owners[owner], "since": since_ms}
         if owner not in self._latest:
             self._latest[owner] = self._totals(newest, params, columns)
-        latest, earlier = self._latest[owner], self._totals(before, params, columns)
-        settled = latest[metric] - earlier[metric]
-        oldest_ms = (self._session.execute(oldest, params).scalar()
+        latest = self._latest[owner]
+        if (owner, since_ms) not in self._earlier:
+            earlier = self._totals(before, params, columns)
+            found = (self._session.execute(oldest, params).scalar()
                      if latest["count"] > earlier["count"] else None)  # else: no row in it
+            self._earlier[owner, since_ms] = earlier, None if found is None else int(found)
+        earlier, oldest_ms = self._earlier[owner, since_ms]
         held = self.held()[f"key_{metric}" if key else metric]
-        return WindowUse(settled + held, None if oldest_ms is None else int(oldest_ms))
+        return WindowUse(latest[metric] - earlier[metric] + held, oldest_ms)
 
     def _totals(self, query: Any, params: dict[str, int], columns: dict[str, str]
                 ) -> dict[str, int]:

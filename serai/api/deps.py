@@ -29,7 +29,9 @@ class Services:
     fleet: Fleet | None = None  # the declared deployments, for reloads
 
 
-def get_services(request: Request) -> Services:
+# Dependencies are coroutines, even where nothing is awaited: FastAPI runs a plain function
+# dependency in a worker thread, a thread hop per request for a lookup.
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -126,7 +128,7 @@ AdminKeyDep = Annotated[KeyInfo, Depends(admin_key)]
 ScopeDep = Annotated[AdminScope, Depends(admin_scope)]
 
 
-def idempotent_call(
+async def idempotent_call(
     request: Request,
     idempotency_key: Annotated[str | None, Header(
         alias="Idempotency-Key",

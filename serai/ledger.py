@@ -201,20 +201,19 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
                 f"{amount} micro-units (prompt plus max_tokens) and {max(available, 0)} are "
                 f"available. Top up, or ask for fewer max_tokens.")
 
-    reservation = Reservation(
-        id=str(uuid.uuid4()), org_id=org.id, key_id=key.id, request_id=request_id, model=model,
+    reservation_id = str(uuid.uuid4())
+    # A Core INSERT: the ORM's unit of work costs several times the statement here.
+    session.execute(insert(Reservation).values(
+        id=reservation_id, org_id=org.id, key_id=key.id, request_id=request_id, model=model,
         endpoint=endpoint, amount_micros=amount, requests_milli=mult,
         tokens_milli=worst_tokens * mult, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
-        created_ms=now_ms)
-    session.add(reservation)
-    session.flush()
+        created_ms=now_ms))
     headers: dict[str, str] = {}
     for kind, (limit, remaining, reset) in tightest.items():
         headers[f"x-ratelimit-limit-{kind}"] = str(limit)
         headers[f"x-ratelimit-remaining-{kind}"] = str(max(remaining, 0))
         headers[f"x-ratelimit-reset-{kind}"] = format_wait(reset)
-    return Admission(reservation.id, org.id, reservation.amount_micros, pricing, charged, mult,
-                     headers)
+    return Admission(reservation_id, org.id, amount, pricing, charged, mult, headers)
 
 
 def rate_limited(kind: str, what: str, who: str, reset: float, limit: int) -> RateLimited:

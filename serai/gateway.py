@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from serai.accounts import KeyInfo
 from serai.engines.base import Engine, Measure
@@ -222,10 +222,16 @@ class Gateway:
         idempotency.ran(run)
         return run
 
-    async def measure(self, request: GenerationRequest) -> Measure:
-        """The size of `request` on its model's engine, without running it: nothing is
-        admitted, generated or recorded (token counting endpoints)."""
-        return await self.router.engine_for(request.model).measure(request)
+    async def measure(self, request: GenerationRequest, *,
+                      regions: Sequence[str] | None = None) -> Measure:
+        """The size of `request` on a deployment of its model in `regions`, without running
+        it: nothing is admitted, generated or recorded (token counting endpoints). The
+        deployment is held meanwhile, so a reload cannot close its engine mid-count."""
+        ticket = self.router.pick(request.model, regions=regions)
+        try:
+            return await ticket.deployment.engine.measure(request)
+        finally:
+            ticket.done()
 
     async def _start(self, *, key: KeyInfo, request: GenerationRequest, endpoint: str) -> Run:
         """Route, admit and start a run; returns once an engine produced its first chunk.

@@ -22,10 +22,13 @@ from serai import accounts, ledger
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings, UpstreamSettings
+from serai.engines.base import Measure
 from serai.engines.router import Router
 from serai.errors import EngineOverloaded, EngineUnavailable, RegionUnavailable, UnknownModel
+from serai.gateway import Gateway
 from serai.storage.tables import Reservation, UsageRow
 from serai.testing.mock_upstream import MockConfig, Stats
+from serai.types import GenerationRequest
 from tests.support.fake_engine import FakeEngine
 from tests.support.ledger_rows import usage_rows
 from tests.support.tenants import customer
@@ -167,6 +170,34 @@ def test_a_deployment_id_is_unique() -> None:
     router.add(FakeEngine(name="m"), deployment="d")
     with pytest.raises(ValueError, match="two deployments"):
         router.add(FakeEngine(name="n"), deployment="d")
+
+
+class SlowCount(FakeEngine):
+    """Counts tokens only once `counted` is set."""
+
+    counted: asyncio.Event | None = None
+
+    async def measure(self, request: GenerationRequest) -> Measure:
+        assert self.counted is not None
+        await self.counted.wait()
+        return await super().measure(request)
+
+
+async def test_a_removed_deployment_drains_only_after_a_token_count_on_it() -> None:
+    router = _router()
+    engine = SlowCount(name="m")
+    engine.counted = asyncio.Event()
+    deployment = router.add(engine, deployment="d")
+    gateway = Gateway(router=router, ledger=None, database=None)  # type: ignore[arg-type]
+    counting = asyncio.create_task(gateway.measure(GenerationRequest("r", "m", prompt="a b c")))
+    await asyncio.sleep(0.01)
+    router.remove("d")
+    drained = asyncio.create_task(router.drained(deployment))
+    await asyncio.sleep(0.05)
+    assert not drained.done(), "a reload would close the engine while it counts"
+    engine.counted.set()
+    assert (await counting).prompt_tokens > 0
+    await asyncio.wait_for(drained, 5)
 
 
 def test_settings_refuse_two_upstreams_with_one_deployment_id() -> None:
@@ -379,6 +410,11 @@ async def test_region_without_any_deployment_is_region_unavailable(
         with pytest.raises(openai.InternalServerError) as err:
             await _ask(api)
         assert err.value.code == "region_unavailable"
+        # Counting tokens is refused alike: no deployment in the org's regions serves it.
+        counted = await api.http.post("/v1/messages/count_tokens", json={
+            "model": MODEL, "messages": CHAT},
+            headers={"x-api-key": api.secret, "anthropic-version": "2023-06-01"})
+        assert counted.status_code == 503, counted.text
         assert _requests(servers["a"]) == 0
         assert await api.usage_rows() == []
 

@@ -369,8 +369,10 @@ async def create_message(
 
 @router.post("/v1/messages/count_tokens")
 async def count_message_tokens(
-    body: CountTokensRequest, request: Request, _key: KeyDep, services: ServicesDep,
+    body: CountTokensRequest, request: Request, key: KeyDep, services: ServicesDep,
 ) -> Response:
-    """Counts the tokens of a conversation's prompt without running it (nothing is billed)."""
-    measure = await services.gateway.measure(body.to_generation(request.state.request_id))
+    """Counts the tokens of a conversation's prompt without running it (nothing is billed),
+    on a deployment in the key's regions."""
+    measure = await services.gateway.measure(body.to_generation(request.state.request_id),
+                                             regions=key.allowed_regions)
     return json_response(200, {"input_tokens": measure.prompt_tokens})

@@ -186,6 +186,21 @@ async def test_failed_authentication_is_recorded_by_prefix_and_no_secret_is_stor
         assert secret[:accounts.PREFIX_LENGTH + 1] not in stored
 
 
+async def test_redemption_codes_are_recorded_without_the_codes(admin: Admin) -> None:
+    org = await admin.ok("POST", "/admin/v1/organizations", json={"name": "acme"})
+    minted = await admin.ok("POST", "/admin/v1/redemption_codes", json={
+        "count": 3, "amount_micros": 1_000_000, "batch": "spring"})
+    codes = [c["code"] for c in minted["data"]]
+    await admin.ok("POST", f"/admin/v1/organizations/{org['id']}/redeem",
+                   json={"code": codes[0]})
+
+    rows = admin.rows()
+    assert [(r["action"], r["target"]) for r in rows[-2:]] == [
+        ("codes.generate", "batch:spring"), ("balance.redemption", f"org:{org['id']}")]
+    assert minted["data"][0]["prefix"] in repr(rows[-1]["details"])
+    assert not any(code in repr(rows) for code in codes)
+
+
 async def test_an_organizations_admin_reads_only_its_own_entries(admin: Admin) -> None:
     ours = await admin.ok("POST", "/admin/v1/organizations", json={"name": "ours"})
     theirs = await admin.ok("POST", "/admin/v1/organizations", json={"name": "theirs"})
@@ -240,6 +255,8 @@ async def test_export_writes_every_entry_as_json_lines(admin: Admin, tmp_path: P
     assert [e["hash"] for e in lines] == [r["hash"] for r in admin.rows()]
     assert lines[1]["prev_hash"] == lines[0]["hash"]
 
+    since_then = admin.serai("audit", "export", "--since", "2000-01-01")
+    assert since_then.exit_code == 0 and len(since_then.stdout.splitlines()) == len(lines)
     later = admin.serai("audit", "export", "--since", "2999-01-01")
     assert later.exit_code == 0 and later.stdout == ""
 

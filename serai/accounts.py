@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from serai import audit
 from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
 from serai.storage.named import claim_name, find_named, row_id
 from serai.storage.tables import ApiKey, BalanceEntry, Organization, RedemptionCode, Reservation
@@ -91,6 +92,9 @@ def create_org(*, session: Session, name: str, plan_id: int | None = None,
                        balance_micros=0, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency)
     session.add(row)
     session.flush()
+    audit.record(session, action="org.create", target=f"org:{row.id}", org_id=row.id,
+                 details={"name": name, "plan_id": plan_id, "price_book_id": price_book_id,
+                          "rpm": rpm, "tpm": tpm, "max_concurrency": max_concurrency})
     return _org_info(row)
 
 
@@ -127,6 +131,7 @@ def update_org(*, session: Session, org_id: int, name: str | None = None,
     row = session.get(Organization, org_id)
     if row is None:
         raise NotFound(f"No organization {org_id}.", param="org")
+    changes: dict[str, Any] = {}
     if name is not None:
         claim_name(session, Organization, name, what="An organization", row=row)
         row.name = name
@@ -138,7 +143,13 @@ def update_org(*, session: Session, org_id: int, name: str | None = None,
                           if allowed_regions is not _UNSET else _UNSET)):
         if value is not _UNSET:
             setattr(row, field, value)
+            changes[field] = value
     session.flush()
+    changes.update({k: v for k, v in (("name", name), ("disabled", disabled)) if v is not None})
+    # A plan or price book change is its own action: it is what changes an organization's bill.
+    action = ("org.plan_change" if {"plan_id", "price_book_id"} & changes.keys()
+              else "org.update")
+    audit.record(session, action=action, target=f"org:{org_id}", org_id=org_id, details=changes)
     return _org_info(row)
 
 
@@ -185,6 +196,8 @@ def adjust_balance(*, session: Session, org_id: int, amount_micros: int, kind: s
             + "; it cannot go below zero.", param="amount_micros")
     session.add(BalanceEntry(org_id=org_id, amount_micros=amount_micros, kind=kind, reason=reason))
     session.flush()
+    audit.record(session, action=f"balance.{kind}", target=f"org:{org_id}", org_id=org_id,
+                 details={"amount_micros": amount_micros, "reason": reason})
     return find_org(session=session, ref=org_id)
 
 
@@ -222,6 +235,9 @@ def create_key(*, session: Session, name: str, is_admin: bool = False, org_id: i
     session.add(row)
     session.flush()
     session.refresh(row)
+    audit.record(session, action="key.create", target=f"key:{row.prefix}", org_id=row.org_id,
+                 details={"id": row.id, "name": name, "role": role,
+                          "allowed_models": allowed_models, "expires_at": expires_at})
     return key_info(row), secret
 
 
@@ -254,9 +270,14 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
+def shown_prefix(secret: str) -> str:
+    """As much of a presented secret as may be shown (in errors, logs, the audit log)."""
+    return secret[:PREFIX_LENGTH] + "…" if len(secret) > PREFIX_LENGTH else "(too short)"
+
+
 def _bad_key_message(secret: str) -> str:
-    shown = secret[:PREFIX_LENGTH] + "…" if len(secret) > PREFIX_LENGTH else "(too short)"
-    return f"Incorrect API key provided: {shown}. Create a key with `serai keys create`."
+    return (f"Incorrect API key provided: {shown_prefix(secret)}. Create a key with "
+            "`serai keys create`.")
 
 
 def list_keys(*, session: Session, include_revoked: bool = True,
@@ -285,10 +306,13 @@ def find_key(*, session: Session, ref: str) -> ApiKey:
 def revoke_key(*, session: Session, ref: str) -> KeyInfo:
     """Revoke a key by id or prefix; revoking twice keeps the first revocation time."""
     row = find_key(session=session, ref=ref)
-    if row.revoked_at is None:
+    already = row.revoked_at is not None
+    if not already:
         row.revoked_at = func.now()  # the database clock, not this process's
         session.flush()
         session.refresh(row)
+    audit.record(session, action="key.revoke", target=f"key:{row.prefix}", org_id=row.org_id,
+                 details={"id": row.id, "already_revoked": already})
     return key_info(row)
 
 
@@ -306,11 +330,15 @@ def update_key(*, session: Session, ref: str, name: str | None = None,
         row.name = name
     if allowed_cidrs is not _UNSET and allowed_cidrs is not None:
         allowed_cidrs = check_cidrs(allowed_cidrs)
+    changes: dict[str, Any] = {"name": name} if name is not None else {}
     for field, value in (("allowed_models", allowed_models), ("allowed_cidrs", allowed_cidrs),
                          ("expires_at", expires_at), ("rpm", rpm), ("tpm", tpm)):
         if value is not _UNSET:
             setattr(row, field, value)
+            changes[field] = value
     session.flush()
+    audit.record(session, action="key.update", target=f"key:{row.prefix}", org_id=row.org_id,
+                 details={"id": row.id, **changes})
     return key_info(row)
 
 
@@ -388,6 +416,9 @@ def generate_codes(*, session: Session, count: int, amount_micros: int, batch: s
     session.flush()
     for row, _ in minted:
         session.refresh(row)
+    audit.record(session, action="codes.generate", target=f"batch:{batch}",
+                 details={"count": count, "amount_micros": amount_micros,
+                          "expires_at": expires_at})
     return [(_code_info(row), code) for row, code in minted]
 
 
@@ -403,6 +434,8 @@ def disable_codes(*, session: Session, batch: str) -> int:
     result = session.execute(update(RedemptionCode).where(
         RedemptionCode.batch == batch, RedemptionCode.redeemed_at.is_(None),
         RedemptionCode.disabled.is_(False)).values(disabled=True))
+    audit.record(session, action="codes.disable", target=f"batch:{batch}",
+                 details={"disabled": int(result.rowcount)})
     return int(result.rowcount)
 
 

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from serai import __version__, idempotency
+from serai import __version__, idempotency, redaction
 from serai.api import admin, anthropic, openai, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
@@ -116,6 +116,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
             await asyncio.to_thread(limiter.close)
             database.dispose()
 
+    redaction.install()
     app = FastAPI(title="Serai", version=__version__, lifespan=lifespan,
                   description="Open-weight models behind OpenAI- and Anthropic-compatible APIs.")
     install_error_handlers(app)

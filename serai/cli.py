@@ -1,5 +1,5 @@
 """The `serai` command: serve, keys, orgs, plans, prices, balance, usage, invoices, models,
-deployments, db, bench.
+deployments, audit, db, bench.
 
 Every command takes --data-dir (or SERAI_DATA_DIR) and acts on that data dir's database, so
 `serai keys create` makes a key for the server running on the same data dir. `serai deployments`
@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -25,7 +25,7 @@ from rich.panel import Panel
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from serai import accounts, invoices, plans
+from serai import accounts, audit, invoices, plans, redaction
 from serai.config import Settings, load_settings
 from serai.errors import ModelFileError, SeraiError
 from serai.invoices import money
@@ -49,6 +49,8 @@ balance_app = typer.Typer(help="Balances: top-ups, adjustments and redemption co
 codes_app = typer.Typer(help="Redemption codes: generate, list, disable.", no_args_is_help=True)
 models_app = typer.Typer(help="The models this server serves.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit log: verify its hash chain, export it.",
+                        no_args_is_help=True)
 deployments_app = typer.Typer(help="The running server's deployments: load and health, and "
                               "reloading them from the configuration.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -60,6 +62,7 @@ balance_app.add_typer(codes_app, name="codes")
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 app.add_typer(deployments_app, name="deployments")
+app.add_typer(audit_app, name="audit")
 
 err = Console(stderr=True)
 
@@ -92,6 +95,7 @@ def _fail(message: str) -> typer.Exit:
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redaction.install()
     if level != "debug":
         # httpx logs every request at info, health probes of each upstream included; Serai
         # logs what matters of them itself.
@@ -133,6 +137,7 @@ def serve(
         raise _fail(str(exc)) from None
     database = _database(settings)
     with database.session() as session:
+        audit.act_as(session, "cli")
         first_key = None
         if accounts.count_keys(session=session) == 0:
             _, first_key = accounts.create_key(session=session, name="admin", is_admin=True)
@@ -175,7 +180,7 @@ def _session(data_dir: Path | None) -> Iterator[Session]:
     database = _database(_settings(data_dir=data_dir))
     try:
         with database.session() as session:
-            yield session
+            yield audit.act_as(session, "cli")  # the audit log names the CLI as the actor
     except SeraiError as exc:
         raise _fail(exc.message) from None
     finally:
@@ -823,6 +828,38 @@ def deployments_reload(url: ServerUrl = None, key: AdminKey = None,
     body = _server_call("POST", "/deployments/reload", url=url, key=key, data_dir=data_dir)
     for change in ("added", "removed", "replaced", "unchanged"):
         typer.echo(f"{change}: {', '.join(body[change]) or '-'}")
+
+
+@audit_app.command("verify")
+def audit_verify(data_dir: DataDir = None) -> None:
+    """Walk the audit log's hash chain; fail naming the first changed or missing entry."""
+    with _session(data_dir) as session:
+        verdict = audit.verify(session=session)
+    if not verdict.ok:
+        raise _fail(f"audit entry {verdict.broken_id}: {verdict.problem}. The {verdict.intact} "
+                    f"entries before it are intact.")
+    typer.echo(f"Audit log intact: {verdict.intact} entries.")
+
+
+@audit_app.command("export")
+def audit_export(
+    output: Annotated[Path | None, typer.Option(
+        help="Write to this file instead of stdout.")] = None,
+    since: Annotated[str | None, typer.Option(
+        help="Only entries from this time on, e.g. 2027-01-31 or 2027-01-31T12:00 (UTC).")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Write the audit log as JSON lines, oldest first, hashes included (to keep elsewhere)."""
+    start = _expiry(since)
+    count = 0
+    with _session(data_dir) as session, (
+            output.open("w") if output is not None else nullcontext(sys.stdout)) as out:
+        for entry in audit.export(session=session, since=start):
+            out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            count += 1
+    if output is not None:
+        err.print(f"Wrote {count} audit entries to {output}.")
 
 
 @db_app.command("upgrade")

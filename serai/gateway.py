@@ -14,10 +14,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 
+from serai import audit
 from serai.accounts import KeyInfo
 from serai.engines.base import Engine, Measure
 from serai.engines.router import Router, Ticket
-from serai.errors import EngineOverloaded, EngineUnavailable, SeraiError
+from serai.errors import EngineOverloaded, EngineUnavailable, RegionUnavailable, SeraiError
 from serai.idempotency import IdempotentCall
 from serai.ledger import UNMETERED, Admission, LedgerWriter, UsageRecord, UsageStatus
 from serai.limits import DatabaseLimiter, Limiter
@@ -242,7 +243,14 @@ class Gateway:
         `failover_attempts` deployments while they fail before their first chunk.
         """
         regions = key.allowed_regions
-        ticket = self.router.pick(request.model, regions=regions)
+        try:
+            ticket = self.router.pick(request.model, regions=regions)
+        except RegionUnavailable:
+            await asyncio.to_thread(
+                audit.record_alone, self.database, action="residency.refused",
+                actor=key.prefix + "…", target=f"model:{request.model}", org_id=key.org_id,
+                details={"model": request.model, "regions": list(regions or ())})
+            raise
         try:
             size = await ticket.deployment.engine.measure(request)
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from serai import audit
 from serai.errors import InvalidRequest, NotFound
 from serai.storage.named import claim_name, find_named
 from serai.storage.tables import Plan, Price, PriceBook
@@ -118,6 +119,11 @@ def create_plan(*, session: Session, name: str, windows: list[dict[str, Any]] | 
                price_ratio_milli=_check_ratio(price_ratio_milli), disabled=False)
     session.add(row)
     session.flush()
+    audit.record(session, action="plan.create", target=f"plan:{row.id}",
+                 details={"name": name, "windows": row.windows,
+                          "model_multipliers": row.model_multipliers, "rpm": rpm, "tpm": tpm,
+                          "max_concurrency": max_concurrency, "draws_balance": draws_balance,
+                          "price_ratio_milli": price_ratio_milli})
     return row
 
 
@@ -128,6 +134,8 @@ def create_price_book(*, session: Session, name: str, currency: str = "USD",
                     peak_hours=validate_peak_hours(peak_hours or []))
     session.add(row)
     session.flush()
+    audit.record(session, action="price_book.create", target=f"price_book:{row.id}",
+                 details={"name": name, "currency": row.currency, "peak_hours": row.peak_hours})
     return row
 
 
@@ -148,6 +156,9 @@ def set_price(*, session: Session, price_book_id: int, model: str, input_micros:
         session.add(row)
     row.input_micros, row.output_micros, row.cached_input_micros = input_micros, output_micros, cached
     session.flush()
+    audit.record(session, action="price.set", target=f"price_book:{price_book_id}",
+                 details={"model": model, "input_micros": input_micros,
+                          "output_micros": output_micros, "cached_input_micros": cached})
     return row
 
 
@@ -190,6 +201,13 @@ def update_plan(*, session: Session, plan_id: int, name: str | None = None,
     if disabled is not None:
         row.disabled = disabled
     session.flush()
+    given = {"name": name, "windows": windows, "model_multipliers": model_multipliers,
+             "price_ratio_milli": price_ratio_milli, "draws_balance": draws_balance,
+             "disabled": disabled}
+    changes = {k: v for k, v in given.items() if v is not None}
+    changes.update({k: v for k, v in (("rpm", rpm), ("tpm", tpm),
+                                      ("max_concurrency", max_concurrency)) if v is not _UNSET})
+    audit.record(session, action="plan.update", target=f"plan:{plan_id}", details=changes)
     return row
 
 
@@ -230,6 +248,10 @@ def update_price_book(*, session: Session, price_book_id: int, name: str | None 
     if peak_hours is not None:
         row.peak_hours = validate_peak_hours(peak_hours)
     session.flush()
+    changes = {k: v for k, v in (("name", name), ("currency", currency),
+                                 ("peak_hours", peak_hours)) if v is not None}
+    audit.record(session, action="price_book.update", target=f"price_book:{price_book_id}",
+                 details=changes)
     return row
 
 
@@ -250,6 +272,8 @@ def remove_price(*, session: Session, price_book_id: int, model: str) -> None:
                                                Price.model == model))
     if gone.rowcount == 0:
         raise NotFound(f"The price book has no price for {model!r}.", param="model")
+    audit.record(session, action="price.remove", target=f"price_book:{price_book_id}",
+                 details={"model": model})
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
-from serai import accounts, invoices, plans
+from serai import accounts, audit, invoices, plans
 from serai.accounts import CodeInfo, KeyInfo, OrgInfo
 from serai.api.deps import AdminScope, ScopeDep, ServicesDep
 from serai.api.errors import json_response
@@ -42,10 +42,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-async def in_session(services: ServicesDep, work: Callable[[Session], T]) -> T:
+async def in_session(services: ServicesDep, scope: AdminScope | None,
+                     work: Callable[[Session], T]) -> T:
+    """Run `work` in a session whose changes the audit log records as the scope's key's
+    (None: a model key that only reads)."""
     def run() -> T:
         with services.database.session() as session:
-            return work(session)
+            return work(audit.act_as(session, scope.actor) if scope is not None else session)
 
     return await asyncio.to_thread(run)
 
@@ -119,20 +122,20 @@ async def create_organization(body: OrgCreate, scope: ScopeDep,
         _check_links(session, body.plan_id, body.price_book_id)
         return accounts.create_org(session=session, **body.model_dump())
 
-    return json_response(201, _org_object(await in_session(services, create)))
+    return json_response(201, _org_object(await in_session(services, scope, create)))
 
 
 @router.get("/organizations")
 async def list_organizations(scope: ScopeDep, services: ServicesDep) -> Response:
     """Lists the organizations this key may see (its own, or all for an operator)."""
-    orgs = await in_session(services, lambda s: accounts.list_orgs(session=s,
+    orgs = await in_session(services, scope, lambda s: accounts.list_orgs(session=s,
                                                                    org_id=scope.org_id))
     return json_response(200, {"object": "list", "data": [_org_object(o) for o in orgs]})
 
 
 @router.get("/organizations/{org_id}")
 async def get_organization(org_id: int, scope: ScopeDep, services: ServicesDep) -> Response:
-    org = await in_session(services, lambda s: _visible_org(s, scope, org_id))
+    org = await in_session(services, scope, lambda s: _visible_org(s, scope, org_id))
     return json_response(200, _org_object(org))
 
 
@@ -149,7 +152,7 @@ async def update_organization(org_id: int, body: OrgUpdate, scope: ScopeDep,
         _check_links(session, fields.get("plan_id"), fields.get("price_book_id"))
         return accounts.update_org(session=session, org_id=org_id, **fields)
 
-    return json_response(200, _org_object(await in_session(services, update)))
+    return json_response(200, _org_object(await in_session(services, scope, update)))
 
 
 # -- balances and redemption codes ------------------------------------------------------------
@@ -176,7 +179,7 @@ async def get_balance(org_id: int, scope: ScopeDep, services: ServicesDep) -> Re
                              "reason": e.reason, "created_at": _time(e.created_at)}
                             for e in entries]}
 
-    return json_response(200, await in_session(services, read))
+    return json_response(200, await in_session(services, scope, read))
 
 
 @router.post("/organizations/{org_id}/balance")
@@ -194,7 +197,7 @@ async def change_balance(org_id: int, body: BalanceChange, scope: ScopeDep,
                                        amount_micros=body.amount_micros, kind=body.kind,
                                        reason=body.reason)
 
-    return json_response(200, _org_object(await in_session(services, change)))
+    return json_response(200, _org_object(await in_session(services, scope, change)))
 
 
 class Redemption(_Strict):
@@ -206,7 +209,7 @@ async def redeem(org_id: int, body: Redemption, scope: ScopeDep,
                  services: ServicesDep) -> Response:
     """Redeems a code into the organization's balance (owner or admin of it)."""
     scope.change(org_id, f"organization {org_id}")
-    org = await in_session(services, lambda s: accounts.redeem_code(session=s, org_id=org_id,
+    org = await in_session(services, scope, lambda s: accounts.redeem_code(session=s, org_id=org_id,
                                                                     code=body.code))
     return json_response(200, _org_object(org))
 
@@ -229,7 +232,7 @@ def _code_object(code: CodeInfo) -> dict[str, Any]:
 async def generate_codes(body: CodeBatch, scope: ScopeDep, services: ServicesDep) -> Response:
     """Generates a batch of codes; the response is the only time the codes are shown."""
     scope.operate("generate redemption codes")
-    minted = await in_session(services, lambda s: accounts.generate_codes(
+    minted = await in_session(services, scope, lambda s: accounts.generate_codes(
         session=s, count=body.count, amount_micros=body.amount_micros, batch=body.batch,
         expires_at=body.expires_at))
     return json_response(201, {"object": "list", "data": [
@@ -241,7 +244,7 @@ async def list_codes(scope: ScopeDep, services: ServicesDep,
                      batch: str | None = None) -> Response:
     """Lists codes (prefixes only), optionally of one batch."""
     scope.operate("list redemption codes")
-    codes = await in_session(services, lambda s: accounts.list_codes(session=s, batch=batch))
+    codes = await in_session(services, scope, lambda s: accounts.list_codes(session=s, batch=batch))
     return json_response(200, {"object": "list", "data": [_code_object(c) for c in codes]})
 
 
@@ -253,7 +256,7 @@ class CodeDisable(_Strict):
 async def disable_codes(body: CodeDisable, scope: ScopeDep, services: ServicesDep) -> Response:
     """Disables the codes of a batch not yet redeemed."""
     scope.operate("disable redemption codes")
-    count = await in_session(services, lambda s: accounts.disable_codes(session=s,
+    count = await in_session(services, scope, lambda s: accounts.disable_codes(session=s,
                                                                         batch=body.batch))
     return json_response(200, {"object": "redemption_code_batch", "batch": body.batch,
                                "disabled": count})
@@ -321,7 +324,7 @@ async def create_key(body: KeyCreate, scope: ScopeDep, services: ServicesDep) ->
                                    allowed_cidrs=body.allowed_cidrs, expires_at=body.expires_at,
                                    rpm=body.rpm, tpm=body.tpm)
 
-    key, secret = await in_session(services, create)
+    key, secret = await in_session(services, scope, create)
     return json_response(201, {**_key_object(key), "secret": secret})
 
 
@@ -332,7 +335,7 @@ async def list_keys(scope: ScopeDep, services: ServicesDep,
     if org_id is not None:
         scope.see(org_id, f"organization {org_id}")
     wanted = org_id if org_id is not None else scope.org_id
-    keys = await in_session(services, lambda s: accounts.list_keys(session=s, org_id=wanted))
+    keys = await in_session(services, scope, lambda s: accounts.list_keys(session=s, org_id=wanted))
     return json_response(200, {"object": "list", "data": [_key_object(k) for k in keys]})
 
 
@@ -358,7 +361,7 @@ async def update_key(ref: str, body: KeyUpdate, scope: ScopeDep,
         _visible_key(session, scope, ref, change=True)
         return accounts.update_key(session=session, ref=ref, **fields)
 
-    return json_response(200, _key_object(await in_session(services, update)))
+    return json_response(200, _key_object(await in_session(services, scope, update)))
 
 
 @router.delete("/keys/{ref}")
@@ -369,7 +372,7 @@ async def revoke_key(ref: str, scope: ScopeDep, services: ServicesDep) -> Respon
         _visible_key(session, scope, ref, change=True)
         return accounts.revoke_key(session=session, ref=ref)
 
-    return json_response(200, _key_object(await in_session(services, revoke)))
+    return json_response(200, _key_object(await in_session(services, scope, revoke)))
 
 
 # -- plans and price books (the platform's catalogue) -----------------------------------------
@@ -427,14 +430,14 @@ def _own_org_uses(session: Session, scope: AdminScope, *, plan_id: int | None = 
 async def create_plan(body: PlanCreate, scope: ScopeDep, services: ServicesDep) -> Response:
     scope.operate("create plans")
     fields = body.model_dump()
-    plan = await in_session(services, lambda s: plans.create_plan(session=s, **fields))
+    plan = await in_session(services, scope, lambda s: plans.create_plan(session=s, **fields))
     return json_response(201, _plan_object(plan))
 
 
 @router.get("/plans")
 async def list_plans(scope: ScopeDep, services: ServicesDep) -> Response:
     scope.operate("list every plan")
-    rows = await in_session(services, lambda s: plans.list_plans(session=s))
+    rows = await in_session(services, scope, lambda s: plans.list_plans(session=s))
     return json_response(200, {"object": "list", "data": [_plan_object(p) for p in rows]})
 
 
@@ -445,7 +448,7 @@ async def get_plan(plan_id: int, scope: ScopeDep, services: ServicesDep) -> Resp
             raise NotFound(f"No plan {plan_id}.", param="plan")
         return plans.find_plan(session=session, ref=plan_id)
 
-    return json_response(200, _plan_object(await in_session(services, read)))
+    return json_response(200, _plan_object(await in_session(services, scope, read)))
 
 
 @router.patch("/plans/{plan_id}")
@@ -453,7 +456,7 @@ async def update_plan(plan_id: int, body: PlanUpdate, scope: ScopeDep,
                       services: ServicesDep) -> Response:
     scope.operate("change plans")
     fields = body.model_dump(include=body.model_fields_set)
-    plan = await in_session(services, lambda s: plans.update_plan(session=s, plan_id=plan_id,
+    plan = await in_session(services, scope, lambda s: plans.update_plan(session=s, plan_id=plan_id,
                                                                   **fields))
     return json_response(200, _plan_object(plan))
 
@@ -497,7 +500,7 @@ async def create_price_book(body: PriceBookCreate, scope: ScopeDep,
                             services: ServicesDep) -> Response:
     scope.operate("create price books")
     fields = body.model_dump()
-    book = await in_session(services, lambda s: _book_object(
+    book = await in_session(services, scope, lambda s: _book_object(
         s, plans.create_price_book(session=s, **fields)))
     return json_response(201, book)
 
@@ -505,7 +508,7 @@ async def create_price_book(body: PriceBookCreate, scope: ScopeDep,
 @router.get("/price_books")
 async def list_price_books(scope: ScopeDep, services: ServicesDep) -> Response:
     scope.operate("list every price book")
-    books = await in_session(services, lambda s: [
+    books = await in_session(services, scope, lambda s: [
         _book_object(s, b) for b in plans.list_price_books(session=s)])
     return json_response(200, {"object": "list", "data": books})
 
@@ -517,7 +520,7 @@ async def get_price_book(book_id: int, scope: ScopeDep, services: ServicesDep) -
             raise NotFound(f"No price book {book_id}.", param="price_book")
         return _book_object(session, plans.find_price_book(session=session, ref=book_id))
 
-    return json_response(200, await in_session(services, read))
+    return json_response(200, await in_session(services, scope, read))
 
 
 @router.patch("/price_books/{book_id}")
@@ -525,7 +528,7 @@ async def update_price_book(book_id: int, body: PriceBookUpdate, scope: ScopeDep
                             services: ServicesDep) -> Response:
     scope.operate("change price books")
     fields = body.model_dump(include=body.model_fields_set)
-    book = await in_session(services, lambda s: _book_object(
+    book = await in_session(services, scope, lambda s: _book_object(
         s, plans.update_price_book(session=s, price_book_id=book_id, **fields)))
     return json_response(200, book)
 
@@ -541,7 +544,7 @@ async def set_price(book_id: int, body: PriceSet, scope: ScopeDep,
         plans.set_price(session=session, price_book_id=book.id, **body.model_dump())
         return _book_object(session, book)
 
-    return json_response(200, await in_session(services, put))
+    return json_response(200, await in_session(services, scope, put))
 
 
 @router.delete("/price_books/{book_id}/prices")
@@ -555,7 +558,7 @@ async def remove_price(book_id: int, scope: ScopeDep, services: ServicesDep,
         plans.remove_price(session=session, price_book_id=book.id, model=model)
         return _book_object(session, book)
 
-    return json_response(200, await in_session(services, remove))
+    return json_response(200, await in_session(services, scope, remove))
 
 
 # -- usage and invoices -----------------------------------------------------------------------
@@ -590,7 +593,7 @@ async def organization_usage(org_id: int, scope: ScopeDep, services: ServicesDep
         _visible_org(session, scope, org_id)
         return invoices.daily_usage(session=session, org_id=org_id, start=start, end=end)
 
-    return usage_object(await in_session(services, read), org_id)
+    return usage_object(await in_session(services, scope, read), org_id)
 
 
 @router.get("/organizations/{org_id}/invoices/{month}")
@@ -603,7 +606,7 @@ async def organization_invoice(org_id: int, month: str, scope: ScopeDep, service
         _visible_org(session, scope, org_id)
         return invoices.invoice(session=session, org_id=org_id, month=month)
 
-    return invoice_response(await in_session(services, read), format)
+    return invoice_response(await in_session(services, scope, read), format)
 
 
 # -- deployments ------------------------------------------------------------------------------
@@ -645,4 +648,28 @@ async def reload_deployments(scope: ScopeDep, services: ServicesDep) -> Response
     if services.fleet is None:
         raise InvalidRequest("This server has no declared deployments to reload.")
     changes = await services.fleet.reload()
+    await asyncio.to_thread(audit.record_alone, services.database, action="deployments.reload",
+                            actor=scope.actor, target="deployments", details=changes.as_dict())
     return json_response(200, {"object": "deployment_reload", **changes.as_dict()})
+
+
+# -- audit log --------------------------------------------------------------------------------
+
+
+@router.get("/audit")
+async def list_audit(scope: ScopeDep, services: ServicesDep,
+                     org_id: int | None = None,
+                     after: Annotated[int | None, Query(
+                         description="An entry id: list the entries older than it (the "
+                         "previous page's last_id).")] = None,
+                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
+    """Audit entries, newest first: all of them for an operator, only its organization's for
+    an organization's admin. Page with `after` = the previous page's `last_id`."""
+    if org_id is not None:
+        scope.see(org_id, f"organization {org_id}")
+    wanted = org_id if org_id is not None else scope.org_id
+    page, has_more = await in_session(services, scope, lambda s: audit.entries(
+        session=s, org_id=wanted, after=after, limit=limit))
+    return json_response(200, {"object": "list", "data": page, "has_more": has_more,
+                               "first_id": page[0]["id"] if page else None,
+                               "last_id": page[-1]["id"] if page else None})

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from serai import accounts
+from serai import accounts, audit
 from serai.accounts import KeyInfo
 from serai.config import Settings
 from serai.errors import AuthenticationFailed, NotFound, PermissionDenied
@@ -70,7 +70,16 @@ async def current_key(request: Request, services: ServicesDep) -> KeyInfo:
         with services.database.session() as session:
             return accounts.authenticate(session=session, secret=secret)
 
-    key = await asyncio.to_thread(lookup)
+    try:
+        key = await asyncio.to_thread(lookup)
+    except AuthenticationFailed as error:
+        # Only the prefix the error message shows is kept: a mistyped key is still a secret.
+        shown = accounts.shown_prefix(secret)
+        client = request.client.host if request.client is not None else None
+        await asyncio.to_thread(audit.record_alone, services.database, action="auth.failed",
+                                actor=shown, target=f"key:{shown}",
+                                details={"reason": error.message, "client": client})
+        raise
     request.state.key_prefix = key.prefix
     client = request.client.host if request.client is not None else None
     if not accounts.client_allowed(key, client):
@@ -96,6 +105,11 @@ class AdminScope:
     @property
     def operator(self) -> bool:
         return self.key.role == "operator"
+
+    @property
+    def actor(self) -> str:
+        """Who the audit log names for this key's changes."""
+        return self.key.prefix + "…"
 
     @property
     def org_id(self) -> int | None:

@@ -33,7 +33,7 @@ async def usage(key: KeyDep, services: ServicesDep, start_date: DateParam = None
     org_id = _org_of(key.org_id)
     start, end = invoices.date_range(start_date, end_date)
     await services.gateway.ledger.flush()
-    lines = await in_session(services, lambda s: invoices.daily_usage(
+    lines = await in_session(services, None, lambda s: invoices.daily_usage(
         session=s, org_id=org_id, start=start, end=end))
     return usage_object(lines, org_id)
 
@@ -44,6 +44,6 @@ async def invoice(month: str, key: KeyDep, services: ServicesDep,
     """The invoice of the key's organization for one month (YYYY-MM, UTC), JSON or CSV."""
     org_id = _org_of(key.org_id)
     await services.gateway.ledger.flush()
-    bill = await in_session(services, lambda s: invoices.invoice(session=s, org_id=org_id,
+    bill = await in_session(services, None, lambda s: invoices.invoice(session=s, org_id=org_id,
                                                                   month=month))
     return invoice_response(bill, format)

@@ -249,3 +249,22 @@ class IdempotencyRecord(Base):
     headers: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_ms: Mapped[int] = mapped_column(Millis, index=True)
+
+
+class AuditRecord(Base):
+    """One entry of the audit log: who did what to which object. Each entry's hash covers its
+    fields and the previous entry's hash, so a changed or removed entry breaks the chain."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # An admin key's prefix, "cli", or "system" (a domain function called by neither).
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(200))
+    # No foreign key: the log must keep entries about anything, and never block a change.
+    org_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

@@ -116,7 +116,7 @@ def serve(
 
     from serai.app import create_app
     from serai.engines.upstream import read_api_key
-    from serai.models import check_gguf
+    from serai.models import admit_model
 
     flags = {"host": host, "port": port, "data_dir": data_dir, "model": model,
              "model_name": model_name, "ray_address": ray}
@@ -125,9 +125,9 @@ def serve(
     try:
         for upstream in settings.upstreams:
             read_api_key(upstream)  # a missing key stops start-up with a plain message
-        for entry in settings.models:
-            if entry.path is not None:
-                check_gguf(entry.path.expanduser())
+        for entry in settings.models:  # refused here with a plain message, not at load
+            if entry.path is not None or entry.sha256 is not None:
+                admit_model(entry.path, settings, sha256=entry.sha256, console=err)
         settings = _with_model_file(settings)
     except (ValueError, ModelFileError) as exc:
         raise _fail(str(exc)) from None
@@ -725,17 +725,13 @@ def models_list(
     model: Annotated[Path | None, typer.Option(help="GGUF file instead of the bundled one.")] = None,
 ) -> None:
     """List the embedded models `serai serve` would serve with these settings."""
-    from serai.models import check_gguf, prepare_bundled_model
+    from serai.models import admit_model
 
     settings = _settings(data_dir=data_dir, model=model)
     table = Table("model", "file", "size", "context")
     for entry in settings.embedded_models:
         try:
-            if entry.path is None:
-                path = prepare_bundled_model(settings.models_dir, err)
-            else:
-                path = entry.path.expanduser().resolve()
-                check_gguf(path)
+            path = admit_model(entry.path, settings, sha256=entry.sha256, console=err)
         except ModelFileError as exc:
             raise _fail(str(exc)) from None
         table.add_row(entry.name, str(path), f"{path.stat().st_size / 2**20:.0f} MiB",

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +22,10 @@ from pydantic_settings import (
 )
 
 BUNDLED_MODEL_NAME = "gemma-3-270m"
+
+# A pinned model file's SHA-256, as `sha256sum` prints it (either case; kept in lower case).
+Sha256 = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True,
+                                          pattern=r"^[0-9a-fA-F]{64}$")]
 
 
 def _config_file() -> Path:
@@ -85,6 +89,9 @@ class EmbeddedModelSettings(BaseModel):
     name: str = Field(min_length=1, description="Name clients request the model under.")
     path: Path | None = Field(None, description="GGUF file to serve. Unset: the bundled Gemma 3 "
                               "270M, prepared into <data_dir>/models.")
+    sha256: Sha256 | None = Field(None, description="SHA-256 the model file must have (hex, as "
+                                  "sha256sum prints it); checked before the file is loaded. "
+                                  "Unset: not pinned.")
     deployment: str | None = Field(None, description="Id of this deployment, unique across all "
                                    "deployments, shown in usage rows. Unset: `<name>@local`.")
     aliases: list[str] = Field(default_factory=list,
@@ -127,6 +134,18 @@ class Settings(BaseSettings):
         None,
         description="GGUF file to serve. Unset: the bundled Gemma 3 270M, prepared into "
         "<data_dir>/models on first start.",
+    )
+    model_sha256: Sha256 | None = Field(
+        None,
+        description="SHA-256 the `model` file must have (hex, as sha256sum prints it); checked "
+        "before the file is loaded. Unset: not pinned (the bundled model is always checked "
+        "against its package's SHA-256).",
+    )
+    model_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Directories embedded model files may be served from; a file outside them "
+        "(symlinks resolved) is refused. Empty: <data_dir>/models and the directory each "
+        "configured model file (`model`, `[[models]]` path) is named in.",
     )
     model_name: str | None = Field(
         None,
@@ -280,7 +299,7 @@ class Settings(BaseSettings):
         declared = self.models or [EmbeddedModelSettings(
             name=self.model_name or (BUNDLED_MODEL_NAME if self.model is None
                                      else self.model.expanduser().stem),
-            path=self.model)]
+            path=self.model, sha256=self.model_sha256)]
         return [m.model_copy(update={
             "region": m.region or self.region,
             "context_length": m.context_length or self.context_length,

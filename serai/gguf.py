@@ -170,6 +170,13 @@ def _read_metadata(cur: _Cursor, count: int) -> int:
             if alignment == 0 or alignment & (alignment - 1):
                 raise cur.fail(f"{what} is {alignment}, not a power of two")
             continue
+        if key == b"split.count" and kind == 2:
+            shards = struct.unpack("<H", cur.take(2, what))[0]
+            if shards > 1:
+                # llama.cpp would open the other shards by name, unchecked and unpinned.
+                raise cur.fail(f"it is the first of {shards} split files; merge them into one "
+                               "(llama-gguf-split --merge) to serve the model")
+            continue
         _skip_value(cur, kind, what)
     return alignment
 

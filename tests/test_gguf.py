@@ -118,6 +118,7 @@ def test_a_well_formed_file_passes(write) -> None:  # type: ignore[no-untyped-de
     (gguf([kv("odd", 13, b"\0" * 8)]), "metadata key 0 ('odd') has unknown type 13"),
     (gguf([kv("general.alignment", U32, struct.pack("<I", 3))]), "is 3, not a power of two"),
     (gguf([kv("a", U8, b"x"), kv("a", U8, b"y")]), "metadata key 1 ('a') appears twice"),
+    (gguf([kv("split.count", 2, struct.pack("<H", 3))]), "the first of 3 split files"),
     (gguf(tensor_count=1000), "the header (1 metadata keys and 1,000 tensors) needs at least"),
     (gguf(tensor_count=HUGE), "it claims 1,152,921,504,606,846,976 tensors"),
     (gguf(tensors=[tensor("t", [1] * 1000)]), "tensor 0 ('t') has 1,000 dimensions (at most 4)"),
@@ -133,7 +134,7 @@ def test_a_well_formed_file_passes(write) -> None:  # type: ignore[no-untyped-de
 ], ids=["magic", "tiny", "version-1", "big-endian", "truncated-counts", "truncated-metadata",
         "huge-metadata-count", "metadata-count-beyond-file", "huge-string", "huge-key",
         "huge-array", "array-beyond-file", "string-array-beyond-file", "huge-string-in-array",
-        "nested-array", "unknown-type", "bad-alignment", "duplicate-key",
+        "nested-array", "unknown-type", "bad-alignment", "duplicate-key", "split",
         "tensor-count-beyond-file", "huge-tensor-count", "too-many-dims", "unknown-ggml-type",
         "huge-tensor", "tensor-beyond-file", "misaligned-tensor", "partial-block",
         "duplicate-tensor"])

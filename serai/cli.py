@@ -145,8 +145,9 @@ def serve(
     served: list[str] = []
     for each in [*settings.embedded_models, *settings.upstreams]:  # a model is named once
         served += [n for n in (each.name, *each.aliases) if n not in served]
+    scheme = "https" if settings.tls_certfile else "http"
     err.print(f"Serving [bold]{', '.join(served) or 'no model'}[/bold] on "
-              f"http://{settings.host}:{settings.port} "
+              f"{scheme}://{settings.host}:{settings.port} "
               f"(data dir {settings.data_dir.resolve()})")
 
     def reread() -> Settings:  # on reload: the same flags over the new file and variables
@@ -155,7 +156,8 @@ def serve(
     uvicorn.run(create_app(settings, reread=reread, sighup=True), host=settings.host,
                 port=settings.port, loop="uvloop",
                 http="httptools", log_config=None, access_log=False,
-                log_level=settings.log_level, timeout_graceful_shutdown=10)
+                log_level=settings.log_level, timeout_graceful_shutdown=10,
+                ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
 
 
 def _with_model_file(settings: Settings) -> Settings:
@@ -758,7 +760,7 @@ def _server_call(method: str, path: str, *, url: str | None, key: str | None,
     if url is None:
         settings = _settings(data_dir=data_dir)
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-        url = f"http://{host}:{settings.port}"
+        url = f"{'https' if settings.tls_certfile else 'http'}://{host}:{settings.port}"
     try:
         # Long enough for a reload that loads GGUF files.
         response = httpx.request(method, f"{url.rstrip('/')}/admin/v1{path}", timeout=600,

@@ -272,6 +272,19 @@ class Settings(BaseSettings):
         1.0, gt=0,
         description="CPUs Ray reserves for each replica (its llama.cpp threads are `threads`).",
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins (`https://console.example.com`) whose pages may call the API "
+        "from a browser (CORS). Empty: none, and no CORS headers are sent. `*`: any origin.",
+    )
+    tls_certfile: Path | None = Field(
+        None,
+        description="PEM certificate (chain) `serai serve` presents: set it and `tls_keyfile` to "
+        "serve HTTPS. Unset: plain HTTP (put a TLS-terminating proxy in front).",
+    )
+    tls_keyfile: Path | None = Field(
+        None, description="PEM private key of `tls_certfile`.",
+    )
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
     )
@@ -308,6 +321,12 @@ class Settings(BaseSettings):
             "queue_size": self.engine_queue_size if m.queue_size is None else m.queue_size,
             "prompt_format": m.prompt_format or self.prompt_format,
         }) for m in declared]
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("give tls_certfile and tls_keyfile together, or neither")
+        return self
 
     @model_validator(mode="after")
     def _replica_range(self) -> Settings:

@@ -212,22 +212,31 @@ def test_a_pinned_sha256_must_match(write, tmp_path: Path, clean_env: None) -> N
 def test_serve_refuses_a_crafted_file_with_the_reason(write, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                       clean_env: None) -> None:
     crafted = write(gguf([kv("tokens", ARRAY, struct.pack("<IQ", U8, HUGE))]))
-    result = CliRunner().invoke(app, ["serve", "--model", str(crafted),
-                                      "--data-dir", str(tmp_path / "d")])
-    assert result.exit_code == 1
-    assert "claims an array of" in result.output
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERAI_")}
+    # A real process, as an operator starts it: it stops before the database or a port
+    process = subprocess.run([sys.executable, "-m", "serai", "serve", "--port", "0",
+                              "--model", str(crafted), "--data-dir", str(tmp_path / "d")],
+                             capture_output=True, text=True, timeout=60,
+                             env={**env, "SERAI_CONFIG": str(tmp_path / "absent.toml")})
+    assert process.returncode == 1
+    message = " ".join(process.stderr.split())
+    assert "metadata key 0 ('tokens') claims an array of 1,152,921,504,606,846,976 items" \
+        in message and str(crafted) in message
+    assert "Traceback" not in message
     assert not (tmp_path / "d" / "serai.db").exists()
 
-    config = tmp_path / "serai.toml"  # a [[models]] entry, and a pinned digest that differs
+
+def test_serve_refuses_a_models_entry_whose_digest_differs(write, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           clean_env: None) -> None:
+    config = tmp_path / "serai.toml"
     good = write(gguf(), "good.gguf")
     config.write_text(f'[[models]]\nname = "m"\npath = "{good}"\nsha256 = "{"0" * 64}"\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SERAI_")}
-    # A real process, as an operator starts it: nothing is loaded, nothing is listening
-    process = subprocess.run([sys.executable, "-m", "serai", "serve", "--port", "0",
-                              "--data-dir", str(tmp_path / "d")], capture_output=True,
-                             text=True, timeout=60, env={**env, "SERAI_CONFIG": str(config)})
-    assert process.returncode == 1
-    assert "does not match its pinned SHA-256" in " ".join(process.stderr.split())
+    monkeypatch.setenv("SERAI_CONFIG", str(config))
+    result = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 1
+    assert "does not match its pinned SHA-256" in " ".join(result.output.split())
+    assert not (tmp_path / "d" / "serai.db").exists()
 
 
 def test_models_list_refuses_a_crafted_file(write, tmp_path: Path, clean_env: None) -> None:  # type: ignore[no-untyped-def]

@@ -94,12 +94,18 @@ class _Cursor:
         self.f.seek(n, os.SEEK_CUR)  # within the buffer: no system call
         self.pos += n
 
+    def _fixed(self, n: int, what: str) -> bytes:
+        if n > self.left:
+            raise self.fail(f"the file ends inside {what} ({self.left} of its {n} bytes): "
+                            "it is truncated")
+        return self.take(n, what)
+
     def u32(self, what: str) -> int:
-        value: int = struct.unpack("<I", self.take(4, what))[0]
+        value: int = struct.unpack("<I", self._fixed(4, what))[0]
         return value
 
     def u64(self, what: str) -> int:
-        value: int = struct.unpack("<Q", self.take(8, what))[0]
+        value: int = struct.unpack("<Q", self._fixed(8, what))[0]
         return value
 
     def string_length(self, what: str, *, at_most: int | None = None) -> int:
@@ -121,12 +127,12 @@ def validate_gguf(path: Path) -> GgufHeader:
         if size < 4 or f.read(4) != MAGIC:
             raise ModelFileError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
         cur.pos = 4
-        version = cur.u32("the version (the header is truncated)")
+        version = cur.u32("the version")
         if version not in VERSIONS:
             hint = " (a big-endian file? only little-endian GGUF is read)" if version > 0xFFFF else ""
             raise cur.fail(f"GGUF version {version} is not supported (only 2 and 3){hint}")
-        tensor_count = cur.u64("the tensor count (the header is truncated)")
-        metadata_count = cur.u64("the metadata count (the header is truncated)")
+        tensor_count = cur.u64("the tensor count")
+        metadata_count = cur.u64("the metadata count")
         _check_counts(cur, tensor_count, metadata_count)
         alignment = _read_metadata(cur, metadata_count)
         tensors = [_read_tensor_info(cur, i) for i in range(tensor_count)]
@@ -264,7 +270,8 @@ def _check_tensor_data(cur: _Cursor, tensors: list[_TensorInfo], data_offset: in
                        alignment: int) -> None:
     data_bytes = cur.size - data_offset
     if tensors and data_bytes < 0:
-        raise cur.fail("the header ends where the tensor data should start")
+        raise cur.fail(f"the file ends ({cur.size:,} bytes) before its tensor data starts "
+                       f"(byte {data_offset:,}): it is truncated")
     names: set[str] = set()
     for index, t in enumerate(tensors):
         what = f"tensor {index} ({t.name!r})"

@@ -93,9 +93,11 @@ def test_a_well_formed_file_passes(write) -> None:  # type: ignore[no-untyped-de
     (b"GG", "not a GGUF file"),
     (gguf(version=1), "GGUF version 1 is not supported (only 2 and 3)"),
     (gguf(version=0x03000000), "a big-endian file?"),
-    (b"GGUF\x03\x00\x00\x00\x01\x00", "the tensor count (the header is truncated) claims 8 bytes "
-     "but the file has 2 bytes left"),
+    (b"GGUF\x03\x00\x00\x00\x01\x00", "the file ends inside the tensor count (2 of its 8 bytes): it "
+     "is truncated"),
     (gguf()[:40], "bytes left"),
+    (gguf()[:86], "the file ends inside dimension 0 of tensor 0 ('t') (4 of its 8 bytes)"),
+    (gguf()[:120], "the file ends (120 bytes) before its tensor data starts (byte 128)"),
     (gguf(metadata_count=HUGE), "it claims 1,152,921,504,606,846,976 metadata keys"),
     (gguf(metadata_count=1000), "the header (1,000 metadata keys and 1 tensors) needs at least "
      "13,024 bytes but the file has"),
@@ -132,6 +134,7 @@ def test_a_well_formed_file_passes(write) -> None:  # type: ignore[no-untyped-de
     (gguf(tensors=[tensor("t", [100], kind=12)]), "not a multiple of the type's block of 256"),
     (gguf(tensors=[tensor("t", [4]), tensor("t", [4], offset=0)]), "tensor 1 ('t') appears twice"),
 ], ids=["magic", "tiny", "version-1", "big-endian", "truncated-counts", "truncated-metadata",
+        "truncated-tensor-info", "truncated-before-data",
         "huge-metadata-count", "metadata-count-beyond-file", "huge-string", "huge-key",
         "huge-array", "array-beyond-file", "string-array-beyond-file", "huge-string-in-array",
         "nested-array", "unknown-type", "bad-alignment", "duplicate-key", "split",

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from serai import __version__, idempotency, redaction
@@ -145,4 +146,13 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
     app.add_middleware(IdempotentReplays, abandoned_after_s=settings.reservation_timeout_s)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext)
+    if settings.cors_origins:
+        # Outermost, so preflights are answered before authentication and every answer (a 413,
+        # a 429) carries the headers a browser needs to show it. Keys travel in the
+        # Authorization header, never cookies: no credentials mode.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["*"], allow_headers=["*"], max_age=600,
+                           expose_headers=["x-request-id", "request-id", "retry-after", *(
+                               f"x-ratelimit-{part}-{kind}" for kind in ("requests", "tokens")
+                               for part in ("limit", "remaining", "reset"))])
     return app

@@ -120,7 +120,7 @@ def serve(
 
     from serai.app import create_app
     from serai.engines.upstream import read_api_key
-    from serai.models import check_gguf
+    from serai.models import admit_model
 
     flags = {"host": host, "port": port, "data_dir": data_dir, "model": model,
              "model_name": model_name, "ray_address": ray}
@@ -129,9 +129,9 @@ def serve(
     try:
         for upstream in settings.upstreams:
             read_api_key(upstream)  # a missing key stops start-up with a plain message
-        for entry in settings.models:
-            if entry.path is not None:
-                check_gguf(entry.path.expanduser())
+        for entry in settings.models:  # refused here with a plain message, not at load
+            if entry.path is not None or entry.sha256 is not None:
+                admit_model(entry.path, settings, sha256=entry.sha256, console=err)
         settings = _with_model_file(settings)
     except (ValueError, ModelFileError) as exc:
         raise _fail(str(exc)) from None
@@ -150,8 +150,9 @@ def serve(
     served: list[str] = []
     for each in [*settings.embedded_models, *settings.upstreams]:  # a model is named once
         served += [n for n in (each.name, *each.aliases) if n not in served]
+    scheme = "https" if settings.tls_certfile else "http"
     err.print(f"Serving [bold]{', '.join(served) or 'no model'}[/bold] on "
-              f"http://{settings.host}:{settings.port} "
+              f"{scheme}://{settings.host}:{settings.port} "
               f"(data dir {settings.data_dir.resolve()})")
 
     def reread() -> Settings:  # on reload: the same flags over the new file and variables
@@ -160,7 +161,8 @@ def serve(
     uvicorn.run(create_app(settings, reread=reread, sighup=True), host=settings.host,
                 port=settings.port, loop="uvloop",
                 http="httptools", log_config=None, access_log=False,
-                log_level=settings.log_level, timeout_graceful_shutdown=10)
+                log_level=settings.log_level, timeout_graceful_shutdown=10,
+                ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
 
 
 def _with_model_file(settings: Settings) -> Settings:
@@ -730,17 +732,13 @@ def models_list(
     model: Annotated[Path | None, typer.Option(help="GGUF file instead of the bundled one.")] = None,
 ) -> None:
     """List the embedded models `serai serve` would serve with these settings."""
-    from serai.models import check_gguf, prepare_bundled_model
+    from serai.models import admit_model
 
     settings = _settings(data_dir=data_dir, model=model)
     table = Table("model", "file", "size", "context")
     for entry in settings.embedded_models:
         try:
-            if entry.path is None:
-                path = prepare_bundled_model(settings.models_dir, err)
-            else:
-                path = entry.path.expanduser().resolve()
-                check_gguf(path)
+            path = admit_model(entry.path, settings, sha256=entry.sha256, console=err)
         except ModelFileError as exc:
             raise _fail(str(exc)) from None
         table.add_row(entry.name, str(path), f"{path.stat().st_size / 2**20:.0f} MiB",
@@ -767,7 +765,7 @@ def _server_call(method: str, path: str, *, url: str | None, key: str | None,
     if url is None:
         settings = _settings(data_dir=data_dir)
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-        url = f"http://{host}:{settings.port}"
+        url = f"{'https' if settings.tls_certfile else 'http'}://{host}:{settings.port}"
     try:
         # Long enough for a reload that loads GGUF files.
         response = httpx.request(method, f"{url.rstrip('/')}/admin/v1{path}", timeout=600,

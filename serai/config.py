@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +22,10 @@ from pydantic_settings import (
 )
 
 BUNDLED_MODEL_NAME = "gemma-3-270m"
+
+# A pinned model file's SHA-256, as `sha256sum` prints it (either case; kept in lower case).
+Sha256 = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True,
+                                          pattern=r"^[0-9a-fA-F]{64}$")]
 
 
 def _config_file() -> Path:
@@ -85,6 +89,9 @@ class EmbeddedModelSettings(BaseModel):
     name: str = Field(min_length=1, description="Name clients request the model under.")
     path: Path | None = Field(None, description="GGUF file to serve. Unset: the bundled Gemma 3 "
                               "270M, prepared into <data_dir>/models.")
+    sha256: Sha256 | None = Field(None, description="SHA-256 the model file must have (hex, as "
+                                  "sha256sum prints it); checked before the file is loaded. "
+                                  "Unset: not pinned.")
     deployment: str | None = Field(None, description="Id of this deployment, unique across all "
                                    "deployments, shown in usage rows. Unset: `<name>@local`.")
     aliases: list[str] = Field(default_factory=list,
@@ -127,6 +134,18 @@ class Settings(BaseSettings):
         None,
         description="GGUF file to serve. Unset: the bundled Gemma 3 270M, prepared into "
         "<data_dir>/models on first start.",
+    )
+    model_sha256: Sha256 | None = Field(
+        None,
+        description="SHA-256 the `model` file must have (hex, as sha256sum prints it); checked "
+        "before the file is loaded. Unset: not pinned (the bundled model is always checked "
+        "against its package's SHA-256).",
+    )
+    model_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Directories embedded model files may be served from; a file outside them "
+        "(symlinks resolved) is refused. Empty: <data_dir>/models and the directory each "
+        "configured model file (`model`, `[[models]]` path) is named in.",
     )
     model_name: str | None = Field(
         None,
@@ -253,6 +272,19 @@ class Settings(BaseSettings):
         1.0, gt=0,
         description="CPUs Ray reserves for each replica (its llama.cpp threads are `threads`).",
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins (`https://console.example.com`) whose pages may call the API "
+        "from a browser (CORS). Empty: none, and no CORS headers are sent. `*`: any origin.",
+    )
+    tls_certfile: Path | None = Field(
+        None,
+        description="PEM certificate (chain) `serai serve` presents: set it and `tls_keyfile` to "
+        "serve HTTPS. Unset: plain HTTP (put a TLS-terminating proxy in front).",
+    )
+    tls_keyfile: Path | None = Field(
+        None, description="PEM private key of `tls_certfile`.",
+    )
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
     )
@@ -280,7 +312,7 @@ class Settings(BaseSettings):
         declared = self.models or [EmbeddedModelSettings(
             name=self.model_name or (BUNDLED_MODEL_NAME if self.model is None
                                      else self.model.expanduser().stem),
-            path=self.model)]
+            path=self.model, sha256=self.model_sha256)]
         return [m.model_copy(update={
             "region": m.region or self.region,
             "context_length": m.context_length or self.context_length,
@@ -289,6 +321,12 @@ class Settings(BaseSettings):
             "queue_size": self.engine_queue_size if m.queue_size is None else m.queue_size,
             "prompt_format": m.prompt_format or self.prompt_format,
         }) for m in declared]
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("give tls_certfile and tls_keyfile together, or neither")
+        return self
 
     @model_validator(mode="after")
     def _replica_range(self) -> Settings:

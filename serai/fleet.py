@@ -72,14 +72,12 @@ def open_engine(item: Declared, settings: Settings) -> Engine:
 
         return UpstreamEngine(item.config)
     from serai.engines.llamacpp import LlamaCppEngine
-    from serai.models import check_gguf, prepare_bundled_model
+    from serai.models import admit_model
 
     model = item.config
-    if model.path is None:
-        path = prepare_bundled_model(settings.models_dir)
-    else:
-        path = model.path.expanduser().resolve()
-        check_gguf(path)
+    # The directory, header and SHA-256 checks: llama.cpp (here or on a Ray replica) only
+    # ever opens a file that passed them.
+    path = admit_model(model.path, settings, sha256=model.sha256)
     assert model.context_length is not None and model.parallel is not None
     assert model.queue_size is not None and model.prompt_format is not None
     options = {"context_length": model.context_length, "threads": model.threads,

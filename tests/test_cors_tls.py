@@ -1,0 +1,125 @@
+"""What a browser and the network see: CORS off unless origins are configured, and HTTPS when a
+certificate is given to `serai serve`."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serai.app import create_app
+from serai.config import Settings
+from serai.testing.processes import free_port
+from tests.support.fake_engine import FakeEngine
+
+CONSOLE = "https://console.example.com"
+PREFLIGHT = {"origin": CONSOLE, "access-control-request-method": "POST",
+             "access-control-request-headers": "authorization, content-type"}
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in [n for n in os.environ if n.startswith("SERAI_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SERAI_CONFIG", str(tmp_path / "absent.toml"))
+
+
+async def _answers(settings: Settings) -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+    """A preflight, a refused call (no key) from the console, and one from another origin."""
+    app = create_app(settings, engines=[FakeEngine(name="m")])
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://serai") as http:
+        preflight = await http.options("/v1/chat/completions", headers=PREFLIGHT)
+        refused = await http.get("/v1/models", headers={"origin": CONSOLE})
+        other = await http.get("/v1/models", headers={"origin": "https://evil.example"})
+    return preflight, refused, other
+
+
+async def test_cors_is_off_by_default(tmp_path: Path) -> None:
+    preflight, refused, other = await _answers(Settings(data_dir=tmp_path))
+    assert preflight.status_code >= 400
+    for response in (preflight, refused, other):
+        assert not [h for h in response.headers if h.startswith("access-control-")]
+
+
+async def test_configured_origins_may_call_from_a_browser(tmp_path: Path) -> None:
+    preflight, refused, other = await _answers(Settings(data_dir=tmp_path,
+                                                        cors_origins=[CONSOLE]))
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == CONSOLE
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    assert "access-control-allow-credentials" not in preflight.headers
+    # An error answer carries the headers too, so the page can show it
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] == CONSOLE
+    assert "x-request-id" in refused.headers["access-control-expose-headers"]
+    assert "access-control-allow-origin" not in other.headers
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return certfile, keyfile
+
+
+def test_serve_speaks_https_with_a_certificate(tmp_path: Path) -> None:
+    certfile, keyfile = _self_signed(tmp_path)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SERAI_")}
+    env.update(SERAI_CONFIG=str(tmp_path / "absent.toml"), SERAI_EMBEDDED="false",
+               SERAI_TLS_CERTFILE=str(certfile), SERAI_TLS_KEYFILE=str(keyfile))
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "serai", "serve", "--port", str(port),
+                                    "--data-dir", str(tmp_path / "d")], stdout=out,
+                                   stderr=subprocess.STDOUT, env=env)
+    try:
+        trusted = ssl.create_default_context(cafile=str(certfile))
+        deadline = time.monotonic() + 60  # a cap against hanging, not a timing assertion
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                response = httpx.get(f"https://127.0.0.1:{port}/health", verify=trusted)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        assert response.status_code == 200
+        with pytest.raises(httpx.HTTPError):  # plain HTTP gets no answer
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        assert f"https://127.0.0.1:{port}" in " ".join(log.read_text().split())
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_tls_needs_both_files(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="tls_certfile and tls_keyfile together"):
+        Settings(tls_certfile=tmp_path / "cert.pem")

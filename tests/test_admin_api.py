@@ -10,66 +10,29 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from serai import accounts
-from serai.api.deps import Services
-from serai.app import create_app
 from serai.config import Settings
 from serai.storage.tables import Organization, UsageRow
+from tests.support.admin_api import Admin, admin_api
 from tests.support.fake_engine import FakeEngine
 
 MODEL = "fake-model"
-
-
-@dataclass
-class Admin:
-    app: FastAPI
-    http: httpx.AsyncClient
-    operator: str
-    services: Services
-
-    def as_(self, key: str) -> dict[str, str]:
-        return {"authorization": f"Bearer {key}"}
-
-    async def call(self, method: str, path: str, key: str | None = None,
-                   **kwargs: Any) -> httpx.Response:
-        return await self.http.request(method, path, headers=self.as_(key or self.operator),
-                                       **kwargs)
-
-    async def ok(self, method: str, path: str, key: str | None = None,
-                 **kwargs: Any) -> dict[str, Any]:
-        response = await self.call(method, path, key, **kwargs)
-        assert response.status_code in (200, 201), response.text
-        body: dict[str, Any] = response.json()
-        return body
-
-    def sdk(self, key: str) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url="http://serai/v1", api_key=key, http_client=self.http,
-                                  max_retries=0)
 
 
 @pytest.fixture
 async def admin(database_url: str, tmp_path: Path) -> AsyncIterator[Admin]:
     # A reply of 10 tokens: every request costs the same, so the test can count.
     engine = FakeEngine(reply=" ".join(f"w{i}" for i in range(10)))
-    app = create_app(Settings(data_dir=tmp_path, database_url=database_url), engines=[engine])
-    async with app.router.lifespan_context(app):
-        services: Services = app.state.services
-        with services.database.session() as session:
-            _, operator = accounts.create_key(session=session, name="ops", is_admin=True)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://serai") as http:
-            yield Admin(app, http, operator, services)
+    async with admin_api(Settings(data_dir=tmp_path, database_url=database_url), engine) as api:
+        yield api
 
 
 async def priced_org(admin: Admin, name: str, *, windows: list[dict[str, int]] | None = None,

@@ -17,20 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from click.testing import Result
-from fastapi import FastAPI
 from sqlalchemy import text
 from typer.testing import CliRunner
 
 from serai import accounts, audit
-from serai.api.deps import Services
 from serai.app import create_app
 from serai.cli import app as cli_app
 from serai.config import Settings
 from serai.storage.db import Database
+from tests.support.admin_api import Admin, admin_api
 from tests.support.fake_engine import FakeEngine
 from tests.support.tenants import customer
 
@@ -46,24 +44,11 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 @dataclass
-class Admin:
-    http: httpx.AsyncClient
-    operator: str
-    services: Services
-    database_url: str
-    data_dir: Path
+class Audited(Admin):
+    """The admin API, and the CLI on the same database."""
 
-    async def call(self, method: str, path: str, key: str | None = None,
-                   **kwargs: Any) -> httpx.Response:
-        return await self.http.request(
-            method, path, headers={"authorization": f"Bearer {key or self.operator}"}, **kwargs)
-
-    async def ok(self, method: str, path: str, key: str | None = None,
-                 **kwargs: Any) -> dict[str, Any]:
-        response = await self.call(method, path, key, **kwargs)
-        assert response.status_code in (200, 201), response.text
-        body: dict[str, Any] = response.json()
-        return body
+    database_url: str = ""
+    data_dir: Path = Path()
 
     def serai(self, *args: str) -> Result:
         """The CLI on the same database the app uses."""
@@ -77,23 +62,17 @@ class Admin:
 
 
 @pytest.fixture
-async def admin(database_url: str, tmp_path: Path) -> AsyncIterator[Admin]:
-    app: FastAPI = create_app(Settings(data_dir=tmp_path, database_url=database_url),
-                              engines=[FakeEngine(reply="hello there")])
-    async with app.router.lifespan_context(app):
-        services: Services = app.state.services
-        with services.database.session() as session:
-            _, operator = accounts.create_key(session=session, name="ops", is_admin=True)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://serai") as http:
-            yield Admin(http, operator, services, database_url, tmp_path)
+async def admin(database_url: str, tmp_path: Path) -> AsyncIterator[Audited]:
+    settings = Settings(data_dir=tmp_path, database_url=database_url)
+    async with admin_api(settings, FakeEngine(reply="hello there")) as api:
+        yield Audited(api.app, api.http, api.operator, api.services, database_url, tmp_path)
 
 
 def _prefix(secret: str) -> str:
     return secret[:accounts.PREFIX_LENGTH] + "…"
 
 
-async def test_admin_and_cli_actions_are_recorded_and_the_chain_verifies(admin: Admin) -> None:
+async def test_admin_and_cli_actions_are_recorded_and_the_chain_verifies(admin: Audited) -> None:
     org = await admin.ok("POST", "/admin/v1/organizations", json={"name": "acme"})
     plan = await admin.ok("POST", "/admin/v1/plans", json={"name": "basic", "rpm": 60})
     book = await admin.ok("POST", "/admin/v1/price_books", json={"name": "eu"})
@@ -139,7 +118,7 @@ async def test_admin_and_cli_actions_are_recorded_and_the_chain_verifies(admin: 
     assert f"Audit log intact: {len(rows)} entries." in verified.stdout
 
 
-async def test_a_changed_entry_makes_verify_fail_naming_it(admin: Admin) -> None:
+async def test_a_changed_entry_makes_verify_fail_naming_it(admin: Audited) -> None:
     for name in ("a", "b", "c", "d"):
         await admin.ok("POST", "/admin/v1/organizations", json={"name": name})
     victim = admin.rows()[2]["id"]
@@ -153,7 +132,7 @@ async def test_a_changed_entry_makes_verify_fail_naming_it(admin: Admin) -> None
     assert "The 2 entries before it are intact" in result.output
 
 
-async def test_a_removed_middle_entry_makes_verify_fail(admin: Admin) -> None:
+async def test_a_removed_middle_entry_makes_verify_fail(admin: Audited) -> None:
     for name in ("a", "b", "c", "d"):
         await admin.ok("POST", "/admin/v1/organizations", json={"name": name})
     ids = [r["id"] for r in admin.rows()]
@@ -166,7 +145,7 @@ async def test_a_removed_middle_entry_makes_verify_fail(admin: Admin) -> None:
 
 
 async def test_failed_authentication_is_recorded_by_prefix_and_no_secret_is_stored(
-        admin: Admin) -> None:
+        admin: Audited) -> None:
     wrong = accounts.KEY_SCHEME + "Zz9" * 14
     answer = await admin.http.get("/v1/models", headers={"authorization": f"Bearer {wrong}"})
     assert answer.status_code == 401
@@ -186,7 +165,7 @@ async def test_failed_authentication_is_recorded_by_prefix_and_no_secret_is_stor
         assert secret[:accounts.PREFIX_LENGTH + 1] not in stored
 
 
-async def test_redemption_codes_are_recorded_without_the_codes(admin: Admin) -> None:
+async def test_redemption_codes_are_recorded_without_the_codes(admin: Audited) -> None:
     org = await admin.ok("POST", "/admin/v1/organizations", json={"name": "acme"})
     minted = await admin.ok("POST", "/admin/v1/redemption_codes", json={
         "count": 3, "amount_micros": 1_000_000, "batch": "spring"})
@@ -201,7 +180,7 @@ async def test_redemption_codes_are_recorded_without_the_codes(admin: Admin) -> 
     assert not any(code in repr(rows) for code in codes)
 
 
-async def test_an_organizations_admin_reads_only_its_own_entries(admin: Admin) -> None:
+async def test_an_organizations_admin_reads_only_its_own_entries(admin: Audited) -> None:
     ours = await admin.ok("POST", "/admin/v1/organizations", json={"name": "ours"})
     theirs = await admin.ok("POST", "/admin/v1/organizations", json={"name": "theirs"})
     for org in (ours, theirs):
@@ -229,7 +208,7 @@ async def test_an_organizations_admin_reads_only_its_own_entries(admin: Admin) -
         e["id"] for e in everything["data"]][:6]
 
 
-async def test_a_residency_refusal_is_recorded_with_org_and_model(admin: Admin) -> None:
+async def test_a_residency_refusal_is_recorded_with_org_and_model(admin: Audited) -> None:
     with admin.services.database.session() as session:
         pinned = customer(session, name="pinned", regions=["eu"])
     sdk = openai.AsyncOpenAI(base_url="http://serai/v1", api_key=pinned.secret,
@@ -245,7 +224,7 @@ async def test_a_residency_refusal_is_recorded_with_org_and_model(admin: Admin) 
     assert "secret plan" not in repr(admin.rows())  # never the prompt
 
 
-async def test_export_writes_every_entry_as_json_lines(admin: Admin, tmp_path: Path) -> None:
+async def test_export_writes_every_entry_as_json_lines(admin: Audited, tmp_path: Path) -> None:
     for name in ("a", "b"):
         await admin.ok("POST", "/admin/v1/organizations", json={"name": name})
     out = tmp_path / "audit.jsonl"

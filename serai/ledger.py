@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import Update, delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from serai.accounts import KeyInfo
@@ -86,15 +86,19 @@ def db_now_ms(session: Session) -> int:
     return int(session.execute(text(query)).scalar_one())
 
 
-def _lock_org(session: Session, org_id: int) -> Organization | None:
-    """Lock the organization's row and read it, in one statement.
+def _org_lock(org_id: int) -> Update:
+    # A no-op write as the transaction's first statement: PostgreSQL locks the row, SQLite takes
+    # its single write lock, so admissions and settlements of one organization take turns.
+    return (update(Organization).where(Organization.id == org_id)
+            .values(balance_micros=Organization.balance_micros)
+            .execution_options(synchronize_session=False))
 
-    A no-op write as the transaction's first statement: PostgreSQL locks the row, SQLite takes
-    its single write lock, so admissions of one organization run one after the other. RETURNING
-    reads the row as locked, where a second SELECT would cost another round trip."""
-    statement = (update(Organization).where(Organization.id == org_id)
-                 .values(balance_micros=Organization.balance_micros).returning(Organization)
-                 .execution_options(populate_existing=True, synchronize_session=False))
+
+def _lock_org(session: Session, org_id: int) -> Organization | None:
+    """Lock the organization's row and read it, in one statement: RETURNING reads the row as
+    locked, where a second SELECT would cost another round trip."""
+    statement = _org_lock(org_id).returning(Organization).execution_options(
+        populate_existing=True)
     return session.scalars(statement).first()
 
 
@@ -320,7 +324,7 @@ class _Rows:
         if org_id in self._clock:
             return
         if org_id is not None:
-            _lock_org(self._session, org_id)
+            self._session.execute(_org_lock(org_id))  # settling needs the lock, not the row
         self._clock[org_id] = db_now_ms(self._session)
 
     def add(self, **row: object) -> None:

@@ -18,7 +18,13 @@ from serai import __version__, idempotency, redaction
 from serai.api import admin, anthropic, openai, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
-from serai.api.middleware import BodySizeLimit, IdempotentReplays, JsonBodies, RequestContext
+from serai.api.middleware import (
+    AdminListener,
+    BodySizeLimit,
+    IdempotentReplays,
+    JsonBodies,
+    RequestContext,
+)
 from serai.config import Settings
 from serai.engines.base import Engine
 from serai.engines.router import Router
@@ -145,6 +151,8 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
     app.add_middleware(JsonBodies)
     app.add_middleware(IdempotentReplays, abandoned_after_s=settings.reservation_timeout_s)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.admin_port is not None:
+        app.add_middleware(AdminListener, admin_port=settings.admin_port)
     app.add_middleware(RequestContext)
     if settings.cors_origins:
         # Outermost, so preflights are answered before authentication and every answer (a 413,

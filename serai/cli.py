@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -154,15 +155,35 @@ def serve(
     err.print(f"Serving [bold]{', '.join(served) or 'no model'}[/bold] on "
               f"{scheme}://{settings.host}:{settings.port} "
               f"(data dir {settings.data_dir.resolve()})")
+    if settings.admin_port is not None:
+        err.print(f"Admin API on {scheme}://{settings.admin_host or settings.host}:"
+                  f"{settings.admin_port} only")
 
     def reread() -> Settings:  # on reload: the same flags over the new file and variables
         return _with_model_file(load_settings(**flags))
 
-    uvicorn.run(create_app(settings, reread=reread, sighup=True), host=settings.host,
-                port=settings.port, loop="uvloop",
-                http="httptools", log_config=None, access_log=False,
-                log_level=settings.log_level, timeout_graceful_shutdown=10,
-                ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
+    config = uvicorn.Config(create_app(settings, reread=reread, sighup=True),
+                            host=settings.host, port=settings.port, loop="uvloop",
+                            http="httptools", log_config=None, access_log=False,
+                            log_level=settings.log_level, timeout_graceful_shutdown=10,
+                            ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
+    server = uvicorn.Server(config)
+    if settings.admin_port is None:
+        server.run()
+        return
+    # One app (one lifespan, one set of engines) on two listening sockets; AdminListener
+    # tells them apart by the socket a request arrived on.
+    try:
+        sockets = [_listen(settings.host, settings.port),
+                   _listen(settings.admin_host or settings.host, settings.admin_port)]
+    except OSError as exc:
+        raise _fail(f"cannot listen: {exc.strerror}") from None
+    server.run(sockets=sockets)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048)
 
 
 def _with_model_file(settings: Settings) -> Settings:
@@ -748,7 +769,8 @@ def models_list(
 
 ServerUrl = Annotated[str | None, typer.Option(
     "--url", envvar="SERAI_URL", help="The running server's address. Default: "
-    "http://<host>:<port> of the settings.", show_default=False)]
+    "http://<host>:<port> of the settings (<admin_host>:<admin_port> if admin_port is set).",
+    show_default=False)]
 AdminKey = Annotated[str | None, typer.Option(
     "--key", envvar="SERAI_ADMIN_KEY", help="A platform operator's admin key.",
     show_default=False)]
@@ -765,7 +787,11 @@ def _server_call(method: str, path: str, *, url: str | None, key: str | None,
     if url is None:
         settings = _settings(data_dir=data_dir)
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-        url = f"{'https' if settings.tls_certfile else 'http'}://{host}:{settings.port}"
+        if settings.admin_port is not None:
+            host = settings.admin_host or host
+            host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        url = (f"{'https' if settings.tls_certfile else 'http'}://{host}:"
+               f"{settings.admin_port or settings.port}")
     try:
         # Long enough for a reload that loads GGUF files.
         response = httpx.request(method, f"{url.rstrip('/')}/admin/v1{path}", timeout=600,

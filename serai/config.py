@@ -285,6 +285,14 @@ class Settings(BaseSettings):
     tls_keyfile: Path | None = Field(
         None, description="PEM private key of `tls_certfile`.",
     )
+    admin_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Serve the admin API (/admin/...) on this port only: `serai serve` listens "
+        "on it as well as on `port`, which then answers 404 for /admin, while this port answers "
+        "404 for everything else (health checks aside). Unset: one port serves both.")
+    admin_host: str | None = Field(
+        None, description="Address the admin port listens on (with `admin_port`; for instance "
+        "127.0.0.1 or an internal interface). Unset: `host`.")
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
     )
@@ -321,6 +329,12 @@ class Settings(BaseSettings):
             "queue_size": self.engine_queue_size if m.queue_size is None else m.queue_size,
             "prompt_format": m.prompt_format or self.prompt_format,
         }) for m in declared]
+
+    @model_validator(mode="after")
+    def _admin_port_apart(self) -> Settings:
+        if self.admin_port is not None and self.admin_port == self.port:
+            raise ValueError(f"admin_port ({self.admin_port}) must differ from port")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

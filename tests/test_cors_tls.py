@@ -18,6 +18,7 @@ import pytest
 from serai.app import create_app
 from serai.config import Settings
 from serai.testing.processes import free_port
+from tests.conftest import start_server, stop_server
 from tests.support.fake_engine import FakeEngine
 
 CONSOLE = "https://console.example.com"
@@ -123,3 +124,33 @@ def test_serve_speaks_https_with_a_certificate(tmp_path: Path) -> None:
 def test_tls_needs_both_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="tls_certfile and tls_keyfile together"):
         Settings(tls_certfile=tmp_path / "cert.pem")
+
+
+def test_an_admin_port_serves_the_admin_api_and_nothing_else(tmp_path: Path) -> None:
+    admin_port = free_port()
+    env = {"SERAI_ADMIN_PORT": str(admin_port), "SERAI_EMBEDDED": "false",
+           "SERAI_CONFIG": str(tmp_path / "absent.toml")}
+    server = start_server(tmp_path / "serai-data", extra_env=env)
+    try:
+        admin = {"authorization": f"Bearer {server.admin_key}"}
+        public, private = server.base_url, f"http://127.0.0.1:{admin_port}"
+        hidden = httpx.get(f"{public}/admin/v1/organizations", headers=admin)
+        assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found"
+        assert httpx.get(f"{public}/v1/models", headers=admin).status_code == 200
+        assert httpx.get(f"{private}/admin/v1/organizations", headers=admin).status_code == 200
+        model_api = httpx.get(f"{private}/v1/models", headers=admin)
+        assert model_api.status_code == 404 and "admin port" in model_api.json()["error"]["message"]
+        assert httpx.get(f"{private}/ready").status_code == 200
+        # The CLI finds the admin port from the same settings.
+        listed = subprocess.run(
+            [sys.executable, "-m", "serai", "deployments", "list", "--key", server.admin_key,
+             "--data-dir", str(server.data_dir)], capture_output=True, text=True, timeout=60,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("SERAI_")}, **env})
+        assert listed.returncode == 0, listed.stderr
+    finally:
+        stop_server(server)
+
+
+def test_the_admin_port_must_differ_from_the_port() -> None:
+    with pytest.raises(ValueError, match="admin_port"):
+        Settings(port=8000, admin_port=8000)

@@ -224,3 +224,35 @@ async def _send_replay(send: Send, stored: Stored) -> None:
                 (b"original-request-id", stored.request_id.encode())]
     await send({"type": "http.response.start", "status": stored.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": stored.body})
+
+
+class AdminListener:
+    """With a separate admin port, the admin API answers only there and the model API only on
+    the public port: an admin key is then useless from wherever the public port is reachable.
+    Health checks answer on both (scope["server"] is the listening socket's own address)."""
+
+    SHARED = ("/health", "/ready")
+
+    def __init__(self, app: ASGIApp, *, admin_port: int) -> None:
+        self.app = app
+        self.admin_port = admin_port
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.SHARED:
+            server = scope.get("server")
+            on_admin_port = server is not None and server[1] == self.admin_port
+            if scope["path"].startswith("/admin/") != on_admin_port:
+                await _not_here(scope, send, on_admin_port)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _not_here(scope: Scope, send: Send, on_admin_port: bool) -> None:
+    message = ("This is the admin port: it serves only the admin API (/admin/...)."
+               if on_admin_port else "Not found.")
+    body = orjson.dumps(error_body(scope["path"], 404, message, type="invalid_request_error",
+                                   code="not_found"))
+    await send({"type": "http.response.start", "status": 404,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -20,10 +20,10 @@ from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
 from serai.api.middleware import (
     AdminListener,
-    BodySizeLimit,
     IdempotentReplays,
     JsonBodies,
     RequestContext,
+    SizeLimits,
 )
 from serai.config import Settings
 from serai.engines.base import Engine
@@ -150,7 +150,8 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
 
     app.add_middleware(JsonBodies)
     app.add_middleware(IdempotentReplays, abandoned_after_s=settings.reservation_timeout_s)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(SizeLimits, max_bytes=settings.max_body_bytes,
+                       max_header_bytes=settings.max_header_bytes)
     if settings.admin_port is not None:
         app.add_middleware(AdminListener, admin_port=settings.admin_port)
     app.add_middleware(RequestContext)

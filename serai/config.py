@@ -293,6 +293,10 @@ class Settings(BaseSettings):
     admin_host: str | None = Field(
         None, description="Address the admin port listens on (with `admin_port`; for instance "
         "127.0.0.1 or an internal interface). Unset: `host`.")
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="Largest total size of a request's headers; larger "
+        "ones get 431."
+    )
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
     )

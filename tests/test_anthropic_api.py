@@ -385,6 +385,16 @@ async def test_oversized_body_is_a_413_request_too_large(api: Api) -> None:
     assert response.json()["error"]["type"] == "request_too_large"
 
 
+async def test_oversized_headers_are_a_431_in_anthropics_format(api: Api) -> None:
+    response = await api.http.post("/v1/messages", json={
+        "model": FAKE, "max_tokens": 5, "messages": JAPAN},
+        headers={"x-api-key": api.key, "anthropic-version": "2023-06-01",
+                 "x-padding": "x" * 40_000})
+    assert response.status_code == 431
+    assert response.json()["type"] == "error"
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
 async def test_engine_failure_mid_stream_is_an_error_event(api: Api) -> None:
     api.engine.fail_after = 2
     response = await api.post({"model": FAKE, "max_tokens": 50, "messages": JAPAN,

@@ -245,6 +245,15 @@ async def test_oversized_body_is_a_413(api: Api) -> None:
     assert err.value.code == "request_too_large"
 
 
+async def test_oversized_headers_are_a_431(api: Api) -> None:
+    with pytest.raises(openai.APIStatusError) as err:
+        await api.client().chat.completions.create(
+            model=MODEL, messages=CHAT, extra_headers={"x-padding": "x" * 40_000})
+    assert err.value.status_code == 431
+    assert err.value.code == "headers_too_large"
+    assert await api.client().chat.completions.create(model=MODEL, messages=CHAT)
+
+
 async def test_context_length_exceeded_is_a_400(api: Api) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         await api.client().chat.completions.create(model=MODEL, messages=CHAT, max_tokens=1000)

@@ -1,4 +1,4 @@
-"""ASGI middleware every request passes: a request id, one log line, the body size limit, and
+"""ASGI middleware every request passes: a request id, one log line, the size limits, and
 the responses kept for Idempotency-Key replays."""
 
 from __future__ import annotations
@@ -57,18 +57,26 @@ class RequestContext:
             )
 
 
-class BodySizeLimit:
-    """Answers 413 for bodies over the limit before anyone parses them.
+class SizeLimits:
+    """Answers 431 for headers and 413 for bodies over their limits before anyone parses them
+    (the HTTP parser itself takes headers of any size).
 
     The body is read here (up to the limit) and handed on in one piece; later `receive()` calls
     go straight to the server, so the disconnect watch still works.
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, max_header_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and sum(
+                len(k) + len(v) for k, v in scope["headers"]) > self.max_header_bytes:
+            await _refuse(scope, send, 431, f"Request headers too large: the limit is "
+                          f"{self.max_header_bytes} bytes (SERAI_MAX_HEADER_BYTES).",
+                          "headers_too_large")
+            return
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)
             return
@@ -102,14 +110,20 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, scope: Scope, send: Send) -> None:
-        body = orjson.dumps(error_body(
-            scope["path"], 413, f"Request body too large: the limit is {self.max_bytes} bytes "
-            "(SERAI_MAX_BODY_BYTES).", type="invalid_request_error", code="request_too_large"))
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await _refuse(scope, send, 413, f"Request body too large: the limit is {self.max_bytes} "
+                      "bytes (SERAI_MAX_BODY_BYTES).", "request_too_large")
+
+
+async def _refuse(scope: Scope, send: Send, status: int, message: str, code: str) -> None:
+    """An error in the client's own format, and the connection closed (the rest of an
+    oversized request is not read)."""
+    body = orjson.dumps(error_body(scope["path"], status, message, type="invalid_request_error",
+                                   code=code))
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 

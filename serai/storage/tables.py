@@ -51,6 +51,10 @@ class Organization(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # Regions whose deployments may serve this organization; null or empty: any.
     allowed_regions: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # What may be kept of its calls' content (serai/retention.py): "zero" or "store" for
+    # retention_days.
+    retention: Mapped[str] = mapped_column(String(8), default="zero", server_default="zero")
+    retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (CheckConstraint("balance_micros >= 0",
                                       name="ck_organizations_balance_not_negative"),)
@@ -158,6 +162,9 @@ class ApiKey(Base):
     tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # A stricter retention than the organization's, or null to follow it.
+    retention: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class UsageRow(Base):

@@ -74,6 +74,13 @@ class IdempotencyKeyInUse(Conflict):
     code = "idempotency_key_in_use"
 
 
+class IdempotencyResponseNotRetained(Conflict):
+    """The call with this Idempotency-Key finished under zero retention, and the process asked
+    does not hold its response: replaying is impossible, running it again would bill twice."""
+
+    code = "idempotency_response_not_retained"
+
+
 class IdempotencyKeyReused(SeraiError):
     status_code = 422
     error_type = "invalid_request_error"

@@ -8,6 +8,12 @@ a result: one refused before its engine produced anything (admission, a full que
 too long) deletes its claim, and so does one whose client left before the response was
 complete, so the client may retry with the same key. The response is stored as the exact bytes
 sent (an SSE stream included), so a replay is byte-identical whatever the wire protocol.
+
+The response holds the completion's text, so a call under zero retention (serai/retention.py)
+keeps it only in the memory of the process that served it (`ResponsesInMemory`): its database
+record says only that the call is done. A twin reaching another process, or this one after a
+restart, cannot be replayed and gets 409 `idempotency_response_not_retained` rather than a
+second run billed twice.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +30,12 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from serai.errors import IdempotencyKeyInUse, IdempotencyKeyReused, InvalidRequest
+from serai.errors import (
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    IdempotencyResponseNotRetained,
+    InvalidRequest,
+)
 from serai.ledger import db_now_ms
 from serai.storage.db import Database
 from serai.storage.tables import IdempotencyRecord
@@ -48,7 +60,34 @@ class Stored:
     request_id: str
     status_code: int
     headers: dict[str, str]
-    body: bytes
+    body: bytes | None  # None: kept only in the memory of the process that served it
+
+
+class ResponsesInMemory:
+    """Responses of zero-retention calls, for 24 hours at most, in this process only: they never
+    reach the database, a file or Redis. Bounded: past `max_entries` the oldest are dropped (their
+    twins get 409 instead of a replay)."""
+
+    def __init__(self, *, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._kept: dict[tuple[int, str], tuple[float, Stored]] = {}
+
+    def keep(self, key_id: int, idempotency_key: str, stored: Stored) -> None:
+        now = time.monotonic()
+        while self._kept:
+            oldest = next(iter(self._kept))
+            if len(self._kept) < self.max_entries and self._kept[oldest][0] > now:
+                break
+            del self._kept[oldest]
+        self._kept.pop((key_id, idempotency_key), None)  # re-inserted last: the newest
+        self._kept[(key_id, idempotency_key)] = (now + RETENTION_S, stored)
+
+    def find(self, key_id: int, idempotency_key: str, request_id: str) -> Stored | None:
+        """The response `request_id` sent, if this process served it and still has it."""
+        expires, stored = self._kept.get((key_id, idempotency_key), (0.0, None))
+        if stored is None or stored.request_id != request_id or expires <= time.monotonic():
+            return None
+        return stored
 
 
 class Replayed(Exception):  # noqa: N818 (control flow, not an error: the answer is ready)
@@ -127,14 +166,15 @@ def claim(*, session: Session, key_id: int, idempotency_key: str, request_hash: 
                 f"A request with this {HEADER} ({record.request_id}) is still running. Retry "
                 "when it finishes to receive its response.", param=HEADER,
                 headers={"retry-after": "1"})
-        assert record.status_code is not None and record.body is not None
+        assert record.status_code is not None
         return Stored(record.request_id, record.status_code, dict(record.headers or {}),
                       record.body)
 
 
 def finish(*, session: Session, key_id: int, idempotency_key: str, request_id: str,
-           status_code: int, headers: dict[str, str], body: bytes) -> bool:
-    """Store the response of the call holding the claim; False if it lost the claim."""
+           status_code: int, headers: dict[str, str] | None, body: bytes | None) -> bool:
+    """Store the response of the call holding the claim (None: the call is done, its response
+    kept elsewhere); False if it lost the claim."""
     done = session.execute(update(IdempotencyRecord).where(
         IdempotencyRecord.key_id == key_id, IdempotencyRecord.idempotency_key == idempotency_key,
         IdempotencyRecord.request_id == request_id, IdempotencyRecord.state == "in_flight",
@@ -175,16 +215,20 @@ class IdempotentCall:
     """
 
     def __init__(self, *, idempotency_key: str, request_hash: str,
-                 abandoned_after_s: float) -> None:
+                 abandoned_after_s: float, memory: ResponsesInMemory | None = None) -> None:
         self.idempotency_key = idempotency_key
         self.request_hash = request_hash
         self._abandoned_after_s = abandoned_after_s
+        self._memory = memory if memory is not None else ResponsesInMemory()
         self._claim: _Claim | None = None
         self._run: Run | None = None
+        self._in_memory = False
 
-    async def claim(self, *, database: Database, key_id: int, request_id: str) -> None:
+    async def claim(self, *, database: Database, key_id: int, request_id: str,
+                    in_memory: bool = False) -> None:
         """Hold the key for this call, or raise Replayed / IdempotencyKeyInUse /
-        IdempotencyKeyReused."""
+        IdempotencyKeyReused / IdempotencyResponseNotRetained. With `in_memory` (zero
+        retention) the response will be kept in this process only."""
         key = check_key(self.idempotency_key)
 
         def claim_key() -> Stored | None:
@@ -199,9 +243,18 @@ class IdempotentCall:
                 await self.release()
 
         stored = await finish_or_undo(claim_key, unclaim)
+        if stored is not None and stored.body is None:
+            stored = self._memory.find(key_id, key, stored.request_id)
+            if stored is None:
+                raise IdempotencyResponseNotRetained(
+                    f"The request with this {HEADER} finished, but under zero retention its "
+                    "response was kept only in the memory of the server process that answered "
+                    "it, which no longer has it. Use a new key to run the request again.",
+                    param=HEADER)
         if stored is not None:
             raise Replayed(stored)
         self._claim = _Claim(database, key_id, request_id)
+        self._in_memory = in_memory
 
     def ran(self, run: Run) -> None:
         """The call started executing: what it answers is kept."""
@@ -237,13 +290,18 @@ class IdempotentCall:
             return
         self._claim = None
         kept = {k: v for k, v in headers.items() if not k.startswith(_NOT_REPLAYED)}
+        in_memory = self._in_memory
+        if in_memory:  # before the record says done, so a twin that sees it finds the response
+            self._memory.keep(claimed.key_id, self.idempotency_key,
+                              Stored(claimed.request_id, status_code, kept, body))
 
         def store() -> bool:
             with claimed.database.session() as session:
                 return finish(session=session, key_id=claimed.key_id,
                               idempotency_key=self.idempotency_key,
                               request_id=claimed.request_id, status_code=status_code,
-                              headers=kept, body=body)
+                              headers=None if in_memory else kept,
+                              body=None if in_memory else body)
 
         try:
             if not await asyncio.shield(asyncio.to_thread(store)):

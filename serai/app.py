@@ -13,12 +13,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from serai import __version__, idempotency
-from serai.api import admin, anthropic, openai, usage
+from serai import __version__, idempotency, stored
+from serai.api import admin, anthropic, openai, stored_completions, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
 from serai.api.middleware import BodySizeLimit, IdempotentReplays, JsonBodies, RequestContext
 from serai.config import Settings
+from serai.crypto import ContentKeys
 from serai.engines.base import Engine
 from serai.engines.router import Router
 from serai.fleet import Fleet, probe_forever
@@ -58,21 +59,25 @@ def _reload_on_sighup(fleet: Fleet) -> Callable[[], None]:
     return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
+def sweep(limiter: Limiter, database: Database, timeout_s: float) -> None:
+    """Release reservations a crashed process left behind, so they stop holding quota; forget
+    Idempotency-Key records past their 24 hours or left in flight by a crash; delete stored
+    completions past their organization's retention."""
+    if released := limiter.sweep(timeout_s):
+        log.warning("released %d reservations older than %ss", released, timeout_s)
+    with database.session() as session:
+        idempotency.forget_expired(session=session, abandoned_after_s=timeout_s)
+    with database.session() as session:
+        if deleted := stored.forget_expired(session=session):
+            log.info("deleted %d stored completions past their retention", deleted)
+
+
 async def _sweep_forever(limiter: Limiter, database: Database, timeout_s: float) -> None:
-    """Release reservations a crashed process left behind, so they stop holding quota, and
-    forget Idempotency-Key records past their 24 hours or left in flight by a crash."""
-
-    def forget() -> None:
-        with database.session() as session:
-            idempotency.forget_expired(session=session, abandoned_after_s=timeout_s)
-
     while True:
         try:
-            if released := await asyncio.to_thread(limiter.sweep, timeout_s):
-                log.warning("released %d reservations older than %ss", released, timeout_s)
-            await asyncio.to_thread(forget)
+            await asyncio.to_thread(sweep, limiter, database, timeout_s)
         except Exception:
-            log.exception("reservation sweep failed; trying again later")
+            log.exception("sweep failed; trying again later")
         await asyncio.sleep(min(60.0, timeout_s / 2))
 
 
@@ -84,6 +89,10 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # First: a malformed content key stops start-up before anything is opened.
+        content_keys = ContentKeys.configured(
+            settings.secret_key.get_secret_value() if settings.secret_key else None,
+            settings.secret_key_file)
         router = build_router(settings, engines or ())
         fleet = Fleet(router, reread=reread, embedded=engines is None)
         await fleet.apply(settings)  # first: a missing API key stops start-up here
@@ -96,7 +105,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
         gateway = Gateway(router=router, ledger=ledger, database=database, limiter=limiter,
                           failover_attempts=settings.failover_attempts)
         app.state.services = Services(settings=settings, database=database, gateway=gateway,
-                                      fleet=fleet)
+                                      fleet=fleet, content_keys=content_keys)
         tasks = [asyncio.create_task(_sweep_forever(limiter, database,
                                                     settings.reservation_timeout_s),
                                      name="reservation-sweeper")]
@@ -120,6 +129,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
                   description="Open-weight models behind OpenAI- and Anthropic-compatible APIs.")
     install_error_handlers(app)
     app.include_router(openai.router)
+    app.include_router(stored_completions.router)
     app.include_router(anthropic.router)
     app.include_router(usage.router)
     app.include_router(admin.router)

@@ -120,6 +120,15 @@ class LimitsUnavailable(SeraiError):
     code = "limits_unavailable"
 
 
+class ContentKeyMissing(SeraiError):
+    """A completion should be stored, but the server has no key to encrypt it with: content is
+    never stored in clear."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "content_key_missing"
+
+
 class ModelFileError(Exception):
     """A model file cannot be served (missing, unreadable, not a GGUF). Raised at start-up."""
 

@@ -3,33 +3,38 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
 import os
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
-from sqlalchemy import select
+from fastapi import FastAPI
+from sqlalchemy import select, update
 from typer.testing import CliRunner
 
-from serai import accounts
-from serai.app import create_app
+from serai import accounts, stored
+from serai.app import create_app, sweep
 from serai.cli import app as cli_app
 from serai.config import Settings
+from serai.crypto import ContentKeyError, ContentKeys, key_id
 from serai.errors import InvalidRequest
 from serai.retention import ZERO, Retention
 from serai.storage.db import Database
-from serai.storage.tables import Base, UsageRow
+from serai.storage.tables import Base, StoredCompletion, UsageRow
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving
-from tests.support.tenants import customer
+from tests.support.tenants import Customer, customer
 
 # --- policies -------------------------------------------------------------------------------
 
@@ -252,6 +257,9 @@ def test_a_zero_retention_organization_leaves_no_trace_of_its_content(backend: B
                 invalid = client.post("/chat/completions", json={
                     **ask, "tools": [{"type": "function", "function": {"name": f"{canary}!"}}]})
                 assert invalid.status_code == 400 and canary in invalid.text
+                refused = client.post("/chat/completions", json={**ask, "store": True})
+                assert refused.status_code == 400
+                assert "forbids storing" in refused.json()["error"]["message"]
                 failed = client.post("/chat/completions", json={**ask, "model": "broken-model"})
                 assert failed.status_code == 503
                 with client.stream("POST", "/chat/completions",
@@ -319,3 +327,184 @@ async def test_another_process_cannot_replay_a_zero_retention_response(tmp_path:
     assert replay.content == first.content and replay.headers["idempotent-replayed"] == "true"
     assert elsewhere.status_code == 409
     assert elsewhere.json()["error"]["code"] == "idempotency_response_not_retained"
+
+
+# --- stored completions ---------------------------------------------------------------------
+
+KEY_A, KEY_B = base64.b64encode(b"a" * 32).decode(), base64.b64encode(b"b" * 32).decode()
+
+
+@dataclass
+class Store:
+    app: FastAPI
+    database: Database
+    http: httpx.AsyncClient
+    acme: Any  # a customer whose organization stores content for 30 days
+    other: Any  # another organization's customer, also storing
+
+    def sdk(self, secret: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url="http://serai/v1", api_key=secret,
+                                  http_client=self.http, max_retries=0)
+
+
+@asynccontextmanager
+async def store_server(settings: Settings, engine: FakeEngine | None = None,
+                       ) -> AsyncIterator[Store]:
+    app = create_app(settings, engines=[engine or FakeEngine(context_length=4096)])
+    async with app.router.lifespan_context(app):
+        database: Database = app.state.services.database
+        with database.session() as session:
+            tenants = []
+            for name in ("acme", "globex"):
+                found = [o for o in accounts.list_orgs(session=session) if o.name == name]
+                if found:
+                    org = found[0]
+                    key, secret = accounts.create_key(session=session, name="again",
+                                                      org_id=org.id)
+                    tenants.append(Customer(org.id, key, secret))
+                else:
+                    tenants.append(customer(session, name=name))
+                    accounts.update_org(session=session, org_id=tenants[-1].org_id,
+                                        retention="store", retention_days=30)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://serai") as http:
+            yield Store(app, database, http, *tenants)
+
+
+def _ask(canary: str) -> list[Any]:
+    return [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"Remember {canary}"}]
+
+
+async def test_a_stored_completion_round_trips_encrypted_and_stays_in_its_organization(
+        database_url: str, tmp_path: Path) -> None:
+    canary = f"canary-{uuid.uuid4().hex}"
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url,
+                        secret_key=KEY_A)
+    engine = FakeEngine(reply=f"Stored {canary} safely", context_length=4096)
+    async with store_server(settings, engine) as server:
+        acme = server.sdk(server.acme.secret)
+        made = await acme.chat.completions.create(
+            model="fake-model", messages=_ask(canary), store=True,
+            metadata={"project": "apollo"})
+        stream = await acme.chat.completions.create(
+            model="fake-model", messages=_ask(canary), store=True, stream=True,
+            metadata={"project": "gemini"})
+        streamed_id = None
+        async for chunk in stream:
+            streamed_id = chunk.id
+        not_stored = await acme.chat.completions.create(model="fake-model",
+                                                        messages=_ask(canary))
+
+        got = await acme.chat.completions.retrieve(made.id)
+        assert got.choices[0].message.content == f"Stored {canary} safely"
+        assert got.model_dump()["metadata"] == {"project": "apollo"}
+        assert got.usage is not None and got.usage.total_tokens == made.usage.total_tokens
+        assert streamed_id is not None
+        got_stream = await acme.chat.completions.retrieve(streamed_id)
+        assert got_stream.choices[0].message.content == f"Stored {canary} safely"
+        assert got_stream.choices[0].finish_reason == "stop"
+
+        listed = await acme.chat.completions.list()
+        assert [c.id for c in listed.data] == [made.id, streamed_id]
+        assert not_stored.id not in [c.id for c in listed.data]
+        apollo = await acme.chat.completions.list(metadata={"project": "apollo"})
+        assert [c.id for c in apollo.data] == [made.id]
+        first = await server.http.get("/v1/chat/completions", params={"limit": 1},
+                                      headers={"authorization": f"Bearer {server.acme.secret}"})
+        assert first.json()["has_more"] is True and first.json()["last_id"] == made.id
+        rest = await acme.chat.completions.list(after=made.id, limit=5)
+        assert [c.id for c in rest.data] == [streamed_id]
+        assert (await acme.chat.completions.list(model="other")).data == []
+        messages = await acme.chat.completions.messages.list(made.id)
+        assert [m.content for m in messages.data] == ["Be brief.", f"Remember {canary}"]
+
+        # Another organization sees nothing of it: 404 like a completion that never was.
+        globex = server.sdk(server.other.secret)
+        for call in (globex.chat.completions.retrieve(made.id),
+                     globex.chat.completions.messages.list(made.id),
+                     globex.chat.completions.delete(made.id)):
+            with pytest.raises(openai.NotFoundError):
+                await call
+        assert (await globex.chat.completions.list()).data == []
+
+        # At rest, only ciphertext: no table holds the canary, in clear, anywhere.
+        assert Backend(settings).scan_database(server.database, canary) == []
+        if database_url.startswith("sqlite"):
+            assert Backend(settings).scan_files(canary) == []  # the -wal included
+
+        deleted = await acme.chat.completions.delete(made.id)
+        assert deleted.deleted is True
+        with pytest.raises(openai.NotFoundError):
+            await acme.chat.completions.retrieve(made.id)
+        assert [c.id for c in (await acme.chat.completions.list()).data] == [streamed_id]
+
+
+async def test_store_is_refused_under_zero_retention_and_without_a_key(tmp_path: Path) -> None:
+    async with store_server(Settings(data_dir=tmp_path)) as server:
+        headers = {"authorization": f"Bearer {server.acme.secret}"}
+        ask = {"model": "fake-model", "messages": _ask("x"), "store": True}
+        missing = await server.http.post("/v1/chat/completions", json=ask, headers=headers)
+        assert missing.status_code == 503
+        assert missing.json()["error"]["code"] == "content_key_missing"
+        assert "SERAI_SECRET_KEY" in missing.json()["error"]["message"]
+        with server.database.session() as session:
+            accounts.update_key(session=session, ref=str(server.acme.key.id), retention="zero")
+        zero = await server.http.post("/v1/chat/completions", json=ask, headers=headers)
+        assert zero.status_code == 400 and zero.json()["error"]["param"] == "store"
+        assert "retention policy" in zero.json()["error"]["message"]
+        with server.database.session() as session:
+            assert stored.count(session=session) == 0
+
+
+async def test_a_stored_completion_is_gone_after_its_retention(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, secret_key=KEY_A)
+    async with store_server(settings) as server:
+        with server.database.session() as session:
+            accounts.update_org(session=session, org_id=server.acme.org_id, retention_days=1)
+        acme = server.sdk(server.acme.secret)
+        made = await acme.chat.completions.create(model="fake-model", messages=_ask("x"),
+                                                  store=True)
+        with server.database.session() as session:
+            row = session.scalars(select(StoredCompletion)).one()
+            assert row.expires_ms - row.created_ms == 24 * 3600 * 1000  # the org's one day
+            # A day later (the clock moved by moving the expiry).
+            session.execute(update(StoredCompletion).values(expires_ms=row.created_ms - 1))
+        with pytest.raises(openai.NotFoundError):  # past its time: never served, swept or not
+            await acme.chat.completions.retrieve(made.id)
+        services = server.app.state.services
+        await asyncio.to_thread(sweep, services.gateway.limiter, server.database, 1800)
+        with server.database.session() as session:
+            assert stored.count(session=session) == 0
+
+
+async def test_key_rotation_keeps_old_completions_readable(tmp_path: Path) -> None:
+    async with store_server(Settings(data_dir=tmp_path, secret_key=KEY_A)) as server:
+        old = await server.sdk(server.acme.secret).chat.completions.create(
+            model="fake-model", messages=_ask("before rotation"), store=True)
+    rotated = Settings(data_dir=tmp_path, secret_key=KEY_B, secret_key_file=tmp_path / "keys")
+    (tmp_path / "keys").write_text(f"{KEY_A}\n")
+    async with store_server(rotated) as server:
+        acme = server.sdk(server.acme.secret)
+        new = await acme.chat.completions.create(model="fake-model",
+                                                 messages=_ask("after rotation"), store=True)
+        assert (await acme.chat.completions.retrieve(old.id)).id == old.id
+        with server.database.session() as session:
+            sealed_with = dict(session.execute(select(StoredCompletion.completion_id,
+                                                      StoredCompletion.cipher_key)).all())
+        assert sealed_with == {old.id: key_id(b"a" * 32), new.id: key_id(b"b" * 32)}
+        messages = await acme.chat.completions.messages.list(old.id)
+        assert messages.data[-1].content == "Remember before rotation"
+
+
+def test_sealed_content_opens_only_with_its_context_and_a_listed_key() -> None:
+    keys = ContentKeys([b"b" * 32, b"a" * 32])
+    sealed = keys.seal(b"secret text", context=b"org 1")
+    assert b"secret text" not in sealed.data
+    assert keys.open(sealed, context=b"org 1") == b"secret text"
+    with pytest.raises(ContentKeyError):
+        keys.open(sealed, context=b"org 2")  # moved to another organization's row
+    with pytest.raises(ContentKeyError):
+        ContentKeys([b"a" * 32]).open(sealed, context=b"org 1")
+    with pytest.raises(ContentKeyError, match="32 bytes"):
+        ContentKeys.configured(base64.b64encode(b"short").decode(), None)

@@ -256,3 +256,24 @@ class IdempotencyRecord(Base):
     headers: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     created_ms: Mapped[int] = mapped_column(Millis, index=True)
+
+
+class StoredCompletion(Base):
+    """A chat completion made with `store: true` under a `store` retention policy: its request
+    messages and response, encrypted (serai/crypto.py), kept until `expires_ms`."""
+
+    __tablename__ = "stored_completions"
+    __table_args__ = (Index("ix_stored_completions_org", "org_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    completion_id: Mapped[str] = mapped_column(String(64), unique=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
+    model: Mapped[str] = mapped_column(String(200))
+    # The caller's metadata, in clear so lists can filter on it (as OpenAI's do).
+    tags: Mapped[dict[str, str]] = mapped_column("metadata", JSON, default=dict)
+    created_ms: Mapped[int] = mapped_column(Millis)
+    expires_ms: Mapped[int] = mapped_column(Millis, index=True)
+    # Id of the key the content is sealed with, and nonce + ciphertext + tag.
+    cipher_key: Mapped[str] = mapped_column(String(32))
+    content: Mapped[bytes] = mapped_column(LargeBinary)

@@ -86,13 +86,13 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
     """Build the app. `engines` replaces the embedded models (tests pass a fake engine); the
     upstreams the settings declare are served beside them. A reload (the admin API, or SIGHUP
     if `sighup`) applies the deployments of the settings `reread` builds."""
+    # A malformed content key stops everything here, before anything is opened.
+    content_keys = ContentKeys.configured(
+        settings.secret_key.get_secret_value() if settings.secret_key else None,
+        settings.secret_key_file)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # First: a malformed content key stops start-up before anything is opened.
-        content_keys = ContentKeys.configured(
-            settings.secret_key.get_secret_value() if settings.secret_key else None,
-            settings.secret_key_file)
         router = build_router(settings, engines or ())
         fleet = Fleet(router, reread=reread, embedded=engines is None)
         await fleet.apply(settings)  # first: a missing API key stops start-up here
@@ -151,7 +151,8 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
         return json_response(200, {"status": "ready", "database": "ok", "models": models})
 
     app.add_middleware(JsonBodies)
-    app.add_middleware(IdempotentReplays, abandoned_after_s=settings.reservation_timeout_s)
+    app.add_middleware(IdempotentReplays, abandoned_after_s=settings.reservation_timeout_s,
+                       content_keys=content_keys)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext)
     return app

@@ -115,6 +115,7 @@ def serve(
     import uvicorn
 
     from serai.app import create_app
+    from serai.crypto import ContentKeys
     from serai.engines.upstream import read_api_key
     from serai.models import check_gguf
 
@@ -129,6 +130,10 @@ def serve(
             if entry.path is not None:
                 check_gguf(entry.path.expanduser())
         settings = _with_model_file(settings)
+        # A malformed content key stops start-up with a plain message (never the key itself).
+        ContentKeys.configured(
+            settings.secret_key.get_secret_value() if settings.secret_key else None,
+            settings.secret_key_file)
     except (ValueError, ModelFileError) as exc:
         raise _fail(str(exc)) from None
     database = _database(settings)

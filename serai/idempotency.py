@@ -9,9 +9,11 @@ too long) deletes its claim, and so does one whose client left before the respon
 complete, so the client may retry with the same key. The response is stored as the exact bytes
 sent (an SSE stream included), so a replay is byte-identical whatever the wire protocol.
 
-The response holds the completion's text, so a call under zero retention (serai/retention.py)
-keeps it only in the memory of the process that served it (`ResponsesInMemory`): its database
-record says only that the call is done. A twin reaching another process, or this one after a
+The response holds the completion's text, so it is never written in clear: under a `store`
+retention policy (serai/retention.py) it is sealed with the server's content keys
+(serai/crypto.py) in the database; under zero retention, or on a server without content keys,
+it is kept only in the memory of the process that served it (`ResponsesInMemory`), and its
+database record says only that the call is done. A twin reaching another process, or this one after a
 restart, cannot be replayed and gets 409 `idempotency_response_not_retained` rather than a
 second run billed twice.
 """
@@ -30,6 +32,7 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from serai.crypto import ContentKeyError, ContentKeys, Sealed
 from serai.errors import (
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
@@ -61,6 +64,7 @@ class Stored:
     status_code: int
     headers: dict[str, str]
     body: bytes | None  # None: kept only in the memory of the process that served it
+    sealed_with: str | None = None  # the content key `body` is sealed with, if it is
 
 
 class ResponsesInMemory:
@@ -168,17 +172,19 @@ def claim(*, session: Session, key_id: int, idempotency_key: str, request_hash: 
                 headers={"retry-after": "1"})
         assert record.status_code is not None
         return Stored(record.request_id, record.status_code, dict(record.headers or {}),
-                      record.body)
+                      record.body, record.cipher_key)
 
 
 def finish(*, session: Session, key_id: int, idempotency_key: str, request_id: str,
-           status_code: int, headers: dict[str, str] | None, body: bytes | None) -> bool:
+           status_code: int, headers: dict[str, str] | None, body: bytes | None,
+           cipher_key: str | None = None) -> bool:
     """Store the response of the call holding the claim (None: the call is done, its response
     kept elsewhere); False if it lost the claim."""
     done = session.execute(update(IdempotencyRecord).where(
         IdempotencyRecord.key_id == key_id, IdempotencyRecord.idempotency_key == idempotency_key,
         IdempotencyRecord.request_id == request_id, IdempotencyRecord.state == "in_flight",
-    ).values(state="done", status_code=status_code, headers=headers, body=body))
+    ).values(state="done", status_code=status_code, headers=headers, body=body,
+             cipher_key=cipher_key))
     return done.rowcount == 1
 
 
@@ -215,8 +221,10 @@ class IdempotentCall:
     """
 
     def __init__(self, *, idempotency_key: str, request_hash: str,
-                 abandoned_after_s: float, memory: ResponsesInMemory | None = None) -> None:
+                 abandoned_after_s: float, memory: ResponsesInMemory | None = None,
+                 keys: ContentKeys | None = None) -> None:
         self.idempotency_key = idempotency_key
+        self._keys = keys
         self.request_hash = request_hash
         self._abandoned_after_s = abandoned_after_s
         self._memory = memory if memory is not None else ResponsesInMemory()
@@ -228,7 +236,8 @@ class IdempotentCall:
                     in_memory: bool = False) -> None:
         """Hold the key for this call, or raise Replayed / IdempotencyKeyInUse /
         IdempotencyKeyReused / IdempotencyResponseNotRetained. With `in_memory` (zero
-        retention) the response will be kept in this process only."""
+        retention) the response will be kept in this process only; without, sealed in the
+        database (in memory too when the server has no content keys)."""
         key = check_key(self.idempotency_key)
 
         def claim_key() -> Stored | None:
@@ -243,6 +252,8 @@ class IdempotentCall:
                 await self.release()
 
         stored = await finish_or_undo(claim_key, unclaim)
+        if stored is not None and stored.sealed_with is not None:
+            stored = self._unseal(stored, key_id)
         if stored is not None and stored.body is None:
             stored = self._memory.find(key_id, key, stored.request_id)
             if stored is None:
@@ -255,6 +266,23 @@ class IdempotentCall:
             raise Replayed(stored)
         self._claim = _Claim(database, key_id, request_id)
         self._in_memory = in_memory
+
+    def _context(self, key_id: int, request_id: str) -> bytes:
+        return f"idempotent response {key_id} {self.idempotency_key} {request_id}".encode()
+
+    def _unseal(self, stored: Stored, key_id: int) -> Stored:
+        assert stored.body is not None and stored.sealed_with is not None
+        try:
+            if self._keys is None:
+                raise ContentKeyError("no content keys")
+            body = self._keys.open(Sealed(stored.sealed_with, stored.body),
+                                   context=self._context(key_id, stored.request_id))
+        except ContentKeyError:
+            raise IdempotencyResponseNotRetained(
+                f"The request with this {HEADER} finished, but its response was encrypted with "
+                "a key this server no longer has. Use a new key to run the request again.",
+                param=HEADER) from None
+        return Stored(stored.request_id, stored.status_code, stored.headers, body)
 
     def ran(self, run: Run) -> None:
         """The call started executing: what it answers is kept."""
@@ -290,10 +318,14 @@ class IdempotentCall:
             return
         self._claim = None
         kept = {k: v for k, v in headers.items() if not k.startswith(_NOT_REPLAYED)}
-        in_memory = self._in_memory
+        in_memory = self._in_memory or self._keys is None
+        sealed = None
         if in_memory:  # before the record says done, so a twin that sees it finds the response
             self._memory.keep(claimed.key_id, self.idempotency_key,
                               Stored(claimed.request_id, status_code, kept, body))
+        else:
+            sealed = self._keys.seal(body, context=self._context(claimed.key_id,  # type: ignore[union-attr]
+                                                                 claimed.request_id))
 
         def store() -> bool:
             with claimed.database.session() as session:
@@ -301,7 +333,8 @@ class IdempotentCall:
                               idempotency_key=self.idempotency_key,
                               request_id=claimed.request_id, status_code=status_code,
                               headers=None if in_memory else kept,
-                              body=None if in_memory else body)
+                              body=None if sealed is None else sealed.data,
+                              cipher_key=None if sealed is None else sealed.key_id)
 
         try:
             if not await asyncio.shield(asyncio.to_thread(store)):

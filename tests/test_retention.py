@@ -31,7 +31,7 @@ from serai.crypto import ContentKeyError, ContentKeys, key_id
 from serai.errors import InvalidRequest
 from serai.retention import ZERO, Retention
 from serai.storage.db import Database
-from serai.storage.tables import Base, StoredCompletion, UsageRow
+from serai.storage.tables import Base, IdempotencyRecord, StoredCompletion, UsageRow
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving
 from tests.support.tenants import Customer, customer
@@ -508,3 +508,23 @@ def test_sealed_content_opens_only_with_its_context_and_a_listed_key() -> None:
         ContentKeys([b"a" * 32]).open(sealed, context=b"org 1")
     with pytest.raises(ContentKeyError, match="32 bytes"):
         ContentKeys.configured(base64.b64encode(b"short").decode(), None)
+
+
+async def test_idempotent_responses_under_store_are_sealed_and_replay_across_processes(
+        tmp_path: Path) -> None:
+    canary = f"canary-{uuid.uuid4().hex}"
+    settings = Settings(data_dir=tmp_path / "data", secret_key=KEY_A)
+    engine = FakeEngine(reply=f"Sealed {canary} reply", context_length=4096)
+    async with store_server(settings, engine) as server:
+        headers = {"authorization": f"Bearer {server.acme.secret}", "Idempotency-Key": "k1"}
+        ask = {"model": "fake-model", "messages": _ask(canary)}
+        first = await server.http.post("/v1/chat/completions", json=ask, headers=headers)
+        assert canary in first.text
+        with server.database.session() as session:
+            record = session.scalars(select(IdempotencyRecord)).one()
+            assert record.cipher_key == key_id(b"a" * 32)
+        assert Backend(settings).scan_files(canary) == []
+    # Another process with the same keys replays it from the database.
+    async with store_server(settings, engine) as elsewhere:
+        again = await elsewhere.http.post("/v1/chat/completions", json=ask, headers=headers)
+        assert again.headers["idempotent-replayed"] == "true" and again.content == first.content

@@ -11,6 +11,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serai.api.errors import error_body
+from serai.crypto import ContentKeys
 from serai.idempotency import IdempotentCall, Replayed, ResponsesInMemory, Stored, request_hash
 
 log = logging.getLogger("serai.requests")
@@ -142,9 +143,11 @@ class IdempotentReplays:
     `idempotent-replayed: true` and the `original-request-id` of the call that ran.
     """
 
-    def __init__(self, app: ASGIApp, *, abandoned_after_s: float) -> None:
+    def __init__(self, app: ASGIApp, *, abandoned_after_s: float,
+                 content_keys: ContentKeys | None = None) -> None:
         self.app = app
         self.abandoned_after_s = abandoned_after_s
+        self.content_keys = content_keys  # seal kept responses; None: memory only
         # Zero-retention responses, for twins this process serves (serai.idempotency).
         self.memory = ResponsesInMemory()
 
@@ -159,7 +162,8 @@ class IdempotentReplays:
             return  # the client left before its request arrived
         call = IdempotentCall(idempotency_key=raw_key.decode("latin-1"),
                               request_hash=request_hash(scope["method"], scope["path"], body),
-                              abandoned_after_s=self.abandoned_after_s, memory=self.memory)
+                              abandoned_after_s=self.abandoned_after_s, memory=self.memory,
+                              keys=self.content_keys)
         scope.setdefault("state", {})["idempotency"] = call
         status = 0
         headers: dict[str, str] = {}

@@ -254,7 +254,10 @@ class IdempotencyRecord(Base):
     state: Mapped[str] = mapped_column(String(16))  # "in_flight" or "done"
     status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     headers: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+    # Sealed with the content key `cipher_key` (serai/crypto.py); both null when the response
+    # is kept only in the memory of the process that answered (zero retention).
     body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    cipher_key: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_ms: Mapped[int] = mapped_column(Millis, index=True)
 
 

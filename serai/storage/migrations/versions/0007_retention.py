@@ -1,5 +1,6 @@
-"""Retention policies of organizations and keys (zero or store for some days), and stored
-completions: their content encrypted, kept until they expire.
+"""Retention policies of organizations and keys (zero or store for some days), stored
+completions (their content encrypted, kept until they expire), and the content key that seals
+an Idempotency-Key response.
 
 Revision ID: 0007
 Revises: 0005
@@ -24,6 +25,10 @@ def upgrade() -> None:
     with op.batch_alter_table("api_keys") as batch:
         batch.add_column(sa.Column("retention", sa.String(8), nullable=True))
         batch.add_column(sa.Column("retention_days", sa.Integer(), nullable=True))
+    with op.batch_alter_table("idempotency_records") as batch:
+        batch.add_column(sa.Column("cipher_key", sa.String(32), nullable=True))
+    # Responses kept before this revision were in clear: forget them rather than keep them so.
+    op.execute("DELETE FROM idempotency_records WHERE state = 'done'")
     op.create_table(
         "stored_completions",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
@@ -43,6 +48,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("stored_completions")
+    with op.batch_alter_table("idempotency_records") as batch:
+        batch.drop_column("cipher_key")
     with op.batch_alter_table("api_keys") as batch:
         batch.drop_column("retention_days")
         batch.drop_column("retention")

@@ -19,7 +19,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from serai import audit
+from serai import retention as retention_policy
 from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
+from serai.retention import ZERO, Retention
 from serai.storage.named import claim_name, find_named, row_id
 from serai.storage.tables import ApiKey, BalanceEntry, Organization, RedemptionCode, Reservation
 
@@ -52,6 +54,11 @@ class KeyInfo:
     allowed_cidrs: list[str] | None = None
     # The organization's allowed regions (None or empty: any); read when the key authenticates.
     allowed_regions: list[str] | None = None
+    # The key's own retention policy (None: its organization's).
+    retention: Retention | None = None
+    # The policy its calls run under, the stricter of the key's and its organization's; read
+    # when the key authenticates. Zero until then: nothing is kept by mistake.
+    effective_retention: Retention = ZERO
 
     @property
     def revoked(self) -> bool:
@@ -61,7 +68,16 @@ class KeyInfo:
 def key_info(row: ApiKey) -> KeyInfo:
     return KeyInfo(row.id, row.name, row.prefix, row.is_admin, row.created_at, row.revoked_at,
                    row.org_id, row.role, row.allowed_models, row.expires_at, row.rpm, row.tpm,
-                   row.allowed_cidrs)
+                   row.allowed_cidrs, retention=_key_retention(row))
+
+
+def _key_retention(row: ApiKey) -> Retention | None:
+    return None if row.retention is None else Retention(row.retention,  # type: ignore[arg-type]
+                                                        row.retention_days)
+
+
+def _org_retention(row: Organization) -> Retention:
+    return Retention(row.retention, row.retention_days)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +92,13 @@ class OrgInfo:
     tpm: int | None
     max_concurrency: int | None
     allowed_regions: list[str] | None = None
+    retention: Retention = ZERO
 
 
 def _org_info(row: Organization) -> OrgInfo:
     return OrgInfo(row.id, row.name, row.disabled, row.plan_id, row.price_book_id,
                    row.balance_micros, row.rpm, row.tpm, row.max_concurrency,
-                   row.allowed_regions or None)
+                   row.allowed_regions or None, _org_retention(row))
 
 
 def create_org(*, session: Session, name: str, plan_id: int | None = None,
@@ -89,7 +106,8 @@ def create_org(*, session: Session, name: str, plan_id: int | None = None,
                max_concurrency: int | None = None) -> OrgInfo:
     claim_name(session, Organization, name, what="An organization")
     row = Organization(name=name, disabled=False, plan_id=plan_id, price_book_id=price_book_id,
-                       balance_micros=0, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency)
+                       balance_micros=0, rpm=rpm, tpm=tpm, max_concurrency=max_concurrency,
+                       retention="zero")
     session.add(row)
     session.flush()
     audit.record(session, action="org.create", target=f"org:{row.id}", org_id=row.id,
@@ -125,9 +143,11 @@ def update_org(*, session: Session, org_id: int, name: str | None = None,
                disabled: bool | None = None, plan_id: int | None = _UNSET,
                price_book_id: int | None = _UNSET, rpm: int | None = _UNSET,
                tpm: int | None = _UNSET, max_concurrency: int | None = _UNSET,
-               allowed_regions: list[str] | None = _UNSET) -> OrgInfo:
+               allowed_regions: list[str] | None = _UNSET, retention: str | None = None,
+               retention_days: int | None = None) -> OrgInfo:
     """Change what is given; `None` clears a plan, price book, limit or region restriction
-    (an empty list of regions means any, as `None` does)."""
+    (an empty list of regions means any, as `None` does). `retention_days` alone changes the
+    days of a `store` policy."""
     row = session.get(Organization, org_id)
     if row is None:
         raise NotFound(f"No organization {org_id}.", param="org")
@@ -144,11 +164,21 @@ def update_org(*, session: Session, org_id: int, name: str | None = None,
         if value is not _UNSET:
             setattr(row, field, value)
             changes[field] = value
+    if retention is not None or retention_days is not None:
+        policy = retention_policy.check(
+            retention or row.retention,
+            retention_days if retention_days is not None or retention == "zero"
+            else row.retention_days)
+        # A key stricter than the old policy may be looser than the new one: it is never
+        # refused here, its calls run under the stricter of the two (retention.effective).
+        row.retention, row.retention_days = policy.policy, policy.days
+        changes.update(retention=policy.policy, retention_days=policy.days)
     session.flush()
     changes.update({k: v for k, v in (("name", name), ("disabled", disabled)) if v is not None})
-    # A plan or price book change is its own action: it is what changes an organization's bill.
+    # A plan or price book change is its own action: it is what changes an organization's bill;
+    # so is a retention change: it is what may be kept of its data.
     action = ("org.plan_change" if {"plan_id", "price_book_id"} & changes.keys()
-              else "org.update")
+              else "org.retention_change" if "retention" in changes else "org.update")
     audit.record(session, action=action, target=f"org:{org_id}", org_id=org_id, details=changes)
     return _org_info(row)
 
@@ -260,8 +290,10 @@ def authenticate(*, session: Session, secret: str) -> KeyInfo:
                                    f"{_aware(match.expires_at):%Y-%m-%d %H:%M} UTC.")
     info = key_info(match)
     org = session.get(Organization, match.org_id) if match.org_id is not None else None
-    if org is not None and org.allowed_regions:
-        info = dataclasses.replace(info, allowed_regions=list(org.allowed_regions))
+    if org is not None:
+        info = dataclasses.replace(
+            info, allowed_regions=list(org.allowed_regions) if org.allowed_regions else None,
+            effective_retention=retention_policy.effective(_org_retention(org), info.retention))
     return info
 
 
@@ -323,21 +355,38 @@ def count_keys(*, session: Session) -> int:
 def update_key(*, session: Session, ref: str, name: str | None = None,
                allowed_models: list[str] | None = _UNSET, allowed_cidrs: list[str] | None = _UNSET,
                expires_at: datetime | None = _UNSET, rpm: int | None = _UNSET,
-               tpm: int | None = _UNSET) -> KeyInfo:
-    """Change a key's label or limits; `None` lifts a limit."""
+               tpm: int | None = _UNSET, retention: str | None = _UNSET,
+               retention_days: int | None = None) -> KeyInfo:
+    """Change a key's label or limits; `None` lifts a limit. `retention` (with its days, or
+    none to take the organization's) makes the key stricter than its organization; `None`
+    makes it follow the organization again."""
     row = find_key(session=session, ref=ref)
+    if retention is not _UNSET or retention_days is not None:
+        if retention is None:
+            row.retention, row.retention_days = None, None
+        else:
+            policy = retention_policy.check(
+                row.retention or "store" if retention is _UNSET else retention,
+                retention_days, days_required=False)
+            org = session.get(Organization, row.org_id) if row.org_id is not None else None
+            retention_policy.check_key_override(ZERO if org is None else _org_retention(org),
+                                                policy)
+            row.retention, row.retention_days = policy.policy, policy.days
     if name is not None:
         row.name = name
     if allowed_cidrs is not _UNSET and allowed_cidrs is not None:
         allowed_cidrs = check_cidrs(allowed_cidrs)
     changes: dict[str, Any] = {"name": name} if name is not None else {}
+    if retention is not _UNSET or retention_days is not None:
+        changes.update(retention=row.retention, retention_days=row.retention_days)
     for field, value in (("allowed_models", allowed_models), ("allowed_cidrs", allowed_cidrs),
                          ("expires_at", expires_at), ("rpm", rpm), ("tpm", tpm)):
         if value is not _UNSET:
             setattr(row, field, value)
             changes[field] = value
     session.flush()
-    audit.record(session, action="key.update", target=f"key:{row.prefix}", org_id=row.org_id,
+    audit.record(session, action="key.retention_change" if "retention" in changes
+                 else "key.update", target=f"key:{row.prefix}", org_id=row.org_id,
                  details={"id": row.id, **changes})
     return key_info(row)
 

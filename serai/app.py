@@ -14,8 +14,8 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from serai import __version__, idempotency, redaction
-from serai.api import admin, anthropic, openai, usage
+from serai import __version__, idempotency, redaction, stored
+from serai.api import admin, anthropic, openai, stored_completions, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
 from serai.api.middleware import (
@@ -26,6 +26,7 @@ from serai.api.middleware import (
     SizeLimits,
 )
 from serai.config import Settings
+from serai.crypto import ContentKeys
 from serai.engines.base import Engine
 from serai.engines.router import Router
 from serai.fleet import Fleet, probe_forever
@@ -65,21 +66,25 @@ def _reload_on_sighup(fleet: Fleet) -> Callable[[], None]:
     return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
+def sweep(limiter: Limiter, database: Database, timeout_s: float) -> None:
+    """Release reservations a crashed process left behind, so they stop holding quota; forget
+    Idempotency-Key records past their 24 hours or left in flight by a crash; delete stored
+    completions past their organization's retention."""
+    if released := limiter.sweep(timeout_s):
+        log.warning("released %d reservations older than %ss", released, timeout_s)
+    with database.session() as session:
+        idempotency.forget_expired(session=session, abandoned_after_s=timeout_s)
+    with database.session() as session:
+        if deleted := stored.forget_expired(session=session):
+            log.info("deleted %d stored completions past their retention", deleted)
+
+
 async def _sweep_forever(limiter: Limiter, database: Database, timeout_s: float) -> None:
-    """Release reservations a crashed process left behind, so they stop holding quota, and
-    forget Idempotency-Key records past their 24 hours or left in flight by a crash."""
-
-    def forget() -> None:
-        with database.session() as session:
-            idempotency.forget_expired(session=session, abandoned_after_s=timeout_s)
-
     while True:
         try:
-            if released := await asyncio.to_thread(limiter.sweep, timeout_s):
-                log.warning("released %d reservations older than %ss", released, timeout_s)
-            await asyncio.to_thread(forget)
+            await asyncio.to_thread(sweep, limiter, database, timeout_s)
         except Exception:
-            log.exception("reservation sweep failed; trying again later")
+            log.exception("sweep failed; trying again later")
         await asyncio.sleep(min(60.0, timeout_s / 2))
 
 
@@ -88,6 +93,10 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
     """Build the app. `engines` replaces the embedded models (tests pass a fake engine); the
     upstreams the settings declare are served beside them. A reload (the admin API, or SIGHUP
     if `sighup`) applies the deployments of the settings `reread` builds."""
+    # A malformed content key stops everything here, before anything is opened.
+    content_keys = ContentKeys.configured(
+        settings.secret_key.get_secret_value() if settings.secret_key else None,
+        settings.secret_key_file)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -103,7 +112,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
         gateway = Gateway(router=router, ledger=ledger, database=database, limiter=limiter,
                           failover_attempts=settings.failover_attempts)
         app.state.services = Services(settings=settings, database=database, gateway=gateway,
-                                      fleet=fleet)
+                                      fleet=fleet, content_keys=content_keys)
         tasks = [asyncio.create_task(_sweep_forever(limiter, database,
                                                     settings.reservation_timeout_s),
                                      name="reservation-sweeper")]
@@ -128,6 +137,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
                   description="Open-weight models behind OpenAI- and Anthropic-compatible APIs.")
     install_error_handlers(app)
     app.include_router(openai.router)
+    app.include_router(stored_completions.router)
     app.include_router(anthropic.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
@@ -149,7 +159,8 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
         return json_response(200, {"status": "ready", "database": "ok", "models": models})
 
     app.add_middleware(JsonBodies)
-    app.add_middleware(IdempotentReplays, abandoned_after_s=settings.reservation_timeout_s)
+    app.add_middleware(IdempotentReplays, abandoned_after_s=settings.reservation_timeout_s,
+                       content_keys=content_keys)
     app.add_middleware(SizeLimits, max_bytes=settings.max_body_bytes,
                        max_header_bytes=settings.max_header_bytes)
     if settings.admin_port is not None:

@@ -120,6 +120,7 @@ def serve(
     import uvicorn
 
     from serai.app import create_app
+    from serai.crypto import ContentKeys
     from serai.engines.upstream import read_api_key
     from serai.models import admit_model
 
@@ -134,6 +135,10 @@ def serve(
             if entry.path is not None or entry.sha256 is not None:
                 admit_model(entry.path, settings, sha256=entry.sha256, console=err)
         settings = _with_model_file(settings)
+        # A malformed content key stops start-up with a plain message (never the key itself).
+        ContentKeys.configured(
+            settings.secret_key.get_secret_value() if settings.secret_key else None,
+            settings.secret_key_file)
     except (ValueError, ModelFileError) as exc:
         raise _fail(str(exc)) from None
     database = _database(settings)
@@ -303,6 +308,27 @@ def keys_revoke(
     err.print(f"Revoked key {key.id} ({key.prefix}…).")
 
 
+@keys_app.command("update")
+def keys_update(
+    ref: Annotated[str, typer.Argument(help="Key id or prefix, as `serai keys list` shows.")],
+    retention: Annotated[str | None, typer.Option(
+        help="zero or store: stricter than the key's organization, never looser; inherit "
+        "follows the organization again.")] = None,
+    retention_days: Annotated[int | None, typer.Option(
+        min=1, help="Days stored content is kept (at most the organization's).")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Change a key's retention policy."""
+    fields: dict[str, object] = {}
+    if retention is not None:
+        fields["retention"] = None if retention == "inherit" else retention
+    with _session(data_dir) as session:
+        key = accounts.update_key(session=session, ref=ref, retention_days=retention_days,
+                                  **fields)  # type: ignore[arg-type]
+    shown = key.retention.describe() if key.retention else "its organization's"
+    err.print(f"Key {key.id} ({key.prefix}…) retention: {shown}.")
+
+
 def _limits(rpm: int | None, tpm: int | None, concurrency: int | None) -> str:
     return ", ".join(f"{label} {value}" for label, value in (
         ("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency)) if value is not None)
@@ -319,11 +345,11 @@ def _lifted(**limits: int | None) -> dict[str, int | None]:
 def _org_table(session: Session, orgs: list[accounts.OrgInfo]) -> Table:
     plan_names = {p.id: p.name for p in plans.list_plans(session=session)}
     book_names = {b.id: b.name for b in plans.list_price_books(session=session)}
-    table = Table("id", "name", "plan", "price book", "balance", "limits", "state")
+    table = Table("id", "name", "plan", "price book", "balance", "limits", "retention", "state")
     for org in orgs:
         table.add_row(str(org.id), org.name, plan_names.get(org.plan_id or 0, ""),
                       book_names.get(org.price_book_id or 0, ""), money(org.balance_micros),
-                      _limits(org.rpm, org.tpm, org.max_concurrency),
+                      _limits(org.rpm, org.tpm, org.max_concurrency), org.retention.describe(),
                       "disabled" if org.disabled else "active")
     return table
 
@@ -373,9 +399,14 @@ def orgs_update(
         show_default=False)] = None,
     regions: Annotated[str | None, typer.Option(
         help="Comma-separated regions whose deployments may serve it; '' lifts it.")] = None,
+    retention: Annotated[str | None, typer.Option(
+        help="What may be kept of its calls' content: zero (nothing) or store (stored "
+        "completions, for --retention-days).")] = None,
+    retention_days: Annotated[int | None, typer.Option(
+        min=1, help="Days stored content is kept under the store policy.")] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Change an organization's name, plan, price book, limits, regions or state."""
+    """Change an organization's name, plan, price book, limits, regions, retention or state."""
     with _session(data_dir) as session:
         found = accounts.find_org(session=session, ref=org)
         fields: dict[str, object] = {}
@@ -389,7 +420,9 @@ def orgs_update(
         if regions is not None:
             fields["allowed_regions"] = _csv(regions) or None
         updated = accounts.update_org(session=session, org_id=found.id, name=name,
-                                      disabled=disable, **fields)  # type: ignore[arg-type]
+                                      disabled=disable, retention=retention,
+                                      retention_days=retention_days,
+                                      **fields)  # type: ignore[arg-type]
         table = _org_table(session, [updated])
     Console().print(table)
 

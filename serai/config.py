@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -302,6 +302,18 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the server."
+    )
+    secret_key: SecretStr | None = Field(
+        None,
+        description="AES-256 keys (base64 of 32 bytes, `openssl rand -base64 32`) that encrypt "
+        "stored completions, comma-separated, newest first: new content uses the first, older "
+        "content opens with any listed key. Unset (and no secret_key_file): `store: true` "
+        "requests get 503 `content_key_missing`.",
+    )
+    secret_key_file: Path | None = Field(
+        None,
+        description="File holding more such keys, one per line, newest first (after those of "
+        "secret_key). A missing file or a malformed key stops start-up.",
     )
 
     @model_validator(mode="after")

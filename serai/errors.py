@@ -74,6 +74,13 @@ class IdempotencyKeyInUse(Conflict):
     code = "idempotency_key_in_use"
 
 
+class IdempotencyResponseNotRetained(Conflict):
+    """The call with this Idempotency-Key finished under zero retention, and the process asked
+    does not hold its response: replaying is impossible, running it again would bill twice."""
+
+    code = "idempotency_response_not_retained"
+
+
 class IdempotencyKeyReused(SeraiError):
     status_code = 422
     error_type = "invalid_request_error"
@@ -111,6 +118,15 @@ class LimitsUnavailable(SeraiError):
     status_code = 503
     error_type = "server_error"
     code = "limits_unavailable"
+
+
+class ContentKeyMissing(SeraiError):
+    """A completion should be stored, but the server has no key to encrypt it with: content is
+    never stored in clear."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "content_key_missing"
 
 
 class ModelFileError(Exception):

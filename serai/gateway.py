@@ -214,7 +214,8 @@ class Gateway:
         if idempotency is None:
             return await self._start(key=key, request=request, endpoint=endpoint)
         await idempotency.claim(database=self.database, key_id=key.id,
-                                request_id=request.request_id)
+                                request_id=request.request_id,
+                                in_memory=not key.effective_retention.stores)
         try:
             run = await self._start(key=key, request=request, endpoint=endpoint)
         except BaseException:

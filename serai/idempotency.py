@@ -8,6 +8,14 @@ a result: one refused before its engine produced anything (admission, a full que
 too long) deletes its claim, and so does one whose client left before the response was
 complete, so the client may retry with the same key. The response is stored as the exact bytes
 sent (an SSE stream included), so a replay is byte-identical whatever the wire protocol.
+
+The response holds the completion's text, so it is never written in clear: under a `store`
+retention policy (serai/retention.py) it is sealed with the server's content keys
+(serai/crypto.py) in the database; under zero retention, or on a server without content keys,
+it is kept only in the memory of the process that served it (`ResponsesInMemory`), and its
+database record says only that the call is done. A twin reaching another process, or this one after a
+restart, cannot be replayed and gets 409 `idempotency_response_not_retained` rather than a
+second run billed twice.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +32,13 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from serai.errors import IdempotencyKeyInUse, IdempotencyKeyReused, InvalidRequest
+from serai.crypto import ContentKeyError, ContentKeys, Sealed
+from serai.errors import (
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    IdempotencyResponseNotRetained,
+    InvalidRequest,
+)
 from serai.ledger import db_now_ms
 from serai.storage.db import Database
 from serai.storage.tables import IdempotencyRecord
@@ -48,7 +63,35 @@ class Stored:
     request_id: str
     status_code: int
     headers: dict[str, str]
-    body: bytes
+    body: bytes | None  # None: kept only in the memory of the process that served it
+    sealed_with: str | None = None  # the content key `body` is sealed with, if it is
+
+
+class ResponsesInMemory:
+    """Responses of zero-retention calls, for 24 hours at most, in this process only: they never
+    reach the database, a file or Redis. Bounded: past `max_entries` the oldest are dropped (their
+    twins get 409 instead of a replay)."""
+
+    def __init__(self, *, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._kept: dict[tuple[int, str], tuple[float, Stored]] = {}
+
+    def keep(self, key_id: int, idempotency_key: str, stored: Stored) -> None:
+        now = time.monotonic()
+        while self._kept:
+            oldest = next(iter(self._kept))
+            if len(self._kept) < self.max_entries and self._kept[oldest][0] > now:
+                break
+            del self._kept[oldest]
+        self._kept.pop((key_id, idempotency_key), None)  # re-inserted last: the newest
+        self._kept[(key_id, idempotency_key)] = (now + RETENTION_S, stored)
+
+    def find(self, key_id: int, idempotency_key: str, request_id: str) -> Stored | None:
+        """The response `request_id` sent, if this process served it and still has it."""
+        expires, stored = self._kept.get((key_id, idempotency_key), (0.0, None))
+        if stored is None or stored.request_id != request_id or expires <= time.monotonic():
+            return None
+        return stored
 
 
 class Replayed(Exception):  # noqa: N818 (control flow, not an error: the answer is ready)
@@ -127,18 +170,21 @@ def claim(*, session: Session, key_id: int, idempotency_key: str, request_hash: 
                 f"A request with this {HEADER} ({record.request_id}) is still running. Retry "
                 "when it finishes to receive its response.", param=HEADER,
                 headers={"retry-after": "1"})
-        assert record.status_code is not None and record.body is not None
+        assert record.status_code is not None
         return Stored(record.request_id, record.status_code, dict(record.headers or {}),
-                      record.body)
+                      record.body, record.cipher_key)
 
 
 def finish(*, session: Session, key_id: int, idempotency_key: str, request_id: str,
-           status_code: int, headers: dict[str, str], body: bytes) -> bool:
-    """Store the response of the call holding the claim; False if it lost the claim."""
+           status_code: int, headers: dict[str, str] | None, body: bytes | None,
+           cipher_key: str | None = None) -> bool:
+    """Store the response of the call holding the claim (None: the call is done, its response
+    kept elsewhere); False if it lost the claim."""
     done = session.execute(update(IdempotencyRecord).where(
         IdempotencyRecord.key_id == key_id, IdempotencyRecord.idempotency_key == idempotency_key,
         IdempotencyRecord.request_id == request_id, IdempotencyRecord.state == "in_flight",
-    ).values(state="done", status_code=status_code, headers=headers, body=body))
+    ).values(state="done", status_code=status_code, headers=headers, body=body,
+             cipher_key=cipher_key))
     return done.rowcount == 1
 
 
@@ -175,16 +221,23 @@ class IdempotentCall:
     """
 
     def __init__(self, *, idempotency_key: str, request_hash: str,
-                 abandoned_after_s: float) -> None:
+                 abandoned_after_s: float, memory: ResponsesInMemory | None = None,
+                 keys: ContentKeys | None = None) -> None:
         self.idempotency_key = idempotency_key
+        self._keys = keys
         self.request_hash = request_hash
         self._abandoned_after_s = abandoned_after_s
+        self._memory = memory if memory is not None else ResponsesInMemory()
         self._claim: _Claim | None = None
         self._run: Run | None = None
+        self._in_memory = False
 
-    async def claim(self, *, database: Database, key_id: int, request_id: str) -> None:
+    async def claim(self, *, database: Database, key_id: int, request_id: str,
+                    in_memory: bool = False) -> None:
         """Hold the key for this call, or raise Replayed / IdempotencyKeyInUse /
-        IdempotencyKeyReused."""
+        IdempotencyKeyReused / IdempotencyResponseNotRetained. With `in_memory` (zero
+        retention) the response will be kept in this process only; without, sealed in the
+        database (in memory too when the server has no content keys)."""
         key = check_key(self.idempotency_key)
 
         def claim_key() -> Stored | None:
@@ -199,9 +252,37 @@ class IdempotentCall:
                 await self.release()
 
         stored = await finish_or_undo(claim_key, unclaim)
+        if stored is not None and stored.sealed_with is not None:
+            stored = self._unseal(stored, key_id)
+        if stored is not None and stored.body is None:
+            stored = self._memory.find(key_id, key, stored.request_id)
+            if stored is None:
+                raise IdempotencyResponseNotRetained(
+                    f"The request with this {HEADER} finished, but under zero retention its "
+                    "response was kept only in the memory of the server process that answered "
+                    "it, which no longer has it. Use a new key to run the request again.",
+                    param=HEADER)
         if stored is not None:
             raise Replayed(stored)
         self._claim = _Claim(database, key_id, request_id)
+        self._in_memory = in_memory
+
+    def _context(self, key_id: int, request_id: str) -> bytes:
+        return f"idempotent response {key_id} {self.idempotency_key} {request_id}".encode()
+
+    def _unseal(self, stored: Stored, key_id: int) -> Stored:
+        assert stored.body is not None and stored.sealed_with is not None
+        try:
+            if self._keys is None:
+                raise ContentKeyError("no content keys")
+            body = self._keys.open(Sealed(stored.sealed_with, stored.body),
+                                   context=self._context(key_id, stored.request_id))
+        except ContentKeyError:
+            raise IdempotencyResponseNotRetained(
+                f"The request with this {HEADER} finished, but its response was encrypted with "
+                "a key this server no longer has. Use a new key to run the request again.",
+                param=HEADER) from None
+        return Stored(stored.request_id, stored.status_code, stored.headers, body)
 
     def ran(self, run: Run) -> None:
         """The call started executing: what it answers is kept."""
@@ -237,13 +318,23 @@ class IdempotentCall:
             return
         self._claim = None
         kept = {k: v for k, v in headers.items() if not k.startswith(_NOT_REPLAYED)}
+        in_memory = self._in_memory or self._keys is None
+        sealed = None
+        if in_memory:  # before the record says done, so a twin that sees it finds the response
+            self._memory.keep(claimed.key_id, self.idempotency_key,
+                              Stored(claimed.request_id, status_code, kept, body))
+        else:
+            sealed = self._keys.seal(body, context=self._context(claimed.key_id,  # type: ignore[union-attr]
+                                                                 claimed.request_id))
 
         def store() -> bool:
             with claimed.database.session() as session:
                 return finish(session=session, key_id=claimed.key_id,
                               idempotency_key=self.idempotency_key,
                               request_id=claimed.request_id, status_code=status_code,
-                              headers=kept, body=body)
+                              headers=None if in_memory else kept,
+                              body=None if sealed is None else sealed.data,
+                              cipher_key=None if sealed is None else sealed.key_id)
 
         try:
             if not await asyncio.shield(asyncio.to_thread(store)):

@@ -27,6 +27,7 @@ from serai.api.deps import AdminScope, ScopeDep, ServicesDep
 from serai.api.errors import json_response
 from serai.engines.router import Deployment
 from serai.errors import InvalidRequest, NotFound, PermissionDenied
+from serai.retention import MAX_DAYS as MAX_RETENTION_DAYS
 from serai.storage.tables import Plan, PriceBook, Reservation
 
 router = APIRouter(prefix="/admin/v1", tags=["Admin"])
@@ -88,13 +89,18 @@ class OrgUpdate(_Strict):
     allowed_regions: list[Region] | None = Field(
         None, description="Regions whose deployments may serve the organization; null or [] "
         "lifts the restriction.")
+    retention: Literal["zero", "store"] | None = Field(
+        None, description="What may be kept of its calls' content: 'zero' (nothing) or 'store' "
+        "(stored completions, for retention_days).")
+    retention_days: Annotated[int, Field(ge=1, le=MAX_RETENTION_DAYS)] | None = None
 
 
 def _org_object(org: OrgInfo) -> dict[str, Any]:
     return {"id": org.id, "object": "organization", "name": org.name, "disabled": org.disabled,
             "plan_id": org.plan_id, "price_book_id": org.price_book_id,
             "balance_micros": org.balance_micros, "rpm": org.rpm, "tpm": org.tpm,
-            "max_concurrency": org.max_concurrency, "allowed_regions": org.allowed_regions}
+            "max_concurrency": org.max_concurrency, "allowed_regions": org.allowed_regions,
+            "retention": org.retention.policy, "retention_days": org.retention.days}
 
 
 def _check_links(session: Session, plan_id: int | None, price_book_id: int | None) -> None:
@@ -285,6 +291,10 @@ class KeyUpdate(_Strict):
     expires_at: datetime | None = None
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
+    retention: Literal["zero", "store"] | None = Field(
+        None, description="A retention stricter than the organization's; null follows the "
+        "organization's.")
+    retention_days: Annotated[int, Field(ge=1, le=MAX_RETENTION_DAYS)] | None = None
 
 
 def _key_object(key: KeyInfo) -> dict[str, Any]:
@@ -292,6 +302,8 @@ def _key_object(key: KeyInfo) -> dict[str, Any]:
             "admin": key.is_admin, "role": key.role, "org_id": key.org_id,
             "allowed_models": key.allowed_models, "allowed_cidrs": key.allowed_cidrs,
             "expires_at": _time(key.expires_at), "rpm": key.rpm, "tpm": key.tpm,
+            "retention": None if key.retention is None else key.retention.policy,
+            "retention_days": None if key.retention is None else key.retention.days,
             "created_at": key.created_at.isoformat(), "revoked_at": _time(key.revoked_at)}
 
 

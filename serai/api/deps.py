@@ -12,6 +12,7 @@ from fastapi import Depends, Header, Request
 from serai import accounts, audit
 from serai.accounts import KeyInfo
 from serai.config import Settings
+from serai.crypto import ContentKeys
 from serai.errors import AuthenticationFailed, NotFound, PermissionDenied
 from serai.fleet import Fleet
 from serai.gateway import Gateway
@@ -27,6 +28,7 @@ class Services:
     database: Database
     gateway: Gateway
     fleet: Fleet | None = None  # the declared deployments, for reloads
+    content_keys: ContentKeys | None = None  # None: stored completions are refused
 
 
 # Dependencies are coroutines, even where nothing is awaited: FastAPI runs a plain function

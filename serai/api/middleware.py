@@ -11,7 +11,8 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serai.api.errors import error_body
-from serai.idempotency import IdempotentCall, Replayed, Stored, request_hash
+from serai.crypto import ContentKeys
+from serai.idempotency import IdempotentCall, Replayed, ResponsesInMemory, Stored, request_hash
 
 log = logging.getLogger("serai.requests")
 
@@ -156,9 +157,13 @@ class IdempotentReplays:
     `idempotent-replayed: true` and the `original-request-id` of the call that ran.
     """
 
-    def __init__(self, app: ASGIApp, *, abandoned_after_s: float) -> None:
+    def __init__(self, app: ASGIApp, *, abandoned_after_s: float,
+                 content_keys: ContentKeys | None = None) -> None:
         self.app = app
         self.abandoned_after_s = abandoned_after_s
+        self.content_keys = content_keys  # seal kept responses; None: memory only
+        # Zero-retention responses, for twins this process serves (serai.idempotency).
+        self.memory = ResponsesInMemory()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_key = (dict(scope["headers"]).get(b"idempotency-key")
@@ -171,7 +176,8 @@ class IdempotentReplays:
             return  # the client left before its request arrived
         call = IdempotentCall(idempotency_key=raw_key.decode("latin-1"),
                               request_hash=request_hash(scope["method"], scope["path"], body),
-                              abandoned_after_s=self.abandoned_after_s)
+                              abandoned_after_s=self.abandoned_after_s, memory=self.memory,
+                              keys=self.content_keys)
         scope.setdefault("state", {})["idempotency"] = call
         status = 0
         headers: dict[str, str] = {}
@@ -237,7 +243,7 @@ async def _send_replay(send: Send, stored: Stored) -> None:
     headers += [(b"idempotent-replayed", b"true"),
                 (b"original-request-id", stored.request_id.encode())]
     await send({"type": "http.response.start", "status": stored.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": stored.body})
+    await send({"type": "http.response.body", "body": stored.body or b""})
 
 
 class AdminListener:

@@ -8,16 +8,20 @@ Serai does not implement is refused with a 400 rather than silently ignored.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from serai.api.deps import IdempotencyDep, KeyDep, ServicesDep
+from serai import stored
+from serai.accounts import KeyInfo
+from serai.api.deps import IdempotencyDep, KeyDep, Services, ServicesDep
 from serai.api.errors import json_response, openai_error_body
 from serai.api.serving import serve
 from serai.api.sse import (
@@ -25,7 +29,7 @@ from serai.api.sse import (
     sse_event,
 )
 from serai.engines.base import ModelInfo
-from serai.errors import InvalidRequest, SeraiError
+from serai.errors import ContentKeyMissing, InvalidRequest, SeraiError
 from serai.gateway import Run
 from serai.idempotency import IdempotentCall
 from serai.types import (
@@ -41,6 +45,7 @@ from serai.types import (
 )
 
 router = APIRouter(tags=["OpenAI"])
+log = logging.getLogger("serai.openai")
 
 MAX_STOP_SEQUENCES = 4
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -151,6 +156,9 @@ class ChatCompletionRequest(_SamplingFields):
     # Accepted either way: Serai makes at most one call per answer.
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    # Stored completions: kept only when the key's retention policy is `store`.
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
 
     def to_generation(self, request_id: str) -> GenerationRequest:
         extras = self.model_extra or {}
@@ -357,8 +365,11 @@ class CompletionRendering(_Rendering):
                  "finish_reason": chunk.finish_reason}]
 
 
+Keep = Callable[[dict[str, Any]], Awaitable[None]]
+
+
 async def _events(run: Run, rendering: ChatRendering | CompletionRendering,
-                  include_usage: bool) -> AsyncIterator[bytes]:
+                  include_usage: bool, keep: Keep | None = None) -> AsyncIterator[bytes]:
     def event(choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
         payload = {**rendering.head(rendering.chunk_object), "choices": choices}
         if include_usage:
@@ -368,14 +379,21 @@ async def _events(run: Run, rendering: ChatRendering | CompletionRendering,
     start = rendering.start()
     if start is not None:
         yield event([start])
+    texts: list[str] = []
+    calls: tuple[ToolCall, ...] = ()
     try:
         async for chunk in run:
+            if keep is not None:
+                texts.append(chunk.text)
+                calls += chunk.tool_calls
             if chunk.text or chunk.finish_reason:
                 for piece in rendering.pieces(chunk):
                     yield event([piece])
     except SeraiError as exc:
         yield sse_event(openai_error_body(exc.message, type=exc.error_type, code=exc.code))
         return
+    if keep is not None:  # the whole answer, stored before the stream says it is done
+        await keep(rendering.answer("".join(texts), run.finish_reason, run.usage, calls))
     if include_usage:
         yield event([], run.usage)
     yield SSE_DONE
@@ -385,14 +403,61 @@ async def _serve(
     request: Request, services: ServicesDep, key: KeyDep, generation: GenerationRequest, *,
     endpoint: str, stream: bool, include_usage: bool, idempotency: IdempotentCall | None,
     rendering: Callable[[str, str], ChatRendering | CompletionRendering],
+    keep: Callable[[str], Keep] | None = None,
 ) -> Response:
     render = rendering(generation.request_id, generation.model)
+    keeper = None if keep is None else keep(render.id)
     return await serve(
         request, services.gateway, key=key, generation=generation, endpoint=endpoint,
         idempotency=idempotency,
-        events=(lambda run: _events(run, render, include_usage)) if stream else None,
+        events=(lambda run: _events(run, render, include_usage, keeper)) if stream else None,
         body=lambda run, answer: render.answer(answer.text, run.finish_reason, run.usage,
-                                               answer.tool_calls))
+                                               answer.tool_calls), keep=keeper)
+
+
+def _storing(body: ChatCompletionRequest, key: KeyInfo,
+             services: Services) -> Callable[[str], Keep] | None:
+    """What keeps this completion, when it asks to be stored and its policy allows it.
+
+    Refused before anything runs: `store: true` under zero retention (400), or with no key to
+    encrypt it with (503). A failure to store is logged (never the content) and the answer is
+    still sent: it was generated and billed."""
+    if not body.store:
+        return None
+    retention = key.effective_retention
+    if not retention.stores or retention.days is None:
+        raise InvalidRequest(
+            "'store': true is refused: the retention policy of your organization (or of this "
+            "API key) is zero retention, which forbids storing prompts or completions.",
+            param="store")
+    keys = services.content_keys
+    if keys is None:
+        raise ContentKeyMissing(
+            "This server cannot store completions: it has no key to encrypt them with. Its "
+            "operator must set SERAI_SECRET_KEY or SERAI_SECRET_KEY_FILE.", param="store")
+    metadata = stored.check_metadata(body.metadata)
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    org_id, days = key.org_id, retention.days
+    assert org_id is not None  # a key under a store policy belongs to an organization
+
+    def keeper(completion_id: str) -> Keep:
+        async def keep(response: dict[str, Any]) -> None:
+            def save() -> None:
+                with services.database.session() as session:
+                    stored.save(session=session, keys=keys, org_id=org_id, key_id=key.id,
+                                completion_id=completion_id, model=body.model,
+                                metadata=metadata, messages=messages, response=response,
+                                days=days)
+
+            try:
+                await asyncio.shield(asyncio.to_thread(save))
+            except Exception as exc:
+                log.error("could not store completion %s: %s", completion_id,
+                          type(exc).__name__)
+
+        return keep
+
+    return keeper
 
 
 @router.post("/v1/chat/completions")
@@ -402,12 +467,13 @@ async def create_chat_completion(
 ) -> Response:
     """Creates a model response for the given chat conversation (OpenAI-compatible)."""
     generation = body.to_generation(request.state.request_id)
+    keep = _storing(body, key, services)
     return await _serve(
         request, services, key, generation, endpoint="chat.completions",
         stream=bool(body.stream), include_usage=body.include_usage, idempotency=idempotency,
         rendering=lambda rid, model: ChatRendering(
             id=f"chatcmpl-{rid}", model=model, object="chat.completion",
-            chunk_object="chat.completion.chunk"),
+            chunk_object="chat.completion.chunk"), keep=keep,
     )
 
 

@@ -8,7 +8,7 @@ is collected under the same watch and its run closed however collecting ends.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,9 +49,11 @@ async def serve(
     endpoint: str, idempotency: IdempotentCall | None,
     events: Callable[[Run], AsyncIterator[bytes]] | None,
     body: Callable[[Run, Answer], Any],
+    keep: Callable[[Any], Awaitable[None]] | None = None,
 ) -> Response:
     """Run `generation`: as the stream `events` renders when given, else as the JSON `body`
-    renders from the whole answer. A client gone before the answer is ready gets a 499."""
+    renders from the whole answer (handed to `keep` before it is sent, when given: stored
+    completions). A client gone before the answer is ready gets a 499."""
     try:
         run = await until_disconnect(request.receive, gateway.start(
             key=key, request=generation, endpoint=endpoint, idempotency=idempotency))
@@ -66,4 +68,7 @@ async def serve(
         return Response(status_code=499)
     finally:
         await run.close()
-    return json_response(200, body(run, answer), headers=headers)
+    rendered = body(run, answer)
+    if keep is not None:
+        await keep(rendered)
+    return json_response(200, rendered, headers=headers)

@@ -51,6 +51,10 @@ class Organization(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # Regions whose deployments may serve this organization; null or empty: any.
     allowed_regions: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    # What may be kept of its calls' content (serai/retention.py): "zero" or "store" for
+    # retention_days.
+    retention: Mapped[str] = mapped_column(String(8), default="zero", server_default="zero")
+    retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (CheckConstraint("balance_micros >= 0",
                                       name="ck_organizations_balance_not_negative"),)
@@ -158,6 +162,9 @@ class ApiKey(Base):
     tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # A stricter retention than the organization's, or null to follow it.
+    retention: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class UsageRow(Base):
@@ -247,7 +254,10 @@ class IdempotencyRecord(Base):
     state: Mapped[str] = mapped_column(String(16))  # "in_flight" or "done"
     status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     headers: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
+    # Sealed with the content key `cipher_key` (serai/crypto.py); both null when the response
+    # is kept only in the memory of the process that answered (zero retention).
     body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    cipher_key: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_ms: Mapped[int] = mapped_column(Millis, index=True)
 
 
@@ -268,3 +278,24 @@ class AuditRecord(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class StoredCompletion(Base):
+    """A chat completion made with `store: true` under a `store` retention policy: its request
+    messages and response, encrypted (serai/crypto.py), kept until `expires_ms`."""
+
+    __tablename__ = "stored_completions"
+    __table_args__ = (Index("ix_stored_completions_org", "org_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    completion_id: Mapped[str] = mapped_column(String(64), unique=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organizations.id"))
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
+    model: Mapped[str] = mapped_column(String(200))
+    # The caller's metadata, in clear so lists can filter on it (as OpenAI's do).
+    tags: Mapped[dict[str, str]] = mapped_column("metadata", JSON, default=dict)
+    created_ms: Mapped[int] = mapped_column(Millis)
+    expires_ms: Mapped[int] = mapped_column(Millis, index=True)
+    # Id of the key the content is sealed with, and nonce + ciphertext + tag.
+    cipher_key: Mapped[str] = mapped_column(String(32))
+    content: Mapped[bytes] = mapped_column(LargeBinary)

@@ -284,3 +284,19 @@ def test_a_key_logged_at_any_level_comes_out_masked(tmp_path: Path,
     assert secret not in caplog.text
     assert caplog.text.count(_prefix(secret)) == 12  # 11 messages and the traceback
     assert all(secret not in r.getMessage() for r in caplog.records)
+
+
+async def test_a_retention_change_is_recorded(admin: Audited) -> None:
+    org = await admin.ok("POST", "/admin/v1/organizations", json={"name": "acme"})
+    await admin.ok("PATCH", f"/admin/v1/organizations/{org['id']}",
+                   json={"retention": "store", "retention_days": 30})
+    key = await admin.ok("POST", "/admin/v1/keys", json={"name": "app", "org_id": org["id"]})
+    await admin.ok("PATCH", f"/admin/v1/keys/{key['id']}", json={"retention": "zero"})
+    changes = [r for r in admin.rows() if r["action"].endswith(".retention_change")]
+    assert [(r["action"], r["org_id"]) for r in changes] == [
+        ("org.retention_change", org["id"]), ("key.retention_change", org["id"])]
+    details = [json.loads(r["details"]) if isinstance(r["details"], str) else r["details"]
+               for r in changes]
+    assert (details[0]["retention"], details[0]["retention_days"]) == ("store", 30)
+    assert details[1]["retention"] == "zero"
+    assert admin.serai("audit", "verify").exit_code == 0

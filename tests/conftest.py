@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from serai.config import Settings
 from serai.storage.db import Database
 from serai.testing.processes import free_port, wait_until_ready
+from tests.support.traces import Backend
 
 POSTGRES_URL = os.environ.get("SERAI_TEST_POSTGRES_URL")
 REDIS_URL = os.environ.get("SERAI_TEST_REDIS_URL")
@@ -181,3 +183,16 @@ def bundled_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from serai.models import prepare_bundled_model
 
     return prepare_bundled_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql+redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """A new data dir, on SQLite, and on PostgreSQL with Redis for limits."""
+    data_dir = tmp_path / "serai-data"
+    if request.param == "sqlite":
+        return Backend(Settings(data_dir=data_dir))
+    redis_url = request.getfixturevalue("redis_url")
+    return Backend(Settings(data_dir=data_dir,
+                            database_url=request.getfixturevalue("postgres_url"),
+                            redis_url=redis_url,
+                            redis_prefix=request.getfixturevalue("redis_prefix")), redis_url)

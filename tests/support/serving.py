@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import uvicorn
 from starlette.types import ASGIApp
 
-from tests.conftest import free_port
+from serai.testing.processes import free_port
 
 
 @contextmanager

@@ -1,0 +1,128 @@
+"""No key leaks (RELIABILITY.md row 12): canary API keys and a canary upstream credential go
+through every path with debug logging and forced errors, then every file Serai wrote (the
+database with its -wal and -shm, the log), every database row and every Redis key is searched
+for them in full; so is every answer a client received. On SQLite, and on PostgreSQL + Redis.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from serai import accounts
+from serai.app import create_app
+from serai.config import UpstreamSettings
+from serai.storage.db import Database
+from serai.storage.tables import AuditRecord
+from serai.testing.mock_upstream import MockConfig
+from tests.support.fake_engine import FakeEngine
+from tests.support.serving import serving
+from tests.support.tenants import customer
+from tests.support.traces import Backend, debug_log_in
+from tests.test_upstream import MockServer
+
+UPSTREAM_KEY_ENV = "CANARY_UPSTREAM_KEY"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[MockServer]:
+    with MockServer() as server:
+        yield server
+
+
+def _key_shaped() -> str:
+    return accounts.KEY_SCHEME + secrets.token_urlsafe(32)
+
+
+def test_no_full_key_is_written_anywhere_or_answered(
+        backend: Backend, upstream: MockServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    upstream_key = f"upstream-canary-{secrets.token_hex(16)}"
+    monkeypatch.setenv(UPSTREAM_KEY_ENV, upstream_key)
+    settings = backend.settings.model_copy(update={"upstreams": [UpstreamSettings(
+        name="mock-model", base_url=upstream.url, api_key_env=UPSTREAM_KEY_ENV,
+        read_timeout_s=2.0, connect_timeout_s=2.0)]})
+    engine = FakeEngine(reply="a b c d e f g h", context_length=4096, delay=0.02)
+    broken = FakeEngine(name="broken-model", reply="a b c d", fail_after=2, context_length=4096)
+    answers: list[httpx.Response] = []
+    with debug_log_in(settings.data_dir / "serai.log"):
+        app = create_app(settings, engines=[engine, broken])
+        with serving(app) as base_url:
+            database: Database = app.state.services.database
+            with database.session() as session:
+                acme = customer(session)
+                _, admin = accounts.create_key(session=session, name="ops", is_admin=True)
+                old, revoked = accounts.create_key(session=session, name="old",
+                                                   org_id=acme.org_id)
+                accounts.revoke_key(session=session, ref=str(old.id))
+            unknown = _key_shaped()
+            canaries = [acme.secret, admin, revoked, unknown, upstream_key]
+            ask = {"model": "fake-model", "max_tokens": 8,
+                   "messages": [{"role": "user", "content": "hello"}]}
+            with httpx.Client(base_url=base_url, timeout=30) as client:
+                def post(key: str, body: dict[str, object], path: str = "/chat/completions",
+                         **headers: str) -> httpx.Response:
+                    answer = client.post(path, json=body, headers={
+                        "authorization": f"Bearer {key}", **headers})
+                    answers.append(answer)
+                    return answer
+
+                assert post(acme.secret, ask).status_code == 200
+                assert post(acme.secret, {**ask, "stream": True}).status_code == 200
+                assert post(acme.secret, {**ask, "temperature": 9}).status_code == 400
+                assert post(acme.secret, {**ask, "model": "broken-model"}).status_code == 503
+                assert post(acme.secret, {**ask, "model": "broken-model",
+                                          "stream": True}).status_code == 200
+                assert post(acme.secret, {**ask, "model": "mock-model"}).status_code == 200
+                upstream.mock.config = MockConfig(failure="401")  # refuses Serai's credential
+                assert post(acme.secret, {**ask, "model": "mock-model"}).status_code == 503
+                upstream.mock.config = MockConfig(failure="503")
+                assert post(acme.secret, {**ask, "model": "mock-model"}).status_code == 503
+                upstream.mock.config = MockConfig()
+                once = {"Idempotency-Key": f"retry-{secrets.token_hex(8)}"}
+                post(acme.secret, ask, **once)
+                assert post(acme.secret, ask, **once).headers["idempotent-replayed"] == "true"
+                with client.stream("POST", "/chat/completions", json={**ask, "stream": True},
+                                   headers={"authorization": f"Bearer {acme.secret}"}) as left:
+                    next(left.iter_lines())  # the client goes away mid-stream
+                # Anthropic's header, the wrong keys, and the admin API.
+                anthropic = client.post("/messages", json={**ask, "model": "fake-model"},
+                                        headers={"x-api-key": acme.secret,
+                                                 "anthropic-version": "2023-06-01"})
+                answers.append(anthropic)
+                assert anthropic.status_code == 200
+                assert post(unknown, ask).status_code == 401
+                assert post(revoked, ask).status_code == 401
+                listed = client.get(f"{base_url.removesuffix('/v1')}/admin/v1/keys",
+                                    headers={"authorization": f"Bearer {admin}"})
+                answers.append(listed)
+                assert listed.status_code == 200
+            deadline = time.monotonic() + 10  # the rows of the last requests are written
+            while app.state.services.gateway.ledger.backlog and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for canary in canaries:
+                assert backend.scan_database(database, canary) == [], "a key in the database"
+                assert backend.scan_files(canary) == [], "a key in a file (-wal, -shm included)"
+                assert backend.scan_redis(canary) == [], "a key in Redis"
+        for canary in canaries:  # after shutdown: the WAL checkpointed, the log complete
+            assert backend.scan_files(canary) == []
+    log = (settings.data_dir / "serai.log").read_text()
+    assert "request_id=" in log and "401" in log, "the log captured nothing"
+    for canary in canaries:
+        assert canary not in log
+        for answer in answers:
+            assert canary not in answer.text, f"{answer.request.url} answered a key"
+    # What is kept of a refused key is the prefix its error message shows, in the audit log.
+    database = Database(settings.resolved_database_url)
+    try:
+        with database.session() as session:
+            refused = set(session.scalars(select(AuditRecord.target)
+                                          .where(AuditRecord.action == "auth.failed")))
+    finally:
+        database.dispose()
+    assert refused == {f"key:{accounts.shown_prefix(unknown)}",
+                       f"key:{accounts.shown_prefix(revoked)}"}

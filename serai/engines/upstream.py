@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
+import httpx
 import orjson
 
 from serai.config import UpstreamSettings
@@ -172,7 +172,7 @@ def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _upstream_message(status: int, body: bytes) -> str:
+def _upstream_message(response: httpx.Response, body: bytes) -> str:
     try:
         error = json.loads(body).get("error")
         message = error.get("message") if isinstance(error, dict) else error
@@ -180,29 +180,25 @@ def _upstream_message(status: int, body: bytes) -> str:
             return message
     except (ValueError, AttributeError):
         pass
-    return f"The upstream refused the request ({status})."
+    return f"The upstream refused the request ({response.status_code})."
 
 
 class UpstreamEngine:
     """Serves `config.name` by forwarding to an OpenAI-compatible server.
 
-    The relay runs on aiohttp: per streamed chunk its C parser and plain byte stream cost
-    about a third of httpx's layers, and relaying chunks is most of what a gateway does.
+    `transport` replaces the network (tests pass an httpx.ASGITransport over a mock upstream).
     """
 
-    def __init__(self, config: UpstreamSettings) -> None:
+    def __init__(self, config: UpstreamSettings, *,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._config = config
         self._upstream_model = config.model or config.name
         self._api_key = read_api_key(config)
-        self._base_url = config.base_url.rstrip("/")
-        self._headers = {"content-type": "application/json"}
-        if self._api_key:
-            self._headers["authorization"] = f"Bearer {self._api_key}"
-        # Connect covers waiting for a pooled connection too; sock_read is per read, so a slow
-        # but live stream is never cut for its total length.
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout_s,
-                                              sock_read=config.read_timeout_s)
-        self._session: aiohttp.ClientSession | None = None  # made in the event loop, on use
+        headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=config.base_url.rstrip("/"), headers=headers, transport=transport,
+            timeout=httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s,
+                                  pool=config.connect_timeout_s))
         self._info = ModelInfo(name=config.name, context_length=config.context_length,
                                created=int(time.time()))
         log.info("serving %s from the upstream %s (model %s)", config.name, config.base_url,
@@ -238,16 +234,15 @@ class UpstreamEngine:
             json.dumps(body.get("tools", "")))
         relay = _Relay(size.prompt_tokens, size.max_tokens)
         name = self._info.name
-        url = self._base_url + ("/chat/completions" if chat else "/completions")
+        http = self._client.build_request("POST", "/chat/completions" if chat else "/completions",
+                                          json=body)
         try:
-            response = await self._http().post(url, data=orjson.dumps(body),
-                                               headers=self._headers, timeout=self._timeout)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            response = await self._client.send(http, stream=True)
+        except httpx.HTTPError as exc:
             log.warning("upstream of %s at %s unreachable: %s", name, self._config.base_url,
                         type(exc).__name__)
             raise EngineUnavailable(f"The upstream serving `{name}` cannot be reached; "
                                     "retry later.") from None
-        finished = False
         try:
             await self._check_status(response)
             finish: FinishReason | None = None
@@ -259,7 +254,7 @@ class UpstreamEngine:
                     continue
                 data = line[5:].strip()
                 if data == b"[DONE]":
-                    finished = await _drain(lines)
+                    await _drain(lines)
                     break
                 frame = self._frame(data)
                 if isinstance(frame.get("usage"), dict):
@@ -285,28 +280,20 @@ class UpstreamEngine:
             yield Chunk("", usage, finish, tool_calls=calls,
                         stop_sequence=stop_sequence if finish == "stop" else None)
         finally:
-            if finished:
-                response.release()  # read to its end: the connection goes back to the pool
-            else:
-                response.close()  # cut short: closing the connection stops the upstream
+            await response.aclose()
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            limit = max(100, self._config.max_concurrency or 0)
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit))
-        return self._session
-
-    async def _check_status(self, response: aiohttp.ClientResponse) -> None:
-        if response.status < 400:
+    async def _check_status(self, response: httpx.Response) -> None:
+        if response.status_code < 400:
             return
-        name, status = self._info.name, response.status
-        body = b""
+        name, status = self._info.name, response.status_code
         try:
-            while len(body) < ERROR_BODY_BYTES and (part := await response.content.read(
-                    ERROR_BODY_BYTES - len(body))):
+            body = b""
+            async for part in response.aiter_bytes():
                 body += part
-        except (aiohttp.ClientError, TimeoutError):
-            pass
+                if len(body) >= ERROR_BODY_BYTES:
+                    break
+        except httpx.HTTPError:
+            body = b""
         if status == 429 or status >= 500:
             log.warning("upstream of %s answered %d", name, status)
             retry = response.headers.get("retry-after")
@@ -318,20 +305,20 @@ class UpstreamEngine:
             log.error("upstream of %s refused Serai's API key (%d)", name, status)
             raise EngineUnavailable(f"The upstream serving `{name}` refused Serai's "
                                     "credentials; tell the operator.")
-        raise InvalidRequest(self._redact(_upstream_message(status, body)))
+        raise InvalidRequest(self._redact(_upstream_message(response, body)))
 
-    async def _lines(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        # Split the bytes ourselves: aiohttp's line iterator refuses lines over 64 KiB, and an
-        # upstream may send a tool call's whole arguments in one event.
+    async def _lines(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        # Split the bytes ourselves: httpx's aiter_lines decodes to text and re-splits through
+        # two more generators, a visible share of the gateway's CPU per relayed chunk.
         pending = b""
         try:
-            async for part in response.content.iter_any():
+            async for part in response.aiter_bytes():
                 *lines, pending = (pending + part).split(b"\n")
                 for line in lines:
                     yield line.rstrip(b"\r")
             if pending:
                 yield pending
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except httpx.HTTPError as exc:
             log.warning("upstream stream of %s broke: %s", self._info.name, type(exc).__name__)
             raise EngineUnavailable(f"The upstream serving `{self._info.name}` broke off "
                                     "its answer.") from None
@@ -381,30 +368,25 @@ class UpstreamEngine:
         """Ask the upstream for its model list, the cheapest request every OpenAI-compatible
         server answers; EngineUnavailable (naming only the status or the kind of failure,
         never the key) if it does not answer 2xx within a few seconds."""
-        timeout = aiohttp.ClientTimeout(
-            total=min(PROBE_TIMEOUT_S, self._config.read_timeout_s),
-            connect=min(PROBE_TIMEOUT_S, self._config.connect_timeout_s))
+        timeout = httpx.Timeout(min(PROBE_TIMEOUT_S, self._config.read_timeout_s),
+                                connect=min(PROBE_TIMEOUT_S, self._config.connect_timeout_s))
         try:
-            async with self._http().get(self._base_url + "/models", headers=self._headers,
-                                        timeout=timeout) as response:
-                await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            response = await self._client.get("/models", timeout=timeout)
+        except httpx.HTTPError as exc:
             raise EngineUnavailable(f"unreachable ({type(exc).__name__})") from None
-        if not 200 <= response.status < 300:
-            raise EngineUnavailable(f"GET /models answered {response.status}")
+        if not response.is_success:
+            raise EngineUnavailable(f"GET /models answered {response.status_code}")
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._client.aclose()
 
 
-async def _drain(lines: AsyncIterator[bytes]) -> bool:
+async def _drain(lines: AsyncIterator[bytes]) -> None:
     """Read what follows [DONE] (normally nothing but the body's end), for DRAIN_S at most, so
-    the connection can go back to the pool; whether the body ended."""
+    the connection goes back to the pool."""
     try:
         async with asyncio.timeout(DRAIN_S):
             async for _ in lines:
                 pass
     except (TimeoutError, EngineUnavailable):
-        return False  # the connection is dropped instead; the answer is complete anyway
-    return True
+        pass  # the connection is dropped instead; the answer is complete anyway

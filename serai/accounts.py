@@ -61,6 +61,11 @@ class KeyInfo:
     effective_retention: Retention = ZERO
 
     @property
+    def shown(self) -> str:
+        """The key as errors, logs and the audit log name it: its prefix and an ellipsis."""
+        return self.prefix + "…"
+
+    @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
 

@@ -249,7 +249,7 @@ class Gateway:
         except RegionUnavailable:
             await asyncio.to_thread(
                 audit.record_alone, self.database, action="residency.refused",
-                actor=key.prefix + "…", target=f"model:{request.model}", org_id=key.org_id,
+                actor=key.shown, target=f"model:{request.model}", org_id=key.org_id,
                 details={"model": request.model, "regions": list(regions or ())})
             raise
         try:

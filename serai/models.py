@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
@@ -17,6 +19,8 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from serai.config import BUNDLED_MODEL_NAME, Settings
 from serai.errors import ModelFileError
 from serai.gguf import validate_gguf
+
+T = TypeVar("T")
 
 
 def bundled_model_path(models_dir: Path) -> Path:
@@ -82,7 +86,7 @@ def check_gguf(path: Path) -> None:
     if not path.is_file():
         raise ModelFileError(f"model path {path} is not a file")
     try:
-        validate_gguf(path)
+        _once_per_version("header", path, lambda: validate_gguf(path))
     except OSError as exc:
         raise ModelFileError(f"model file {path} cannot be read: {exc.strerror or exc}") from None
 
@@ -95,26 +99,35 @@ def model_dirs(settings: Settings) -> list[Path]:
     return list(dict.fromkeys(d.expanduser().resolve() for d in dirs))
 
 
-# path -> (what identifies this version of the file, its SHA-256)
-_digests: dict[Path, tuple[tuple[int, ...], str]] = {}
-_digests_lock = threading.Lock()
+# (what, path) -> (what identifies this version of the file, the result): work on a model file
+# done once per process while the file is unchanged.
+_known: dict[tuple[str, Path], tuple[tuple[int, ...], object]] = {}
+_known_lock = threading.Lock()
+
+
+def _once_per_version(what: str, path: Path, compute: Callable[[], T]) -> T:
+    """`compute()` for this version of the file (same inode, size and modification times):
+    the CLI's check, the fleet's and the engine's load share it, and a reload does not redo it
+    for unchanged multi-gigabyte files. Failures are not kept: they raise each time."""
+    st = os.stat(path)
+    version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _known_lock:
+        known = _known.get((what, path))
+    if known is not None and known[0] == version:
+        return known[1]  # type: ignore[return-value]
+    result = compute()
+    with _known_lock:
+        _known[(what, path)] = (version, result)
+    return result
 
 
 def file_sha256(path: Path) -> str:
-    """The file's SHA-256, streamed. Computed once per process while the file is unchanged (same
-    inode, size and modification times): the CLI's check and the engine's load share it, and a
-    reload does not hash unchanged multi-gigabyte files again."""
-    st = os.stat(path)
-    version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    with _digests_lock:
-        known = _digests.get(path)
-    if known is not None and known[0] == version:
-        return known[1]
-    with path.open("rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    with _digests_lock:
-        _digests[path] = (version, digest)
-    return digest
+    """The file's SHA-256, streamed, once per version of the file."""
+    def digest() -> str:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    return _once_per_version("sha256", path, digest)
 
 
 def _check_pin(path: Path, actual: str, expected: str | None) -> None:

@@ -111,7 +111,7 @@ class AdminScope:
     @property
     def actor(self) -> str:
         """Who the audit log names for this key's changes."""
-        return self.key.prefix + "…"
+        return self.key.shown
 
     @property
     def org_id(self) -> int | None:

@@ -115,17 +115,17 @@ class SizeLimits:
                       "bytes (SERAI_MAX_BODY_BYTES).", "request_too_large")
 
 
-async def _refuse(scope: Scope, send: Send, status: int, message: str, code: str) -> None:
-    """An error in the client's own format, and the connection closed (the rest of an
-    oversized request is not read)."""
+async def _refuse(scope: Scope, send: Send, status: int, message: str, code: str, *,
+                  close: bool = True) -> None:
+    """An error in the client's own format; with `close`, the connection is closed (the rest
+    of an oversized request is not read)."""
     body = orjson.dumps(error_body(scope["path"], status, message, type="invalid_request_error",
                                    code=code))
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            *([(b"connection", b"close")] if close else [])]})
     await send({"type": "http.response.body", "body": body})
-
 
 
 class JsonBodies:
@@ -270,9 +270,4 @@ class AdminListener:
 async def _not_here(scope: Scope, send: Send, on_admin_port: bool) -> None:
     message = ("This is the admin port: it serves only the admin API (/admin/...)."
                if on_admin_port else "Not found.")
-    body = orjson.dumps(error_body(scope["path"], 404, message, type="invalid_request_error",
-                                   code="not_found"))
-    await send({"type": "http.response.start", "status": 404,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await _refuse(scope, send, 404, message, "not_found", close=False)

@@ -74,7 +74,6 @@ def sweep(limiter: Limiter, database: Database, timeout_s: float) -> None:
         log.warning("released %d reservations older than %ss", released, timeout_s)
     with database.session() as session:
         idempotency.forget_expired(session=session, abandoned_after_s=timeout_s)
-    with database.session() as session:
         if deleted := stored.forget_expired(session=session):
             log.info("deleted %d stored completions past their retention", deleted)
 

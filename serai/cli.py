@@ -819,10 +819,8 @@ def _server_call(method: str, path: str, *, url: str | None, key: str | None,
         raise _fail("give a platform operator's admin key with --key or SERAI_ADMIN_KEY")
     if url is None:
         settings = _settings(data_dir=data_dir)
-        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-        if settings.admin_port is not None:
-            host = settings.admin_host or host
-            host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        host = (settings.admin_host or settings.host) if settings.admin_port else settings.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # a wildcard: this machine
         url = (f"{'https' if settings.tls_certfile else 'http'}://{host}:"
                f"{settings.admin_port or settings.port}")
     try:

@@ -290,7 +290,7 @@ def authenticate(*, session: Session, secret: str) -> KeyInfo:
         raise AuthenticationFailed(_bad_key_message(secret))
     if match.revoked_at is not None:
         raise AuthenticationFailed(f"The API key {match.prefix}… has been revoked.")
-    if match.expires_at is not None and _aware(match.expires_at) <= datetime.now(UTC):
+    if match.expires_at is not None and has_expired(match.expires_at):
         raise AuthenticationFailed(f"The API key {match.prefix}… expired at "
                                    f"{_aware(match.expires_at):%Y-%m-%d %H:%M} UTC.")
     info = key_info(match)
@@ -300,6 +300,10 @@ def authenticate(*, session: Session, secret: str) -> KeyInfo:
             info, allowed_regions=list(org.allowed_regions) if org.allowed_regions else None,
             effective_retention=retention_policy.effective(_org_retention(org), info.retention))
     return info
+
+
+def has_expired(expires_at: datetime) -> bool:
+    return _aware(expires_at) <= datetime.now(UTC)
 
 
 def _aware(moment: datetime) -> datetime:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from serai import __version__, idempotency, redaction, stored
+from serai import __version__, console, idempotency, redaction, stored
 from serai.api import admin, anthropic, openai, stored_completions, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
@@ -140,6 +140,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
     app.include_router(anthropic.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
+    console.install(app)
 
     @app.get("/health", tags=["Operations"])
     async def health() -> Response:

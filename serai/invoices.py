@@ -165,3 +165,23 @@ def invoice(*, session: Session, org_id: int, month: str) -> Invoice:
     lines = [UsageLine(month, *rest) for _, *rest in
              _totals(session, org_id, _ms(first), _ms(following), by_day=False)]
     return Invoice(org.id, org.name, month, book.currency if book else DEFAULT_CURRENCY, lines)
+
+
+def request_usage(*, session: Session, request_id: str,
+                  org_id: int | None) -> dict[str, object] | None:
+    """One request's usage row (tokens, cost, currency), if it was settled and belongs to
+    `org_id` (None: any organization, for a platform operator)."""
+    query = (select(UsageRow, PriceBook.currency)
+             .outerjoin(Organization, Organization.id == UsageRow.org_id)
+             .outerjoin(PriceBook, PriceBook.id == Organization.price_book_id)
+             .where(UsageRow.request_id == request_id).order_by(UsageRow.id.desc()).limit(1))
+    if org_id is not None:
+        query = query.where(UsageRow.org_id == org_id)
+    found = session.execute(query).first()
+    if found is None:
+        return None
+    row, currency = found
+    return {"request_id": row.request_id, "model": row.model, "status": row.status,
+            "input_tokens": row.prompt_tokens, "cached_input_tokens": row.cached_tokens,
+            "output_tokens": row.completion_tokens, "cost_micros": row.cost_micros,
+            "charged": row.charged, "currency": currency or DEFAULT_CURRENCY}

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
-from serai import accounts, audit, invoices, plans
+from serai import accounts, audit, invoices, plans, quota
 from serai.accounts import CodeInfo, KeyInfo, OrgInfo
 from serai.api.deps import AdminScope, ScopeDep, ServicesDep
 from serai.api.errors import json_response
@@ -184,6 +184,24 @@ async def get_balance(org_id: int, scope: ScopeDep, services: ServicesDep) -> Re
                 "entries": [{"id": e.id, "amount_micros": e.amount_micros, "kind": e.kind,
                              "reason": e.reason, "created_at": _time(e.created_at)}
                             for e in entries]}
+
+    return json_response(200, await in_session(services, scope, read))
+
+
+@router.get("/organizations/{org_id}/windows")
+async def get_windows(org_id: int, scope: ScopeDep, services: ServicesDep) -> Response:
+    """The organization's plan windows now: each one's limit, what is used (including running
+    requests), what remains, and when the oldest counted request leaves it."""
+    await services.gateway.ledger.flush()
+
+    def read(session: Session) -> dict[str, Any]:
+        org = _visible_org(session, scope, org_id)
+        plan = plans.find_plan(session=session, ref=org.plan_id) if org.plan_id else None
+        windows = [plans.Window.parse(raw) for raw in (plan.windows if plan else [])]
+        states = quota.window_states(session=session, org_id=org.id, windows=windows)
+        return {"object": "list", "org_id": org.id,
+                "plan": None if plan is None else {"id": plan.id, "name": plan.name},
+                "data": [state.as_dict() for state in states]}
 
     return json_response(200, await in_session(services, scope, read))
 

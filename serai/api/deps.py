@@ -75,12 +75,7 @@ async def current_key(request: Request, services: ServicesDep) -> KeyInfo:
     try:
         key = await asyncio.to_thread(lookup)
     except AuthenticationFailed as error:
-        # Only the prefix the error message shows is kept: a mistyped key is still a secret.
-        shown = accounts.shown_prefix(secret)
-        client = request.client.host if request.client is not None else None
-        await asyncio.to_thread(audit.record_alone, services.database, action="auth.failed",
-                                actor=shown, target=f"key:{shown}",
-                                details={"reason": error.message, "client": client})
+        await record_failed_authentication(request, services, secret, error)
         raise
     request.state.key_prefix = key.prefix
     client = request.client.host if request.client is not None else None
@@ -88,6 +83,16 @@ async def current_key(request: Request, services: ServicesDep) -> KeyInfo:
         raise PermissionDenied(f"The API key {key.prefix}… may not be used from {client}; ask "
                                f"its owner to allow your network.")
     return key
+
+
+async def record_failed_authentication(request: Request, services: Services, secret: str,
+                                       error: AuthenticationFailed) -> None:
+    # Only the prefix the error message shows is kept: a mistyped key is still a secret.
+    shown = accounts.shown_prefix(secret)
+    client = request.client.host if request.client is not None else None
+    await asyncio.to_thread(audit.record_alone, services.database, action="auth.failed",
+                            actor=shown, target=f"key:{shown}",
+                            details={"reason": error.message, "client": client})
 
 
 async def admin_key(key: Annotated[KeyInfo, Depends(current_key)]) -> KeyInfo:

@@ -132,14 +132,15 @@ class JsonBodies:
     """Reads every API body as JSON whatever content type it declares.
 
     `curl -d '{...}'` labels its body application/x-www-form-urlencoded; OpenAI's API reads it
-    as JSON anyway, and so must a drop-in replacement.
+    as JSON anyway, and so must a drop-in replacement. The console's pages post real forms.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if (scope["type"] == "http" and scope["method"] == "POST"
+                and not scope["path"].startswith("/console/")):
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             declared = dict(scope["headers"]).get(b"content-type", b"")
             if not declared.startswith(b"multipart/"):

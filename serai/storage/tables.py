@@ -299,3 +299,17 @@ class StoredCompletion(Base):
     # Id of the key the content is sealed with, and nonce + ciphertext + tag.
     cipher_key: Mapped[str] = mapped_column(String(32))
     content: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ConsoleSession(Base):
+    """A browser signed in to the console with an admin key. The cookie carries a random token;
+    only its SHA-256 is stored, so a copy of the database opens no session."""
+
+    __tablename__ = "console_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    # Sent back in every form and htmx request: a page of another site cannot know it.
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_ms: Mapped[int] = mapped_column(Millis)
+    expires_ms: Mapped[int] = mapped_column(Millis, index=True)

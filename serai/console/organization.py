@@ -1,0 +1,242 @@
+"""An organization's pages: its usage by model and day, its keys, its plan's windows and
+balance, its invoices, and its retention and region settings.
+
+An organization's owner, admin or viewer sees only its own organization; a platform operator
+reaches every organization's pages from the organizations list. Changes go through the admin
+API's handlers, so a viewer's form is refused there as its API call would be.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from serai.api import admin
+from serai.api.deps import ServicesDep
+from serai.console.web import (
+    FormDep,
+    Page,
+    UserDep,
+    admin_call,
+    error_status,
+    problem,
+    render,
+    scope_of,
+)
+from serai.errors import NotFound, SeraiError
+
+router = APIRouter(prefix="/console/orgs/{org_id}", include_in_schema=False)
+
+# Which keys each role may create here, as the admin API's grants allow.
+_KEY_KINDS = {"operator": ["model", "viewer", "admin", "owner"],
+              "owner": ["model", "viewer", "admin", "owner"], "admin": ["model", "viewer"]}
+
+
+async def _org(org_id: int, user: Any, services: Any) -> dict[str, Any]:
+    org: dict[str, Any] = await admin_call(admin.get_organization(org_id, scope_of(user), services))
+    return org
+
+
+def _can_change(user: Any) -> bool:
+    return user.key.role != "viewer"
+
+
+def _refused(error: Exception) -> bool:
+    return isinstance(error, SeraiError | ValidationError)
+
+
+def _message(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        return f"{field}: {first['msg']}"
+    return problem(error)
+
+
+# -- usage ------------------------------------------------------------------------------------
+
+
+def _day_ms(day: str) -> int:
+    return int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp())
+
+
+def usage_chart(lines: list[dict[str, Any]], start: date, end: date) -> dict[str, Any]:
+    """uPlot's data: one point per UTC day from start to end, one series of tokens per model
+    (days without use are zeros, so a quiet day shows as one)."""
+    days = [(start + timedelta(days=n)).isoformat() for n in range((end - start).days + 1)]
+    models = sorted({line["model"] for line in lines})
+    tokens = {model: [0] * len(days) for model in models}
+    index = {day: n for n, day in enumerate(days)}
+    for line in lines:
+        if line["date"] in index:
+            tokens[line["model"]][index[line["date"]]] += (line["input_tokens"]
+                                                          + line["output_tokens"])
+    return {"x": [_day_ms(day) for day in days], "unit": "tokens",
+            "series": [{"label": model, "values": tokens[model]} for model in models]}
+
+
+def _by_model(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    totals: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        total = totals.setdefault(line["model"], {"model": line["model"], "requests": 0,
+                                                  "input_tokens": 0, "output_tokens": 0,
+                                                  "cost_micros": 0})
+        for field in ("requests", "input_tokens", "output_tokens", "cost_micros"):
+            total[field] += line[field]
+    return sorted(totals.values(), key=lambda total: total["model"])
+
+
+@router.get("/usage")
+async def usage(request: Request, org_id: int, user: UserDep, services: ServicesDep,
+                days: int = 30, page: int = 1) -> Response:
+    days = min(max(days, 1), 366)
+    end = datetime.now(UTC).date()
+    start = end - timedelta(days=days - 1)
+    org = await _org(org_id, user, services)
+    found = await admin_call(admin.organization_usage(org_id, scope_of(user), services,
+                                                      start_date=start, end_date=end))
+    lines = sorted(found["data"], key=lambda line: (line["date"], line["model"]), reverse=True)
+    template = "usage_panel.html" if request.headers.get("hx-request") else "usage.html"
+    return render(request, template, user, org=org, days=days, chart=usage_chart(lines, start, end),
+                  by_model=_by_model(lines), lines=Page.of(lines, page),
+                  currency=await _currency(org, user, services))
+
+
+async def _currency(org: dict[str, Any], user: Any, services: Any) -> str:
+    if org["price_book_id"] is None:
+        return ""
+    try:
+        book = await admin_call(admin.get_price_book(org["price_book_id"], scope_of(user), services))
+    except SeraiError:
+        return ""
+    return str(book.get("currency", ""))
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+async def _keys_page(request: Request, org_id: int, user: Any, services: Any, *, page: int = 1,
+                     status: int = 200, **context: Any) -> Response:
+    org = await _org(org_id, user, services)
+    found = await admin_call(admin.list_keys(scope_of(user), services, org_id=org_id))
+    keys = sorted(found["data"], key=lambda key: (key["revoked_at"] is not None, -key["id"]))
+    return render(request, "keys.html", user, status=status, org=org, keys=Page.of(keys, page),
+                  can_change=_can_change(user),
+                  kinds=_KEY_KINDS.get(user.key.role or "", []), **context)
+
+
+@router.get("/keys")
+async def keys(request: Request, org_id: int, user: UserDep, services: ServicesDep,
+               page: int = 1) -> Response:
+    return await _keys_page(request, org_id, user, services, page=page)
+
+
+@router.post("/keys")
+async def create_key(request: Request, org_id: int, user: UserDep, form: FormDep,
+                     services: ServicesDep) -> Response:
+    kind = str(form.get("kind") or "model")
+    try:
+        body = admin.KeyCreate(name=str(form.get("name") or "").strip(), org_id=org_id,
+                               role=None if kind == "model" else kind)  # type: ignore[arg-type]
+        made = await admin_call(admin.create_key(body, scope_of(user), services))
+    except Exception as error:
+        if not _refused(error):
+            raise
+        return await _keys_page(request, org_id, user, services, status=error_status(error),
+                                error=_message(error))
+    return await _keys_page(request, org_id, user, services, status=201, created=made,
+                            notice=f"Created key {made['name']} ({made['prefix']}…).")
+
+
+@router.post("/keys/{key_id}/revoke")
+async def revoke_key(request: Request, org_id: int, key_id: int, user: UserDep, form: FormDep,
+                     services: ServicesDep) -> Response:
+    try:
+        gone = await admin_call(admin.revoke_key(str(key_id), scope_of(user), services))
+        if gone["org_id"] != org_id:  # a stale page of another organization: nothing to show
+            raise NotFound("No API key with that id here.")
+    except SeraiError as error:
+        return await _keys_page(request, org_id, user, services, status=error.status_code,
+                                error=error.message)
+    return await _keys_page(request, org_id, user, services,
+                            notice=f"Revoked key {gone['name']} ({gone['prefix']}…).")
+
+
+# -- plan windows and balance -----------------------------------------------------------------
+
+
+@router.get("/plan")
+async def plan(request: Request, org_id: int, user: UserDep, services: ServicesDep) -> Response:
+    org = await _org(org_id, user, services)
+    windows = await admin_call(admin.get_windows(org_id, scope_of(user), services))
+    balance = await admin_call(admin.get_balance(org_id, scope_of(user), services))
+    return render(request, "plan.html", user, org=org, windows=windows, balance=balance,
+                  currency=await _currency(org, user, services))
+
+
+# -- invoices ---------------------------------------------------------------------------------
+
+
+def _months(count: int = 12) -> list[str]:
+    today = datetime.now(UTC).date()
+    year, month = today.year, today.month
+    months = []
+    for _ in range(count):
+        months.append(f"{year:04d}-{month:02d}")
+        year, month = (year, month - 1) if month > 1 else (year - 1, 12)
+    return months
+
+
+@router.get("/invoices")
+async def invoices(request: Request, org_id: int, user: UserDep,
+                   services: ServicesDep) -> Response:
+    org = await _org(org_id, user, services)
+    return render(request, "invoices.html", user, org=org, months=_months())
+
+
+@router.get("/invoices/{month}.{format}")
+async def invoice(org_id: int, month: str, format: str, user: UserDep,
+                  services: ServicesDep) -> Response:
+    if format not in ("csv", "json"):
+        raise NotFound("An invoice downloads as .csv or .json.")
+    response = await admin.organization_invoice(org_id, month, scope_of(user), services,
+                                                format=format)  # type: ignore[arg-type]
+    response.headers["content-disposition"] = (
+        f'attachment; filename="invoice-{org_id}-{month}.{format}"')
+    return response
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+@router.get("/settings")
+async def settings(request: Request, org_id: int, user: UserDep,
+                   services: ServicesDep) -> Response:
+    org = await _org(org_id, user, services)
+    return render(request, "settings.html", user, org=org)
+
+
+@router.post("/settings")
+async def change_settings(request: Request, org_id: int, user: UserDep, form: FormDep,
+                          services: ServicesDep) -> Response:
+    regions = [part.strip() for part in str(form.get("allowed_regions") or "").split(",")
+               if part.strip()]
+    retention = str(form.get("retention") or "zero")
+    days = str(form.get("retention_days") or "").strip() if retention == "store" else ""
+    try:
+        body = admin.OrgUpdate(allowed_regions=regions or None,
+                               retention=retention,  # type: ignore[arg-type]
+                               retention_days=days or None)  # type: ignore[arg-type]
+        await admin_call(admin.update_organization(org_id, body, scope_of(user), services))
+    except Exception as error:
+        if not _refused(error):
+            raise
+        org = await _org(org_id, user, services)
+        return render(request, "settings.html", user, status=error_status(error), org=org,
+                      error=_message(error))
+    org = await _org(org_id, user, services)
+    return render(request, "settings.html", user, org=org, notice="Settings saved.")

@@ -1,0 +1,81 @@
+"""Console sessions: signing in with an admin key, the session a browser then holds, and the
+CSRF token its forms send back.
+
+The cookie carries a random token and the database only its SHA-256, so neither a stolen
+database nor the log opens a session. A session lives as long as its key: revoking or expiring
+the key ends every session it opened, at the next page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from serai import accounts, audit
+from serai.accounts import KeyInfo
+from serai.errors import PermissionDenied
+from serai.ledger import db_now_ms
+from serai.storage.tables import ApiKey, ConsoleSession
+
+COOKIE = "serai_console"
+LIFETIME_S = 12 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class SignedIn:
+    """Who a console request comes from: the admin key it signed in with, and the token its
+    forms must carry."""
+
+    key: KeyInfo
+    csrf_token: str
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def sign_in(*, session: Session, secret: str) -> tuple[str, SignedIn]:
+    """Open a session for an admin key's secret; returns the cookie's token. A wrong, revoked
+    or expired key raises AuthenticationFailed; a model key PermissionDenied."""
+    key = accounts.authenticate(session=session, secret=secret)
+    if not key.is_admin:
+        raise PermissionDenied(f"The key {key.shown} can only call the model API. Sign in with an "
+                               "admin key (`serai keys create --admin`).")
+    now = db_now_ms(session)
+    session.execute(delete(ConsoleSession).where(ConsoleSession.expires_ms <= now))
+    token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    session.add(ConsoleSession(token_hash=_hash(token), key_id=key.id, csrf_token=csrf,
+                               created_ms=now, expires_ms=now + LIFETIME_S * 1000))
+    audit.record(session, action="console.sign_in", target=f"key:{key.shown}",
+                 org_id=key.org_id, actor=key.shown)
+    return token, SignedIn(key, csrf)
+
+
+def signed_in(*, session: Session, token: str) -> SignedIn | None:
+    """The live session a cookie's token names, or None (unknown, expired, or its key was
+    revoked or has expired since)."""
+    found = session.execute(
+        select(ConsoleSession, ApiKey).join(ApiKey, ApiKey.id == ConsoleSession.key_id)
+        .where(ConsoleSession.token_hash == _hash(token))).first()
+    if found is None:
+        return None
+    held, row = found
+    if held.expires_ms <= db_now_ms(session) or row.revoked_at is not None:
+        return None
+    key = accounts.key_info(row)
+    if key.expires_at is not None and accounts.has_expired(key.expires_at):
+        return None
+    return SignedIn(key, held.csrf_token)
+
+
+def sign_out(*, session: Session, token: str) -> None:
+    session.execute(delete(ConsoleSession).where(ConsoleSession.token_hash == _hash(token)))
+
+
+def csrf_matches(expected: str, sent: str | None) -> bool:
+    return sent is not None and hmac.compare_digest(expected.encode(), sent.encode())

@@ -2,8 +2,9 @@
 
 PostgreSQL tests run when SERAI_TEST_POSTGRES_URL is set; each test gets a schema of its own, so
 runs never see each other's rows. Redis tests run when SERAI_TEST_REDIS_URL is set; each test
-gets a key prefix of its own. Without them they skip, unless SERAI_TEST_REQUIRE_SERVICES=1 (set
-by .ci/run), which turns a missing service into a failure.
+gets a key prefix of its own. Browser tests run when Chromium is at /usr/bin/chromium (or
+SERAI_TEST_CHROMIUM). Without them they skip, unless SERAI_TEST_REQUIRE_SERVICES=1 (set by
+.ci/run), which turns a missing service into a failure.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ POSTGRES_URL = os.environ.get("SERAI_TEST_POSTGRES_URL")
 REDIS_URL = os.environ.get("SERAI_TEST_REDIS_URL")
 REQUIRE_SERVICES = os.environ.get("SERAI_TEST_REQUIRE_SERVICES") == "1"
 REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path(os.environ.get("SERAI_TEST_CHROMIUM", "/usr/bin/chromium"))
+# Screenshots and other files a person may want to look at after a run.
+ARTIFACTS = Path(os.environ.get("SERAI_TEST_ARTIFACTS", REPO / "test-artifacts"))
 
 
 def _missing(reason: str) -> None:
@@ -196,3 +200,23 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
                             database_url=request.getfixturevalue("postgres_url"),
                             redis_url=redis_url,
                             redis_prefix=request.getfixturevalue("redis_prefix")), redis_url)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[object]:
+    """Debian's Chromium, headless, driven by Playwright (never Playwright's own download).
+    Module-scoped: Playwright's sync API runs an event loop of its own, which must be gone
+    before asyncio tests run theirs."""
+    if not CHROMIUM.exists():
+        _missing(f"Chromium is not at {CHROMIUM}: `apt-get install chromium` (or set "
+                 "SERAI_TEST_CHROMIUM) for the console's browser tests")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # The flags keep Chromium from calling Google's services, which a closed network
+        # refuses (slowly, and many times over).
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"])
+        yield browser
+        browser.close()

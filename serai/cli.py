@@ -119,6 +119,7 @@ def serve(
     """Serve the API (prepares the bundled model and the database on first start)."""
     import uvicorn
 
+    from serai import tracing
     from serai.app import create_app
     from serai.crypto import ContentKeys
     from serai.engines.upstream import read_api_key
@@ -129,6 +130,7 @@ def serve(
     settings = _settings(**flags)
     _configure_logging(settings.log_level)
     try:
+        tracing.configured(settings)  # SERAI_OTEL_ENDPOINT without the otel extra: say so
         for upstream in settings.upstreams:
             read_api_key(upstream)  # a missing key stops start-up with a plain message
         for entry in settings.models:  # refused here with a plain message, not at load

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from sqlalchemy.orm import Session
@@ -89,7 +90,7 @@ def _database(settings: Settings) -> Database:
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]Error:[/red] {message}")
+    err.print(f"[red]Error:[/red] {escape(message)}")  # "serai[otel]" is not markup
     return typer.Exit(1)
 
 

@@ -319,7 +319,7 @@ class Settings(BaseSettings):
         None,
         description="OTLP/HTTP base URL of an OpenTelemetry collector (http://collector:4318): "
         "spans of every model request go to <endpoint>/v1/traces. Needs `pip install "
-        "'serai[otel]'`. Unset: no tracing, and OpenTelemetry is never imported.",
+        "'serai[otel]'`. Unset: no tracing, and the OpenTelemetry SDK is never loaded.",
     )
     otel_service_name: str = Field(
         "serai", min_length=1, description="service.name of the spans Serai exports."

@@ -1,7 +1,7 @@
 """Tracing of model requests: what the gateway asks for when it times admission, routing,
 engine time and settlement. With `otel_endpoint` set, serai.otlp turns these into OpenTelemetry
-spans; unset, every span is one shared object that does nothing and OpenTelemetry is never
-imported ("off and free").
+spans; unset, every span is one shared object that does nothing and neither the OpenTelemetry SDK
+nor its exporter is imported ("off and free").
 
 A span's attributes are named by the gateway without the `serai.` prefix, which is added on
 export. Only ids, counts, codes and names go into them: never prompt or completion text, never

@@ -309,7 +309,10 @@ class Gateway:
             admission = await finish_or_undo(reserve, give_back)
         except BaseException as error:
             ticket.done()
-            admitting.set(outcome="refused", reason=error_code(error))
+            if isinstance(error, SeraiError):
+                admitting.set(outcome="refused", reason=error_code(error))
+            else:  # the client left meanwhile (cancelled), or a bug
+                admitting.set(outcome="abandoned")
             admitting.fail(error_code(error))
             admitting.end()
             raise

@@ -86,6 +86,7 @@ class Collector:
 
     url: str
     spans: list[Exported] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)  # of each export request
 
     def server_span(self, request_id: str) -> Exported:
         [span] = [s for s in self.spans if s.attributes.get("serai.request_id") == request_id]
@@ -114,6 +115,7 @@ def collector() -> Iterator[Collector]:
             if self.path != "/v1/traces":
                 self.send_error(404)
                 return
+            received.headers.append({k.lower(): v for k, v in self.headers.items()})
             request = ExportTraceServiceRequest.FromString(body)
             for resource_spans in request.resource_spans:
                 service = {a.key: _value(a.value)
@@ -347,6 +349,17 @@ async def test_a_failover_shows_both_deployments(tmp_path: Path) -> None:
                                                         "engine_overloaded")
         assert second.attributes["serai.finish_reason"] == "stop"
         assert steps[3].attributes["serai.failover_from"] == local.id
+
+
+async def test_the_standard_otlp_headers_variable_reaches_the_collector(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20collector-token")
+    with collector() as spans:
+        async with traced_app(tmp_path, spans) as traced:
+            await traced.client().models.list()
+        assert spans.headers
+        assert {h.get("authorization") for h in spans.headers} == {"Bearer collector-token"}
+        assert [s.name for s in spans.spans] == ["GET /v1/models"]
 
 
 def test_a_client_that_leaves_mid_stream_ends_the_engine_span(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from serai import __version__, console, idempotency, redaction, stored
+from serai import __version__, console, idempotency, redaction, stored, tracing
 from serai.api import admin, anthropic, openai, stored_completions, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
@@ -96,6 +96,8 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
     content_keys = ContentKeys.configured(
         settings.secret_key.get_secret_value() if settings.secret_key else None,
         settings.secret_key_file)
+    # Tracing asked for without OpenTelemetry installed stops everything here too.
+    traces = tracing.configured(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -108,8 +110,9 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
                                  redis_prefix=settings.redis_prefix)
         ledger = LedgerWriter(limiter)
         ledger.start()
+        traces.open()
         gateway = Gateway(router=router, ledger=ledger, database=database, limiter=limiter,
-                          failover_attempts=settings.failover_attempts)
+                          failover_attempts=settings.failover_attempts, tracing=traces)
         app.state.services = Services(settings=settings, database=database, gateway=gateway,
                                       fleet=fleet, content_keys=content_keys)
         tasks = [asyncio.create_task(_sweep_forever(limiter, database,
@@ -128,6 +131,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
             await fleet.aclose()
             await router.aclose()
             await ledger.aclose()
+            await traces.aclose()  # after the ledger: its last settlements are spans too
             await asyncio.to_thread(limiter.close)
             database.dispose()
 
@@ -165,6 +169,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
                        max_header_bytes=settings.max_header_bytes)
     if settings.admin_port is not None:
         app.add_middleware(AdminListener, admin_port=settings.admin_port)
+    traces.install(app)  # inside RequestContext: the request id is known to the span
     app.add_middleware(RequestContext)
     if settings.cors_origins:
         # Outermost, so preflights are answered before authentication and every answer (a 413,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from sqlalchemy.orm import Session
@@ -89,7 +90,7 @@ def _database(settings: Settings) -> Database:
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]Error:[/red] {message}")
+    err.print(f"[red]Error:[/red] {escape(message)}")  # "serai[otel]" is not markup
     return typer.Exit(1)
 
 
@@ -119,6 +120,7 @@ def serve(
     """Serve the API (prepares the bundled model and the database on first start)."""
     import uvicorn
 
+    from serai import tracing
     from serai.app import create_app
     from serai.crypto import ContentKeys
     from serai.engines.upstream import read_api_key
@@ -129,6 +131,7 @@ def serve(
     settings = _settings(**flags)
     _configure_logging(settings.log_level)
     try:
+        tracing.configured(settings)  # SERAI_OTEL_ENDPOINT without the otel extra: say so
         for upstream in settings.upstreams:
             read_api_key(upstream)  # a missing key stops start-up with a plain message
         for entry in settings.models:  # refused here with a plain message, not at load

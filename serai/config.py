@@ -315,6 +315,15 @@ class Settings(BaseSettings):
         description="File holding more such keys, one per line, newest first (after those of "
         "secret_key). A missing file or a malformed key stops start-up.",
     )
+    otel_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP base URL of an OpenTelemetry collector (http://collector:4318): "
+        "spans of every model request go to <endpoint>/v1/traces. Needs `pip install "
+        "'serai[otel]'`. Unset: no tracing, and the OpenTelemetry SDK is never loaded.",
+    )
+    otel_service_name: str = Field(
+        "serai", min_length=1, description="service.name of the spans Serai exports."
+    )
 
     @model_validator(mode="after")
     def _unique_deployments(self) -> Settings:

@@ -20,10 +20,11 @@ from serai.engines.base import Engine, Measure
 from serai.engines.router import Router, Ticket
 from serai.errors import EngineOverloaded, EngineUnavailable, RegionUnavailable, SeraiError
 from serai.idempotency import IdempotentCall
-from serai.ledger import UNMETERED, Admission, LedgerWriter, UsageRecord, UsageStatus
+from serai.ledger import UNMETERED, Admission, LedgerWriter, UsageRecord, UsageStatus, charge
 from serai.limits import DatabaseLimiter, Limiter
 from serai.storage.db import Database
 from serai.threads import finish_or_undo
+from serai.tracing import NO_SPAN, OFF, Span, Tracing, error_code
 from serai.types import Chunk, GenerationRequest, Usage
 
 log = logging.getLogger("serai.gateway")
@@ -39,8 +40,12 @@ class Run:
         self, *, engine: Engine, request: GenerationRequest, key: KeyInfo, endpoint: str,
         ledger: LedgerWriter, admission: Admission = UNMETERED,
         limiter: Limiter | None = None, ticket: Ticket | None = None,
+        span: Span = NO_SPAN, tracing: Tracing = OFF,
     ) -> None:
         self.request = request
+        self.span = span  # "engine": ends with the run, however it ends
+        self._tracing = tracing
+        self._error: str | None = None
         self.ticket = ticket
         self.admission = admission
         self._limiter = limiter
@@ -78,6 +83,7 @@ class Run:
                 raise
             # Refused before generating: never a billable run, so it leaves no usage row.
             self._closed = True
+            self._end_span()
             if self.ticket is not None:
                 self.ticket.done()
             if self._limiter is not None:
@@ -92,6 +98,8 @@ class Run:
     async def _abandon(self) -> None:
         """Drop an attempt that produced nothing, leaving the admission to the next one."""
         self._closed = True
+        self.span.set(failed_over=True)
+        self._end_span()
         await self._stop_engine()
 
     async def _stop_engine(self) -> None:
@@ -108,12 +116,14 @@ class Run:
     async def _next(self) -> Chunk:
         try:
             chunk = await anext(self._chunks)
-        except Exception:
+        except Exception as error:
             self.failed = True
+            self._error = error_code(error)
             raise
         self.usage = chunk.usage
         if (chunk.text or chunk.tool_calls) and self._first_token_at is None:
             self._first_token_at = time.perf_counter()
+            self.span.event("first_token")
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
         return chunk
@@ -164,27 +174,53 @@ class Run:
         try:
             await self._stop_engine()  # before the row is written
         finally:
+            self._end_span()
             deployment = None if self.ticket is None else self.ticket.deployment
             now = time.perf_counter()
-            self._committed = self._ledger.record(
-                UsageRecord(
-                    request_id=self.request.request_id,
-                    key_id=self._key.id,
-                    model=self.request.model,
-                    endpoint=self._endpoint,
-                    prompt_tokens=self.usage.prompt_tokens,
-                    completion_tokens=self.usage.completion_tokens,
-                    cached_tokens=self.usage.cached_tokens,
-                    admission=self.admission,
-                    status=status,
-                    ttft_ms=None
-                    if self._first_token_at is None
-                    else (self._first_token_at - self._started) * 1000,
-                    latency_ms=(now - self._started) * 1000,
-                    region=None if deployment is None else deployment.region,
-                    deployment=None if deployment is None else deployment.id,
-                )
+            record = UsageRecord(
+                request_id=self.request.request_id,
+                key_id=self._key.id,
+                model=self.request.model,
+                endpoint=self._endpoint,
+                prompt_tokens=self.usage.prompt_tokens,
+                completion_tokens=self.usage.completion_tokens,
+                cached_tokens=self.usage.cached_tokens,
+                admission=self.admission,
+                status=status,
+                ttft_ms=self.ttft_ms,
+                latency_ms=(now - self._started) * 1000,
+                region=None if deployment is None else deployment.region,
+                deployment=None if deployment is None else deployment.id,
             )
+            settling = self._tracing.span("settlement")
+            self._committed = self._ledger.record(record)
+            if settling.recording:
+                # Ends when the row is committed, which a finished answer waits for and a
+                # stopped one does not.
+                settling.set(status=status, cost_micros=charge(record),
+                             charged=self.admission.charged)
+                self._committed.add_done_callback(lambda _: settling.end())
+
+    @property
+    def ttft_ms(self) -> float | None:
+        if self._first_token_at is None:
+            return None
+        return (self._first_token_at - self._started) * 1000
+
+    def _end_span(self) -> None:
+        """End the engine span with what the run produced (counts and codes, never text)."""
+        span = self.span
+        if not span.recording:
+            return
+        span.set(input_tokens=self.usage.prompt_tokens,
+                 output_tokens=self.usage.completion_tokens,
+                 cached_tokens=self.usage.cached_tokens, finish_reason=self.finish_reason,
+                 ttft_ms=self.ttft_ms)
+        if self._error is not None:
+            span.fail(self._error)
+        elif self.finish_reason is None:
+            span.set(client_disconnected=True)  # stopped before its end: the client left
+        span.end()
 
 
 async def _give_back(limiter: Limiter, admission: Admission) -> None:
@@ -196,8 +232,10 @@ async def _give_back(limiter: Limiter, admission: Admission) -> None:
 
 class Gateway:
     def __init__(self, *, router: Router, ledger: LedgerWriter, database: Database,
-                 limiter: Limiter | None = None, failover_attempts: int = 3) -> None:
+                 limiter: Limiter | None = None, failover_attempts: int = 3,
+                 tracing: Tracing = OFF) -> None:
         self.router = router
+        self.tracing = tracing
         self.failover_attempts = failover_attempts
         self.ledger = ledger
         self.database = database
@@ -211,6 +249,7 @@ class Gateway:
         same key, or a finished twin to replay stop the request here. A request refused before
         it ran frees the key again.
         """
+        self.tracing.annotate(model=request.model, org_id=key.org_id)
         if idempotency is None:
             return await self._start(key=key, request=request, endpoint=endpoint)
         await idempotency.claim(database=self.database, key_id=key.id,
@@ -244,14 +283,17 @@ class Gateway:
         `failover_attempts` deployments while they fail before their first chunk.
         """
         regions = key.allowed_regions
-        try:
-            ticket = self.router.pick(request.model, regions=regions)
-        except RegionUnavailable:
-            await asyncio.to_thread(
-                audit.record_alone, self.database, action="residency.refused",
-                actor=key.shown, target=f"model:{request.model}", org_id=key.org_id,
-                details={"model": request.model, "regions": list(regions or ())})
-            raise
+        with self.tracing.span("routing", attempt=1) as routing:
+            try:
+                ticket = self.router.pick(request.model, regions=regions)
+            except RegionUnavailable:
+                await asyncio.to_thread(
+                    audit.record_alone, self.database, action="residency.refused",
+                    actor=key.shown, target=f"model:{request.model}", org_id=key.org_id,
+                    details={"model": request.model, "regions": list(regions or ())})
+                raise
+            routing.set(deployment=ticket.deployment.id, region=ticket.deployment.region)
+        admitting = self.tracing.span("admission")
         try:
             size = await ticket.deployment.engine.measure(request)
 
@@ -265,17 +307,29 @@ class Gateway:
                 await _give_back(self.limiter, admission)
 
             admission = await finish_or_undo(reserve, give_back)
-        except BaseException:
+        except BaseException as error:
             ticket.done()
+            if isinstance(error, SeraiError):
+                admitting.set(outcome="refused", reason=error_code(error))
+            else:  # the client left meanwhile (cancelled), or a bug
+                admitting.set(outcome="abandoned")
+            admitting.fail(error_code(error))
+            admitting.end()
             raise
+        admitting.set(outcome="admitted", reserved_micros=admission.amount_micros)
+        admitting.end()
         tried = []
         while True:
             tried.append(ticket.deployment)
             may_fail_over = len(tried) < self.failover_attempts and self.router.has_alternative(
                 request.model, regions=regions, exclude=tried)
+            engine_span = self.tracing.span(
+                "engine", deployment=ticket.deployment.id, region=ticket.deployment.region,
+                attempt=len(tried))
             run = Run(engine=ticket.deployment.engine, request=request, key=key,
                       endpoint=endpoint, ledger=self.ledger, admission=admission,
-                      limiter=self.limiter, ticket=ticket)
+                      limiter=self.limiter, ticket=ticket, span=engine_span,
+                      tracing=self.tracing)
             try:
                 await run.open(may_fail_over=may_fail_over)
                 return run
@@ -285,7 +339,11 @@ class Gateway:
                 log.warning("%s failed on %s before its first byte (%s); trying another "
                             "deployment", request.request_id, ticket.deployment.id, error.code)
                 try:
-                    ticket = self.router.pick(request.model, regions=regions, exclude=tried)
+                    with self.tracing.span("routing", attempt=len(tried) + 1,
+                                           failover_from=ticket.deployment.id) as routing:
+                        ticket = self.router.pick(request.model, regions=regions, exclude=tried)
+                        routing.set(deployment=ticket.deployment.id,
+                                    region=ticket.deployment.region)
                 except SeraiError:
                     # The alternative went away meanwhile: nothing ran, nothing is billed.
                     await _give_back(self.limiter, admission)

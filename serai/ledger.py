@@ -254,6 +254,20 @@ def release(*, session: Session, admission: Admission) -> None:
         session.execute(delete(Reservation).where(Reservation.id == admission.reservation_id))
 
 
+def charge(record: UsageRecord) -> int:
+    """Micro-units `record` costs once settled: its usage at its admission's prices; never more
+    than was reserved when it is taken from a balance, so the balance cannot go below zero."""
+    admission = record.admission
+    if admission.reservation_id is None:
+        return 0
+    cost = admission.pricing.cost(prompt_tokens=record.prompt_tokens,
+                                  cached_tokens=record.cached_tokens,
+                                  completion_tokens=record.completion_tokens)
+    if admission.charged and admission.org_id is not None:
+        cost = min(cost, admission.amount_micros)
+    return cost
+
+
 def write_usage(*, session: Session, records: list[UsageRecord]) -> None:
     """Settle each record: its reservation goes, its row is written, its cost leaves the
     balance. A record whose reservation is already gone was settled or swept: skipped.
@@ -280,12 +294,8 @@ def write_usage(*, session: Session, records: list[UsageRecord]) -> None:
                 log.warning("usage of %s was already settled; not billed twice", record.request_id)
                 continue
             gone.discard(admission.reservation_id)  # a record twice in one batch: billed once
-            cost = admission.pricing.cost(prompt_tokens=record.prompt_tokens,
-                                          cached_tokens=record.cached_tokens,
-                                          completion_tokens=record.completion_tokens)
+            cost = charge(record)
             if admission.charged and admission.org_id is not None:
-                # Never more than was reserved, so the balance cannot go below zero.
-                cost = min(cost, admission.amount_micros)
                 charges[admission.org_id] = charges.get(admission.org_id, 0) + cost
         counted = record.status in ("ok", "cancelled")
         rows.add(

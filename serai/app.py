@@ -5,10 +5,12 @@ drains the ledger so no usage row is lost."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -87,6 +89,14 @@ async def _sweep_forever(limiter: Limiter, database: Database, timeout_s: float)
         await asyncio.sleep(min(60.0, timeout_s / 2))
 
 
+# FastAPI 0.16x records its own OpenTelemetry spans, metrics and logs (validation errors with
+# the input values among them) whenever a global provider exists. Serai's spans are the only
+# ones it sends (serai/tracing.py): they are built to carry no content.
+_NO_NATIVE_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False, "auto_configure": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
+
+
 def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
                reread: Callable[[], Settings] = Settings, sighup: bool = False) -> FastAPI:
     """Build the app. `engines` replaces the embedded models (tests pass a fake engine); the
@@ -136,7 +146,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
             database.dispose()
 
     redaction.install()
-    app = FastAPI(title="Serai", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="Serai", version=__version__, lifespan=lifespan, **_NO_NATIVE_TELEMETRY,
                   description="Open-weight models behind OpenAI- and Anthropic-compatible APIs.")
     install_error_handlers(app)
     app.include_router(openai.router)

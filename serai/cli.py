@@ -166,6 +166,8 @@ def serve(
     if settings.admin_port is not None:
         err.print(f"Admin API on {scheme}://{settings.admin_host or settings.host}:"
                   f"{settings.admin_port} only")
+    err.print(f"Console on {scheme}://{settings.host}:{settings.port}/console "
+              "(sign in with an admin key)")
 
     def reread() -> Settings:  # on reload: the same flags over the new file and variables
         return _with_model_file(load_settings(**flags))

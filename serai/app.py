@@ -15,7 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from serai import __version__, idempotency, redaction, stored
-from serai.api import admin, anthropic, openai, stored_completions, usage
+from serai.api import admin, anthropic, openai, scrape, stored_completions, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
 from serai.api.middleware import (
@@ -33,6 +33,7 @@ from serai.fleet import Fleet, probe_forever
 from serai.gateway import Gateway
 from serai.ledger import LedgerWriter
 from serai.limits import Limiter, create_limiter
+from serai.metrics import Metrics
 from serai.storage.db import Database
 
 log = logging.getLogger("serai")
@@ -96,6 +97,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
     content_keys = ContentKeys.configured(
         settings.secret_key.get_secret_value() if settings.secret_key else None,
         settings.secret_key_file)
+    metrics = Metrics()  # this app's own registry: apps in one process never mix counts
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,8 +112,9 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
         ledger.start()
         gateway = Gateway(router=router, ledger=ledger, database=database, limiter=limiter,
                           failover_attempts=settings.failover_attempts)
+        metrics.watch(router=router, ledger=ledger)
         app.state.services = Services(settings=settings, database=database, gateway=gateway,
-                                      fleet=fleet, content_keys=content_keys)
+                                      fleet=fleet, content_keys=content_keys, metrics=metrics)
         tasks = [asyncio.create_task(_sweep_forever(limiter, database,
                                                     settings.reservation_timeout_s),
                                      name="reservation-sweeper")]
@@ -140,6 +143,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
     app.include_router(anthropic.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
+    app.include_router(scrape.router)
 
     @app.get("/health", tags=["Operations"])
     async def health() -> Response:
@@ -164,7 +168,9 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
                        max_header_bytes=settings.max_header_bytes)
     if settings.admin_port is not None:
         app.add_middleware(AdminListener, admin_port=settings.admin_port)
-    app.add_middleware(RequestContext)
+    if settings.metrics_port is not None:
+        app.add_middleware(scrape.MetricsListener, metrics_port=settings.metrics_port)
+    app.add_middleware(RequestContext, metrics=metrics)
     if settings.cors_origins:
         # Outermost, so preflights are answered before authentication and every answer (a 413,
         # a 429) carries the headers a browser needs to show it. Keys travel in the

@@ -54,12 +54,12 @@ class RequestContext:
                 message = {**message, "headers": headers}
             await send(message)
 
-        # Nothing sent: an exception (the server answers 500) or a client gone before its
-        # answer (499, as the API itself says then).
+        # Nothing sent: a bug (the server answers 500), or a client gone before its answer
+        # (499, as the API itself says then; a cancelled request too).
         unanswered = 499
         try:
             await self.app(scope, receive, send_with_id)
-        except BaseException:
+        except Exception:
             unanswered = 500
             raise
         finally:

@@ -17,7 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from serai import __version__, console, idempotency, redaction, stored, tracing
-from serai.api import admin, anthropic, openai, stored_completions, usage
+from serai.api import admin, anthropic, openai, scrape, stored_completions, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
 from serai.api.middleware import (
@@ -35,6 +35,7 @@ from serai.fleet import Fleet, probe_forever
 from serai.gateway import Gateway
 from serai.ledger import LedgerWriter
 from serai.limits import Limiter, create_limiter
+from serai.metrics import Metrics
 from serai.storage.db import Database
 
 log = logging.getLogger("serai")
@@ -108,6 +109,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
         settings.secret_key_file)
     # Tracing asked for without OpenTelemetry installed stops everything here too.
     traces = tracing.configured(settings)
+    metrics = Metrics()  # this app's own registry: apps in one process never mix counts
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -123,8 +125,9 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
         traces.open()
         gateway = Gateway(router=router, ledger=ledger, database=database, limiter=limiter,
                           failover_attempts=settings.failover_attempts, tracing=traces)
+        metrics.watch(router=router, ledger=ledger)
         app.state.services = Services(settings=settings, database=database, gateway=gateway,
-                                      fleet=fleet, content_keys=content_keys)
+                                      fleet=fleet, content_keys=content_keys, metrics=metrics)
         tasks = [asyncio.create_task(_sweep_forever(limiter, database,
                                                     settings.reservation_timeout_s),
                                      name="reservation-sweeper")]
@@ -154,6 +157,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
     app.include_router(anthropic.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
+    app.include_router(scrape.router)
     console.install(app)
 
     @app.get("/health", tags=["Operations"])
@@ -179,8 +183,10 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
                        max_header_bytes=settings.max_header_bytes)
     if settings.admin_port is not None:
         app.add_middleware(AdminListener, admin_port=settings.admin_port)
+    if settings.metrics_port is not None:
+        app.add_middleware(scrape.MetricsListener, metrics_port=settings.metrics_port)
     traces.install(app)  # inside RequestContext: the request id is known to the span
-    app.add_middleware(RequestContext)
+    app.add_middleware(RequestContext, metrics=metrics)
     if settings.cors_origins:
         # Outermost, so preflights are answered before authentication and every answer (a 413,
         # a 429) carries the headers a browser needs to show it. Keys travel in the

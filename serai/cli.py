@@ -27,7 +27,7 @@ from rich.panel import Panel
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from serai import accounts, audit, invoices, plans, redaction
+from serai import accounts, audit, invoices, plans, redaction, request_log
 from serai.config import Settings, load_settings
 from serai.errors import ModelFileError, SeraiError
 from serai.invoices import money
@@ -94,9 +94,11 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _configure_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr, as JSON lines or text (see request_log.formatter); keys masked."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(request_log.formatter(log_format, sys.stderr))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     redaction.install()
     if level != "debug":
         # httpx logs every request at info, health probes of each upstream included; Serai
@@ -129,7 +131,7 @@ def serve(
     flags = {"host": host, "port": port, "data_dir": data_dir, "model": model,
              "model_name": model_name, "ray_address": ray}
     settings = _settings(**flags)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     try:
         tracing.configured(settings)  # SERAI_OTEL_ENDPOINT without the otel extra: say so
         for upstream in settings.upstreams:
@@ -166,6 +168,8 @@ def serve(
     if settings.admin_port is not None:
         err.print(f"Admin API on {scheme}://{settings.admin_host or settings.host}:"
                   f"{settings.admin_port} only")
+    if settings.metrics_port is not None:
+        err.print(f"Metrics on {scheme}://{settings.host}:{settings.metrics_port}/metrics only")
     err.print(f"Console on {scheme}://{settings.host}:{settings.port}/console "
               "(sign in with an admin key)")
 
@@ -178,14 +182,17 @@ def serve(
                             log_level=settings.log_level, timeout_graceful_shutdown=10,
                             ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
     server = uvicorn.Server(config)
-    if settings.admin_port is None:
+    if settings.admin_port is None and settings.metrics_port is None:
         server.run()
         return
-    # One app (one lifespan, one set of engines) on two listening sockets; AdminListener
-    # tells them apart by the socket a request arrived on.
+    # One app (one lifespan, one set of engines) on several listening sockets; AdminListener
+    # and MetricsListener tell them apart by the socket a request arrived on.
     try:
-        sockets = [_listen(settings.host, settings.port),
-                   _listen(settings.admin_host or settings.host, settings.admin_port)]
+        sockets = [_listen(settings.host, settings.port)]
+        if settings.admin_port is not None:
+            sockets.append(_listen(settings.admin_host or settings.host, settings.admin_port))
+        if settings.metrics_port is not None:
+            sockets.append(_listen(settings.host, settings.metrics_port))
     except OSError as exc:
         raise _fail(f"cannot listen: {exc.strerror}") from None
     server.run(sockets=sockets)

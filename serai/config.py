@@ -303,6 +303,16 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of the server."
     )
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="How `serai serve` writes its log: `json` (one object per line), "
+        "`text` (for people), or `auto`: text on a terminal, JSON otherwise.")
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token GET /metrics requires (`Authorization: Bearer <token>`); "
+        "others get 401. Unset: /metrics is open to whoever reaches its port.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535,
+        description="Serve /metrics on this port only: `serai serve` listens on it as well, and "
+        "it answers 404 for everything else (health checks aside). Unset: /metrics is on `port`.")
     secret_key: SecretStr | None = Field(
         None,
         description="AES-256 keys (base64 of 32 bytes, `openssl rand -base64 32`) that encrypt "
@@ -359,6 +369,13 @@ class Settings(BaseSettings):
     def _admin_port_apart(self) -> Settings:
         if self.admin_port is not None and self.admin_port == self.port:
             raise ValueError(f"admin_port ({self.admin_port}) must differ from port")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_port_apart(self) -> Settings:
+        if self.metrics_port is not None and self.metrics_port in (self.port, self.admin_port):
+            raise ValueError(f"metrics_port ({self.metrics_port}) must differ from port and "
+                             "admin_port")
         return self
 
     @model_validator(mode="after")

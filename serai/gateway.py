@@ -129,6 +129,11 @@ class Run:
         return chunk
 
     @property
+    def first_token_at(self) -> float | None:
+        """When (time.perf_counter()) the first token arrived; None before it."""
+        return self._first_token_at
+
+    @property
     def status(self) -> UsageStatus:
         """How the run ended, as its usage row says; `cancelled` while it has not."""
         if self.failed:

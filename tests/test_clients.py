@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -254,8 +253,11 @@ def test_claude_code_print_mode(claude: Path, server: LiveServer, key: str,
 
     # Serai answered every request Claude Code made with 200: Claude Code falls back silently
     # on some 400s (it drops what was refused and asks again), so its exit code cannot tell.
-    answered = re.findall(r"path=(/v1/\S+) status=(\d+)", server.log()[log_mark:])
-    assert answered and all(status == "200" for _, status in answered), answered
+    logged = [json.loads(line) for line in server.log()[log_mark:].splitlines()
+              if line.startswith("{")]  # the server logs JSON lines (stderr is a file)
+    answered = [(line["path"], line["status"]) for line in logged
+                if line["logger"] == "serai.requests" and line["path"].startswith("/v1/")]
+    assert answered and all(status == 200 for _, status in answered), answered
     assert final.get("api_error_status") is None, final
 
     # The model's streamed text reached Claude Code as an assistant message.

@@ -138,7 +138,8 @@ class RayServer:
     def replicas_in_log(self, request_ids: list[str]) -> dict[str, str]:
         """The replica each request ran on, as the gateway logged it."""
         found = {}
-        for request_id, replica in re.findall(r"(\S+) runs on replica (\S+) of", self.live.log()):
+        for request_id, replica in re.findall(r"(req_[0-9a-f]+) runs on replica (\S+) of",
+                                              self.live.log()):
             if request_id in request_ids:
                 found[request_id] = replica
         return found

@@ -17,6 +17,8 @@ from serai.errors import AuthenticationFailed, NotFound, PermissionDenied
 from serai.fleet import Fleet
 from serai.gateway import Gateway
 from serai.idempotency import IdempotentCall, check_key
+from serai.metrics import Metrics
+from serai.request_log import RequestRecord
 from serai.storage.db import Database
 
 
@@ -29,6 +31,7 @@ class Services:
     gateway: Gateway
     fleet: Fleet | None = None  # the declared deployments, for reloads
     content_keys: ContentKeys | None = None  # None: stored completions are refused
+    metrics: Metrics | None = None  # what /metrics shows
 
 
 # Dependencies are coroutines, even where nothing is awaited: FastAPI runs a plain function
@@ -77,7 +80,8 @@ async def current_key(request: Request, services: ServicesDep) -> KeyInfo:
     except AuthenticationFailed as error:
         await record_failed_authentication(request, services, secret, error)
         raise
-    request.state.key_prefix = key.prefix
+    record: RequestRecord = request.state.record  # made by the RequestContext middleware
+    record.org_id, record.key_prefix = key.org_id, key.prefix
     client = request.client.host if request.client is not None else None
     if not accounts.client_allowed(key, client):
         raise PermissionDenied(f"The API key {key.prefix}… may not be used from {client}; ask "

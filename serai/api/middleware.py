@@ -1,18 +1,20 @@
-"""ASGI middleware every request passes: a request id, one log line, the size limits, and
-the responses kept for Idempotency-Key replays."""
+"""ASGI middleware every request passes: a request id and its record (one log line, the
+metrics), the size limits, and the responses kept for Idempotency-Key replays."""
 
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serai import request_log
 from serai.api.errors import error_body
 from serai.crypto import ContentKeys
 from serai.idempotency import IdempotentCall, Replayed, ResponsesInMemory, Stored, request_hash
+from serai.metrics import Metrics
+from serai.request_log import RequestRecord
 
 log = logging.getLogger("serai.requests")
 
@@ -23,19 +25,23 @@ def new_request_id() -> str:
 
 class RequestContext:
     """Gives every request an id (`x-request-id` on the response, and `request-id` as Anthropic
-    names it; in the logs and the ledger) and writes one log line when it ends."""
+    names it; in the logs and the ledger) and a RequestRecord (`state["record"]`) the layers
+    below fill in. When the response is fully sent (a stream included), the record is counted
+    in the metrics and written as the request's one log line."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics | None = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         request_id = new_request_id()
+        record = RequestRecord(request_id, scope["method"], scope["path"])
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        started = time.perf_counter()
+        state["record"] = record
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -48,14 +54,19 @@ class RequestContext:
                 message = {**message, "headers": headers}
             await send(message)
 
+        # Nothing sent: a bug (the server answers 500), or a client gone before its answer
+        # (499, as the API itself says then; a cancelled request too).
+        unanswered = 499
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            unanswered = 500
+            raise
         finally:
-            log.info(
-                "request_id=%s method=%s path=%s status=%s key=%s ms=%.1f",
-                request_id, scope["method"], scope["path"], status or "-",
-                state.get("key_prefix", "-"), (time.perf_counter() - started) * 1000,
-            )
+            record.end(status or unanswered)
+            if self.metrics is not None:
+                self.metrics.observe(record)
+            request_log.write(record)
 
 
 class SizeLimits:
@@ -271,4 +282,9 @@ class AdminListener:
 async def _not_here(scope: Scope, send: Send, on_admin_port: bool) -> None:
     message = ("This is the admin port: it serves only the admin API (/admin/...)."
                if on_admin_port else "Not found.")
+    await not_found(scope, send, message)
+
+
+async def not_found(scope: Scope, send: Send, message: str) -> None:
+    """A 404 in the client's format for a path this listening port does not serve."""
     await _refuse(scope, send, 404, message, "not_found", close=False)

@@ -3,7 +3,8 @@
 Both surfaces (OpenAI's and Anthropic's) do the same around their own rendering: the request is
 started through the gateway while `receive()` is watched (a client that leaves gets no run), a
 stream is handed to an EventStreamResponse that closes the run when it ends, and a whole answer
-is collected under the same watch and its run closed however collecting ends.
+is collected under the same watch and its run closed however collecting ends. The request's
+record (serai.request_log) learns the model, and once the run is closed its tokens and timings.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from starlette.responses import Response
 from serai.accounts import KeyInfo
 from serai.api.errors import json_response
 from serai.api.sse import ClientDisconnected, EventStreamResponse, until_disconnect
+from serai.errors import SeraiError, UnknownModel
 from serai.gateway import Gateway, Run
 from serai.idempotency import IdempotentCall
+from serai.request_log import RequestRecord
 from serai.types import Chunk, GenerationRequest, ToolCall
 
 
@@ -54,21 +57,52 @@ async def serve(
     """Run `generation`: as the stream `events` renders when given, else as the JSON `body`
     renders from the whole answer (handed to `keep` before it is sent, when given: stored
     completions). A client gone before the answer is ready gets a 499."""
+    record: RequestRecord = request.state.record
+    record.model = generation.model if _serves(gateway, generation.model) else None
     try:
         run = await until_disconnect(request.receive, gateway.start(
             key=key, request=generation, endpoint=endpoint, idempotency=idempotency))
     except ClientDisconnected:
         return Response(status_code=499)
+    except SeraiError as error:
+        record.error = error.code
+        raise
+    record.ran = True
+
+    async def close() -> None:
+        try:
+            await run.close()
+        finally:
+            _note(record, run)
+
     headers = run.admission.headers or None
     if events is not None:
-        return EventStreamResponse(events(run), on_close=run.close, headers=headers)
+        return EventStreamResponse(events(run), on_close=close, headers=headers)
     try:
         answer = await until_disconnect(request.receive, collect(run))
     except ClientDisconnected:
         return Response(status_code=499)
     finally:
-        await run.close()
+        await close()
     rendered = body(run, answer)
     if keep is not None:
         await keep(rendered)
     return json_response(200, rendered, headers=headers)
+
+
+def _serves(gateway: Gateway, model: str) -> bool:
+    """Whether `model` is a name this server serves: only those become a label or a log field."""
+    try:
+        gateway.router.deployments(model)
+    except UnknownModel:
+        return False
+    return True
+
+
+def _note(record: RequestRecord, run: Run) -> None:
+    """What the finished run tells the request's record: tokens, first token, deployment."""
+    record.input_tokens = run.usage.prompt_tokens
+    record.output_tokens = run.usage.completion_tokens
+    record.first_token_at = run.first_token_at
+    if run.ticket is not None:
+        record.deployment = run.ticket.deployment.id

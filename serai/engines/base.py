@@ -65,3 +65,22 @@ class Probed(Protocol):
         """Return if the server answers; raise EngineUnavailable (a message with no secret in
         it) if it does not."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """What an engine of this process knows about its load, for the metrics."""
+
+    waiting: int  # requests admitted, waiting for a free sequence
+    running: int  # sequences being decoded
+    kv_cache_usage: float  # share of the KV cache holding tokens, 0 to 1
+
+
+@runtime_checkable
+class Reporting(Protocol):
+    """An engine that can tell its load (the embedded one). Upstream engines do not: what they
+    hold is the deployment's outstanding count, which the router keeps."""
+
+    def stats(self) -> EngineStats:
+        """A cheap, current reading; called from the event loop at each metrics scrape."""
+        ...

@@ -115,6 +115,17 @@ class BatchScheduler:
     def running(self) -> int:
         return sum(1 for s in self._slots if s.job is not None)
 
+    # Read from other threads (metrics scrapes) without a lock: sizes only, momentarily stale.
+    @property
+    def waiting(self) -> int:
+        return self._inbox.qsize() + len(self._waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of the context's cells holding tokens: running sequences and kept prefixes."""
+        capacity = self.context_per_sequence * len(self._slots)
+        return sum(len(s.cached) for s in self._slots) / capacity
+
     def submit(self, job: Sequence) -> None:
         self._inbox.put(job)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import llama_cpp
 
 from serai.engines import tool_calls
-from serai.engines.base import Measure, ModelInfo
+from serai.engines.base import EngineStats, Measure, ModelInfo
 from serai.engines.batching import BatchScheduler, Sequence
 from serai.engines.prompts import PromptFormat, choose_prompt_format
 from serai.errors import ContextLengthExceeded, EngineOverloaded, EngineUnavailable, InvalidRequest
@@ -97,6 +97,10 @@ class LlamaCppEngine:
     @property
     def model(self) -> ModelInfo:
         return self._info
+
+    def stats(self) -> EngineStats:
+        return EngineStats(waiting=self._scheduler.waiting, running=self._scheduler.running,
+                           kv_cache_usage=self._scheduler.kv_cache_usage)
 
     @property
     def prompt_format(self) -> str:

@@ -132,7 +132,8 @@ class RequestSpans:
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:  # a 4xx is the client's doing, not the server's failure
                     span.set_status(Status(StatusCode.ERROR, str(status)))
-            if "key_prefix" in state:
-                span.set_attribute("serai.key_prefix", state["key_prefix"])
+            record = state.get("record")  # the request's record (serai/request_log.py)
+            if record is not None and record.key_prefix is not None:
+                span.set_attribute("serai.key_prefix", record.key_prefix)
             span.end()
             otel_context.detach(token)

@@ -112,6 +112,14 @@ async def test_the_operator_creates_a_plan_a_price_book_and_an_organization(
                                 {"metric": "tokens", "limit": 50000, "seconds": 86400}]
         plan_id = plan.id
 
+    disabled = await admin.http.post(f"/console/plans/{plan_id}/disabled", data={
+        "csrf_token": token, "disabled": "true"})
+    assert disabled.status_code == 200 and "Plan starter is disabled." in disabled.text
+    assert _row(disabled.text, "plans", "starter")[3] == "disabled"
+    enabled = await admin.http.post(f"/console/plans/{plan_id}/disabled", data={
+        "csrf_token": token, "disabled": "false"})
+    assert _row(enabled.text, "plans", "starter")[3] == "active"
+
     books = await admin.http.get("/console/price-books")
     assert "No price books yet" in books.text
     book = await admin.http.post("/console/price-books", data={
@@ -283,8 +291,13 @@ async def test_the_audit_log_pages_back_and_an_owner_sees_only_its_own(admin: Ad
         seen += [int(i) for i in re.findall(r'data-entry-id="(\d+)"', second.text)]
     assert seen == [entry["id"] for entry in everything]
 
+    # One organization's entries, from its page's link.
+    acme = await admin.http.get(f"/console/audit?org_id={org_id}")
+    assert "acme&#39;s top-up" in acme.text and "top-up 0" not in acme.text
+
     admin.http.cookies.clear()
     await sign_in(admin, owner)
+    assert (await admin.http.get(f"/console/audit?org_id={other_id}")).status_code == 404
     own = await admin.http.get("/console/audit")
     assert own.status_code == 200
     assert "acme&#39;s top-up" in own.text

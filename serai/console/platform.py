@@ -54,8 +54,10 @@ def _micros(text: str, what: str) -> int:
     try:
         amount = Decimal(text) * 1_000_000
     except InvalidOperation:
-        raise InvalidRequest(f"{what}: write an amount in currency units, like 12.50.") from None
-    if not amount.is_finite() or amount != amount.to_integral_value():
+        amount = Decimal("NaN")
+    if not amount.is_finite():
+        raise InvalidRequest(f"{what}: write an amount in currency units, like 12.50.")
+    if amount != amount.to_integral_value():
         raise InvalidRequest(f"{what}: at most 6 decimal places.")
     return int(amount)
 
@@ -348,8 +350,13 @@ async def reload_deployments(request: Request, user: UserDep, form: FormDep,
 
 @router.get("/audit")
 async def audit_log(request: Request, user: UserDep, services: ServicesDep,
-                    after: int | None = None) -> Response:
-    found = await admin_call(admin.list_audit(scope_of(user), services, org_id=None,
+                    after: int | None = None, org_id: int | None = None) -> Response:
+    """Newest first; `after` is the previous page's last entry (the API's cursor), `org_id`
+    narrows an operator's view to one organization."""
+    found = await admin_call(admin.list_audit(scope_of(user), services, org_id=org_id,
                                               after=after, limit=PAGE_SIZE))
-    return render(request, "audit.html", user, entries=found["data"], after=after,
+    org = None
+    if org_id is not None:
+        org = await admin_call(admin.get_organization(org_id, scope_of(user), services))
+    return render(request, "audit.html", user, entries=found["data"], after=after, org=org,
                   older=found["last_id"] if found["has_more"] else None)

@@ -81,7 +81,7 @@ async def test_the_overview_counts_the_traffic_sent(admin: Admin, engine: FakeEn
     assert _row(failed.text, "rates", "last minute")[1:] == ["4", "0.07", "0.5", "1", "25.0%"]
     assert "1 failed request in the last hour" in failed.text
     # The chart's data: this minute holds the 4 requests and their 32 output tokens.
-    chart = re.search(r'id="tokens-chart-data">(.*?)</script>', failed.text, re.S)
+    chart = re.search(r'<template id="tokens-chart-data">(.*?)</template>', failed.text, re.S)
     assert chart is not None
     tokens = json.loads(chart[1])
     assert len(tokens["x"]) == 60 and sum(tokens["series"][0]["values"]) == 3 * 10 + 2

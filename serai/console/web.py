@@ -143,7 +143,8 @@ async def sign_in_needed(request: Request, error: Exception) -> Response:
 
 
 # script-src 'self' forbids inline scripts, so the pages carry their data in
-# <script type="application/json"> blocks that static/console.js reads.
+# <script type="application/json"> blocks that static/console.js reads (<template> blocks in
+# panels htmx refreshes: it drops the scripts it swaps in).
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; "
                            "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
                            "frame-ancestors 'none'; base-uri 'none'; object-src 'none'")

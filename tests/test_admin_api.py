@@ -229,6 +229,29 @@ async def test_one_organizations_admins_never_reach_anothers_objects(admin: Admi
         assert not accounts.find_key(session=session, ref=str(their_key["id"])).revoked_at
 
 
+async def test_the_platforms_traffic_counts_every_organizations_requests(admin: Admin) -> None:
+    keys = []
+    for name in ("acme", "globex"):
+        org = await priced_org(admin, name, balance=1_000_000)
+        keys.append((await admin.ok("POST", "/admin/v1/keys", json={
+            "name": "app", "org_id": org["id"]}))["secret"])
+    for key in keys:
+        await admin.sdk(key).chat.completions.create(
+            model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    found = await admin.ok("GET", "/admin/v1/traffic")
+    assert [w["seconds"] for w in found["windows"]] == [60, 300]
+    minute = found["windows"][0]
+    assert (minute["requests"], minute["output_tokens"], minute["failed"]) == (2, 8, 0)
+    assert minute["requests_per_second"] == 2 / 60 and minute["error_rate"] == 0
+    assert len(found["minutes"]) == 60 and sum(m["requests"] for m in found["minutes"]) == 2
+    owner = (await admin.ok("POST", "/admin/v1/keys", json={
+        "name": "boss", "org_id": org["id"], "role": "owner"}))["secret"]
+    refused = await admin.call("GET", "/admin/v1/traffic", owner)
+    assert refused.status_code == 403
+    assert refused.json()["error"]["message"] == ("Only a platform operator can read the "
+                                                  "platform's traffic.")
+
+
 async def test_model_keys_cannot_use_the_admin_api(admin: Admin) -> None:
     org = await admin.ok("POST", "/admin/v1/organizations", json={"name": "plain"})
     key = (await admin.ok("POST", "/admin/v1/keys", json={"name": "app",

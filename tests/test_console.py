@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,11 +14,10 @@ from serai import accounts, audit
 from serai.config import Settings
 from serai.console.web import CONTENT_SECURITY_POLICY
 from tests.support.admin_api import Admin, admin_api
+from tests.support.console import csrf_of, org_key, sign_in
 from tests.support.fake_engine import FakeEngine
-from tests.support.tenants import customer
 
 MODEL = "fake-model"
-CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
 @pytest.fixture
@@ -27,31 +25,6 @@ async def admin(database_url: str, tmp_path: Path) -> AsyncIterator[Admin]:
     engine = FakeEngine(reply=" ".join(f"w{i}" for i in range(10)))
     async with admin_api(Settings(data_dir=tmp_path, database_url=database_url), engine) as api:
         yield api
-
-
-async def sign_in(admin: Admin, key: str, *, next_path: str = "") -> Any:
-    """Sign in as a browser would: the form's token and cookie, then the key."""
-    page = await admin.http.get("/console/login")
-    token = re.search(r'name="login_token" value="([^"]+)"', page.text)
-    assert token is not None
-    return await admin.http.post("/console/login", data={
-        "key": key, "login_token": token[1], "next": next_path})
-
-
-def csrf_of(html: str) -> str:
-    found = CSRF.search(html)
-    assert found is not None, "the page has no form with a CSRF token"
-    return found[1]
-
-
-def org_key(admin: Admin, *, role: str, name: str = "acme", plan: dict[str, Any] | None = None,
-            prices: tuple[int, int] | None = None, balance: int = 0) -> tuple[int, str, str]:
-    """An organization with a model key, and an admin key of `role` in it."""
-    with admin.services.database.session() as session:
-        found = customer(session, name=name, plan=plan, prices=prices, balance=balance)
-        _, secret = accounts.create_key(session=session, name=f"{role}-key", org_id=found.org_id,
-                                        role=role, is_admin=True)
-    return found.org_id, found.secret, secret
 
 
 async def test_signing_in_sets_a_strict_session_cookie_and_sends_the_operator_home(

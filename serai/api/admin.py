@@ -1,5 +1,5 @@
 """The admin API under /admin/v1: organizations, keys, plans, price books, balances, redemption
-codes, usage, invoices, and the deployments serving the models.
+codes, usage, invoices, the deployments serving the models and the platform's traffic.
 
 Who may do what is decided by the key's role (see `AdminScope`): a platform operator manages
 everything; an organization's owner and admin manage its keys and redeem codes; a viewer reads.
@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
-from serai import accounts, audit, invoices, plans, quota
+from serai import accounts, audit, invoices, plans, quota, traffic
 from serai.accounts import CodeInfo, KeyInfo, OrgInfo
 from serai.api.deps import AdminScope, ScopeDep, ServicesDep
 from serai.api.errors import json_response
@@ -681,6 +681,21 @@ async def reload_deployments(scope: ScopeDep, services: ServicesDep) -> Response
     await asyncio.to_thread(audit.record_alone, services.database, action="deployments.reload",
                             actor=scope.actor, target="deployments", details=changes.as_dict())
     return json_response(200, {"object": "deployment_reload", **changes.as_dict()})
+
+
+@router.get("/traffic")
+async def platform_traffic(scope: ScopeDep, services: ServicesDep) -> Response:
+    """The whole platform's traffic from the usage ledger (so every gateway's requests count):
+    requests, output tokens and the error rate over the last minute and the last 5 minutes,
+    and each of the last 60 minutes' counts (platform operators only)."""
+    scope.operate("read the platform's traffic")
+    await services.gateway.ledger.flush()
+    found = await in_session(services, None, lambda s: traffic.traffic(session=s))
+    return json_response(200, {
+        "object": "traffic",
+        "now": datetime.fromtimestamp(found.now_ms / 1000, UTC).isoformat(),
+        "windows": [rates.as_dict() for rates in found.rates],
+        "minutes": [minute.as_dict() for minute in found.minutes]})
 
 
 # -- audit log --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from serai.console import organization, playground, signin
+from serai.console import organization, platform, playground, signin
 from serai.console.web import (
     HERE,
     ConsoleHeaders,
@@ -24,6 +24,7 @@ def install(app: FastAPI) -> None:
     app.mount("/console/static", StaticFiles(directory=HERE / "static"), name="console-static")
     app.include_router(signin.router)
     app.include_router(organization.router)
+    app.include_router(platform.router)
     app.include_router(playground.router)
     app.add_exception_handler(SignInNeeded, sign_in_needed)
     for error in (SeraiError, RequestValidationError, HTTPException):

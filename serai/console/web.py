@@ -19,6 +19,7 @@ from urllib.parse import quote
 import orjson
 from fastapi import Depends, Request
 from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
 from starlette.datastructures import FormData
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,6 +34,9 @@ HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["duration"] = format_duration
 templates.env.filters["iso"] = lambda ms: datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+# Audit details and the like, shown as one line of JSON (autoescaped as any text).
+templates.env.filters["compact_json"] = lambda value: orjson.dumps(
+    value, option=orjson.OPT_SORT_KEYS).decode()
 PAGE_SIZE = 25
 T = TypeVar("T")
 
@@ -108,10 +112,21 @@ def render(request: Request, template: str, user: SignedIn | None, *, status: in
         "user": user, "scope": scope, "path": request.url.path, **context}, status_code=status)
 
 
+def refused(error: Exception) -> bool:
+    """Whether a form's action was refused (by the domain or by the admin API's body model),
+    so the page shows why; anything else is a bug and propagates."""
+    return isinstance(error, SeraiError | ValidationError)
+
+
 def problem(error: Exception) -> str:
-    """What a page shows for a refused action: the domain's own message."""
+    """What a page shows for a refused action: the domain's own message, or the first field
+    the admin API's body model refused."""
     if isinstance(error, SeraiError):
         return error.message
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        return f"{field}: {first['msg']}"
     return str(error)
 
 
@@ -128,7 +143,8 @@ async def sign_in_needed(request: Request, error: Exception) -> Response:
 
 
 # script-src 'self' forbids inline scripts, so the pages carry their data in
-# <script type="application/json"> blocks that static/console.js reads.
+# <script type="application/json"> blocks that static/console.js reads (<template> blocks in
+# panels htmx refreshes: it drops the scripts it swaps in).
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; "
                            "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
                            "frame-ancestors 'none'; base-uri 'none'; object-src 'none'")

@@ -142,9 +142,8 @@ async def sign_in_needed(request: Request, error: Exception) -> Response:
     return RedirectResponse(target, status_code=303)
 
 
-# script-src 'self' forbids inline scripts, so the pages carry their data in
-# <script type="application/json"> blocks that static/console.js reads (<template> blocks in
-# panels htmx refreshes: it drops the scripts it swaps in).
+# script-src 'self' forbids inline scripts, so the pages carry their charts' data in
+# <template> blocks that static/console.js reads.
 CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; "
                            "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
                            "frame-ancestors 'none'; base-uri 'none'; object-src 'none'")

@@ -1,8 +1,7 @@
 // Serai console: times in the browser's zone, charts, and the key the playground uses.
-// No inline scripts anywhere (the pages' Content-Security-Policy forbids them): pages carry
-// their data in <script type="application/json"> blocks read here. htmx drops every <script>
-// it swaps in (allowScriptTags is off), so a panel htmx refreshes carries its chart's data in a
-// <template> instead.
+// No inline scripts anywhere (the pages' Content-Security-Policy forbids them): pages carry a
+// chart's data as JSON in a <template> read here, which htmx keeps when it refreshes a panel
+// (it drops every <script> it swaps in: allowScriptTags is off).
 (function () {
   "use strict";
   var KEY = "serai.console.key";
@@ -22,7 +21,7 @@
     root.querySelectorAll("[data-chart]").forEach(function (el) {
       var source = document.getElementById(el.dataset.chart);
       if (!source || typeof uPlot === "undefined") return;
-      var data = JSON.parse(source.content ? source.content.textContent : source.textContent);
+      var data = JSON.parse(source.content.textContent);
       el.textContent = "";
       if (!data.x.length) return;
       var palette = ["#1f5fbf", "#1b7f3b", "#b3261e", "#8a5a00", "#6a3fb5", "#00727a"];

@@ -111,6 +111,31 @@ def test_the_key_serai_printed_signs_in(browser: Browser, tenant: Tenant) -> Non
     browser.shot("operator-home")
 
 
+def test_the_operator_sets_up_an_organization_whose_owner_then_signs_in(
+        chromium: Any, browser: Browser, tenant: Tenant) -> None:
+    """What a new operator does first, all in the browser: an organization, its owner's key."""
+    browser.sign_in(tenant.server.admin_key)
+    page = browser.page
+    page.click("nav >> text=Organizations")
+    page.fill("#create-organization input[name=name]", "globex")
+    page.click("#create-organization button[type=submit]")
+    page.locator("#organizations a", has_text="globex").click()
+    assert page.url.endswith("/usage") and "globex" in browser.text("h1")
+    page.click("main >> text=Keys")
+    page.fill("#create-key input[name=name]", "greta")
+    page.select_option("#create-key select[name=kind]", "owner")
+    page.click("#create-key button[type=submit]")
+    owner_key = browser.text("#new-secret").strip()
+    browser.shot("operator-made-owner-key")
+    owner = Browser(chromium, tenant.server.base_url)
+    try:
+        owner.sign_in(owner_key)
+        assert "globex" in owner.text("h1") and "owner" in owner.text(".whoami")
+        assert not owner.errors, owner.errors
+    finally:
+        owner.close()
+
+
 def test_an_owner_creates_a_key_sees_it_once_and_revokes_it(browser: Browser,
                                                            tenant: Tenant) -> None:
     browser.sign_in(tenant.owner)

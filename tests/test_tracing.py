@@ -433,6 +433,49 @@ def test_tracing_off_imports_nothing_of_opentelemetry(tmp_path: Path) -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_fastapis_own_telemetry_records_nothing_even_under_a_global_provider(
+        tmp_path: Path) -> None:
+    """FastAPI's native spans may carry a refused request's values (content). With a global
+    tracer provider set by something else in the process, and Serai's tracing off, a request
+    with a malformed body still yields no span at all."""
+    result = _python(f"""
+        import asyncio
+        import httpx
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from serai import accounts
+        from serai.app import create_app
+        from serai.config import Settings
+        from tests.support.fake_engine import FakeEngine
+
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+
+        async def main():
+            app = create_app(Settings(data_dir={str(tmp_path)!r}), engines=[FakeEngine()])
+            async with app.router.lifespan_context(app):
+                with app.state.services.database.session() as session:
+                    _, key = accounts.create_key(session=session, name="user")
+                transport = httpx.ASGITransport(app=app)
+                async with httpx.AsyncClient(transport=transport, base_url="http://s") as http:
+                    for body in ({{"model": "fake-model", "messages": "CANARY-CONTENT"}},
+                                 {{"model": "fake-model",
+                                   "messages": [{{"role": "user", "content": "CANARY"}}]}}):
+                        await http.post("/v1/chat/completions", json=body,
+                                        headers={{"authorization": "Bearer " + key}})
+                    await http.get("/console/login")
+
+        asyncio.run(main())
+        print(len(exporter.get_finished_spans()))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"
+
+
 def test_an_endpoint_without_the_otel_extra_stops_start_up_saying_what_to_install(
         tmp_path: Path) -> None:
     # As if the otel extra were not installed (opentelemetry-api comes with FastAPI).

@@ -12,12 +12,12 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
 from starlette.responses import Response
 
 from serai.api import admin
 from serai.api.deps import ServicesDep
 from serai.console.web import (
+    REFUSALS,
     FormDep,
     Page,
     UserDep,
@@ -43,18 +43,6 @@ async def _org(org_id: int, user: Any, services: Any) -> dict[str, Any]:
 
 def _can_change(user: Any) -> bool:
     return user.key.role != "viewer"
-
-
-def _refused(error: Exception) -> bool:
-    return isinstance(error, SeraiError | ValidationError)
-
-
-def _message(error: Exception) -> str:
-    if isinstance(error, ValidationError):
-        first = error.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        return f"{field}: {first['msg']}"
-    return problem(error)
 
 
 # -- usage ------------------------------------------------------------------------------------
@@ -143,11 +131,9 @@ async def create_key(request: Request, org_id: int, user: UserDep, form: FormDep
         body = admin.KeyCreate(name=str(form.get("name") or "").strip(), org_id=org_id,
                                role=None if kind == "model" else kind)  # type: ignore[arg-type]
         made = await admin_call(admin.create_key(body, scope_of(user), services))
-    except Exception as error:
-        if not _refused(error):
-            raise
+    except REFUSALS as error:
         return await _keys_page(request, org_id, user, services, status=error_status(error),
-                                error=_message(error))
+                                error=problem(error))
     return await _keys_page(request, org_id, user, services, status=201, created=made,
                             notice=f"Created key {made['name']} ({made['prefix']}…).")
 
@@ -232,11 +218,9 @@ async def change_settings(request: Request, org_id: int, user: UserDep, form: Fo
                                retention=retention,  # type: ignore[arg-type]
                                retention_days=days or None)  # type: ignore[arg-type]
         await admin_call(admin.update_organization(org_id, body, scope_of(user), services))
-    except Exception as error:
-        if not _refused(error):
-            raise
+    except REFUSALS as error:
         org = await _org(org_id, user, services)
         return render(request, "settings.html", user, status=error_status(error), org=org,
-                      error=_message(error))
+                      error=problem(error))
     org = await _org(org_id, user, services)
     return render(request, "settings.html", user, org=org, notice="Settings saved.")

@@ -20,13 +20,13 @@ from serai.api import admin
 from serai.api.deps import ServicesDep
 from serai.console.web import (
     PAGE_SIZE,
+    REFUSALS,
     FormDep,
     Page,
     UserDep,
     admin_call,
     error_status,
     problem,
-    refused,
     render,
     scope_of,
 )
@@ -121,9 +121,7 @@ async def create_organization(request: Request, user: UserDep, form: FormDep,
                                plan_id=_id_or_none(form, "plan_id"),  # type: ignore[arg-type]
                                price_book_id=_id_or_none(form, "price_book_id"))  # type: ignore[arg-type]
         made = await admin_call(admin.create_organization(body, scope_of(user), services))
-    except Exception as error:
-        if not refused(error):
-            raise
+    except REFUSALS as error:
         return await _organizations_page(request, user, services, status=error_status(error),
                                          error=problem(error))
     return await _organizations_page(request, user, services, status=201,
@@ -155,9 +153,7 @@ async def change_organization(request: Request, org_id: int, user: UserDep, form
                                price_book_id=_id_or_none(form, "price_book_id"),  # type: ignore[arg-type]
                                disabled=form.get("disabled") is not None)
         await admin_call(admin.update_organization(org_id, body, scope_of(user), services))
-    except Exception as error:
-        if not refused(error):
-            raise
+    except REFUSALS as error:
         return await _organization_page(request, org_id, user, services,
                                         status=error_status(error), error=problem(error))
     return await _organization_page(request, org_id, user, services, notice="Saved.")
@@ -170,9 +166,7 @@ async def top_up(request: Request, org_id: int, user: UserDep, form: FormDep,
         body = admin.BalanceChange(amount_micros=_micros(_text(form, "amount"), "Amount"),
                                    reason=_text(form, "reason"), kind="topup")
         changed = await admin_call(admin.change_balance(org_id, body, scope_of(user), services))
-    except Exception as error:
-        if not refused(error):
-            raise
+    except REFUSALS as error:
         return await _organization_page(request, org_id, user, services,
                                         status=error_status(error), error=problem(error))
     return await _organization_page(request, org_id, user, services,
@@ -221,9 +215,7 @@ async def create_plan(request: Request, user: UserDep, form: FormDep,
                                 windows=_windows(form),  # type: ignore[arg-type]
                                 draws_balance=form.get("draws_balance") is not None)
         made = await admin_call(admin.create_plan(body, scope_of(user), services))
-    except Exception as error:
-        if not refused(error):
-            raise
+    except REFUSALS as error:
         return await _plans_page(request, user, services, status=error_status(error),
                                  error=problem(error))
     return await _plans_page(request, user, services, status=201,
@@ -237,9 +229,7 @@ async def disable_plan(request: Request, plan_id: int, user: UserDep, form: Form
     try:
         changed = await admin_call(admin.update_plan(plan_id, admin.PlanUpdate(disabled=disabled),
                                                      scope_of(user), services))
-    except Exception as error:
-        if not refused(error):
-            raise
+    except REFUSALS as error:
         return await _plans_page(request, user, services, status=error_status(error),
                                  error=problem(error))
     return await _plans_page(request, user, services, notice=(
@@ -270,9 +260,7 @@ async def create_price_book(request: Request, user: UserDep, form: FormDep,
         body = admin.PriceBookCreate(name=_text(form, "name"),
                                      currency=_text(form, "currency").upper() or "USD")
         made = await admin_call(admin.create_price_book(body, scope_of(user), services))
-    except Exception as error:
-        if not refused(error):
-            raise
+    except REFUSALS as error:
         return await _books_page(request, user, services, status=error_status(error),
                                  error=problem(error))
     return await _books_page(request, user, services, status=201,
@@ -290,9 +278,7 @@ async def set_price(request: Request, book_id: int, user: UserDep, form: FormDep
             output_micros=_micros(_text(form, "output"), "Output price"),
             cached_input_micros=_micros(cached, "Cached input price") if cached else None)
         book = await admin_call(admin.set_price(book_id, body, scope_of(user), services))
-    except Exception as error:
-        if not refused(error):
-            raise
+    except REFUSALS as error:
         return await _books_page(request, user, services, status=error_status(error),
                                  error=problem(error))
     return await _books_page(request, user, services,
@@ -306,9 +292,7 @@ async def remove_price(request: Request, book_id: int, user: UserDep, form: Form
     try:
         book = await admin_call(admin.remove_price(book_id, scope_of(user), services,
                                                    model=model))
-    except Exception as error:
-        if not refused(error):
-            raise
+    except REFUSALS as error:
         return await _books_page(request, user, services, status=error_status(error),
                                  error=problem(error))
     return await _books_page(request, user, services, notice=(
@@ -336,9 +320,7 @@ async def reload_deployments(request: Request, user: UserDep, form: FormDep,
                              services: ServicesDep) -> Response:
     try:
         changes = await admin_call(admin.reload_deployments(scope_of(user), services))
-    except Exception as error:
-        if not refused(error):
-            raise
+    except REFUSALS as error:
         return await _deployments_page(request, user, services, status=error_status(error),
                                        error=problem(error))
     return await _deployments_page(request, user, services, changes=changes,

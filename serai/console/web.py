@@ -112,10 +112,9 @@ def render(request: Request, template: str, user: SignedIn | None, *, status: in
         "user": user, "scope": scope, "path": request.url.path, **context}, status_code=status)
 
 
-def refused(error: Exception) -> bool:
-    """Whether a form's action was refused (by the domain or by the admin API's body model),
-    so the page shows why; anything else is a bug and propagates."""
-    return isinstance(error, SeraiError | ValidationError)
+# A form's action refused by the domain or by the admin API's body model: the page shows why.
+# Anything else is a bug and propagates.
+REFUSALS = (SeraiError, ValidationError)
 
 
 def problem(error: Exception) -> str:

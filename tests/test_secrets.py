@@ -101,6 +101,20 @@ def test_no_full_key_is_written_anywhere_or_answered(
                                     headers={"authorization": f"Bearer {admin}"})
                 answers.append(listed)
                 assert listed.status_code == 200
+                # The console: signing in with each key (a session for the admin key only),
+                # then a page, and the Prometheus scrape.
+                root = base_url.removesuffix("/v1")
+                for key, status in ((admin, 200), (unknown, 401), (revoked, 401),
+                                    (acme.secret, 403)):
+                    with httpx.Client(base_url=root, timeout=30) as browser:
+                        form = browser.get("/console/login")
+                        token = form.text.split('name="login_token" value="')[1].split('"')[0]
+                        signed = browser.post("/console/login", follow_redirects=True, data={
+                            "key": key, "login_token": token, "next": "/console/audit"})
+                        answers += [form, signed]
+                        assert signed.status_code == status, signed.text
+                answers.append(client.get(f"{root}/metrics"))
+                assert answers[-1].status_code == 200
             deadline = time.monotonic() + 10  # the rows of the last requests are written
             while app.state.services.gateway.ledger.backlog and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -122,7 +136,9 @@ def test_no_full_key_is_written_anywhere_or_answered(
         with database.session() as session:
             refused = set(session.scalars(select(AuditRecord.target)
                                           .where(AuditRecord.action == "auth.failed")))
+            actions = set(session.scalars(select(AuditRecord.action)))
     finally:
         database.dispose()
     assert refused == {f"key:{accounts.shown_prefix(unknown)}",
                        f"key:{accounts.shown_prefix(revoked)}"}
+    assert "console.sign_in" in actions  # the admin key's session, named by its prefix

@@ -415,7 +415,7 @@ def test_killed_replica_loses_no_request_that_had_not_started(ray_server: RaySer
         outcome = next(o for o in outcomes if o.request_id == request_id)
         assert status == ("ok" if outcome.finished and outcome.error is None else "error")
     # The kill did hit requests that had not started, and they were sent to the other replica.
-    retried = re.findall(r"(\S+): a replica of \S+ was lost before the first chunk",
+    retried = re.findall(r"(req_[0-9a-f]+): a replica of \S+ was lost before the first chunk",
                          ray_server.live.log())
     assert set(retried) & set(ids), ray_server.live.log()[-4000:]
 

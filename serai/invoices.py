@@ -129,15 +129,26 @@ def money(micros: int) -> str:
     return str((Decimal(micros) / Decimal(1_000_000)).quantize(Decimal("0.000001")))
 
 
+# A billion currency units: above any real price, top-up or adjustment, and far below what the
+# database's 64-bit money columns hold, so sums of many amounts cannot overflow them either.
+MAX_MONEY_MICROS = 10**15
+
+
 def parse_money(text: str) -> int:
     """A decimal amount ("10", "10.5", "0.000001") as integer micro-units, exactly."""
     try:
         amount = Decimal(text.strip())
     except ArithmeticError:
-        raise InvalidRequest(f"{text!r} is not an amount of money.", param="amount") from None
+        amount = Decimal("NaN")
+    if not amount.is_finite():
+        raise InvalidRequest(f"{text!r} is not an amount of money; write one like 12.50.",
+                             param="amount")
     micros = amount * 1_000_000
-    if not amount.is_finite() or micros != micros.to_integral_value():
+    if micros != micros.to_integral_value():
         raise InvalidRequest(f"{text!r} has more than six decimal places.", param="amount")
+    if abs(micros) > MAX_MONEY_MICROS:
+        raise InvalidRequest(f"{text!r} is more than {MAX_MONEY_MICROS // 1_000_000:,} "
+                             "currency units.", param="amount")
     return int(micros)
 
 

@@ -275,6 +275,15 @@ async def test_admin_errors_are_clear(admin: Admin) -> None:
     negative_topup = await admin.call("POST", f"/admin/v1/organizations/{org['id']}/balance",
                                       json={"amount_micros": -5, "reason": "oops"})
     assert negative_topup.status_code == 400
+    # An amount past what the money columns can sum is a typo, refused before it is stored.
+    for path, body in ((f"/admin/v1/organizations/{org['id']}/balance",
+                        {"amount_micros": 10**30, "reason": "typo"}),
+                       ("/admin/v1/redemption_codes",
+                        {"count": 1, "amount_micros": 10**19, "batch": "typo"})):
+        huge = await admin.call("POST", path, json=body)
+        assert huge.status_code == 400 and huge.json()["error"]["param"] == "amount_micros"
+    assert (await admin.ok("GET", f"/admin/v1/organizations/{org['id']}/balance")
+            )["balance_micros"] == 0
     bad_window = await admin.call("POST", "/admin/v1/plans", json={
         "name": "p", "windows": [{"metric": "hours", "limit": 1, "seconds": 60}]})
     assert bad_window.status_code == 400

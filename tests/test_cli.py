@@ -248,6 +248,10 @@ def test_bad_amounts_and_windows_are_explained(data_dir: Path) -> None:
     precise = serai("balance", "topup", "acme", "0.0000001", "--reason", "x",
                     "--data-dir", str(data_dir))
     assert precise.exit_code == 1 and "six decimal places" in precise.stderr
+    huge = serai("balance", "topup", "acme", "1e30", "--reason", "x", "--data-dir", str(data_dir))
+    assert huge.exit_code == 1 and "more than 1,000,000,000 currency units" in huge.stderr
+    word = serai("balance", "topup", "acme", "ten", "--reason", "x", "--data-dir", str(data_dir))
+    assert word.exit_code == 1 and "is not an amount of money" in word.stderr
     window = serai("plans", "create", "p", "--window", "requests:many:5h",
                    "--data-dir", str(data_dir))
     assert window.exit_code == 1 and "METRIC:LIMIT:DURATION" in window.stderr

@@ -164,8 +164,12 @@ async def update_organization(org_id: int, body: OrgUpdate, scope: ScopeDep,
 # -- balances and redemption codes ------------------------------------------------------------
 
 
+Micros = Annotated[int, Field(ge=0, le=invoices.MAX_MONEY_MICROS)]  # an amount or a price
+
+
 class BalanceChange(_Strict):
-    amount_micros: int = Field(description="Micro-units to add (top-up) or, if negative, take.")
+    amount_micros: int = Field(ge=-invoices.MAX_MONEY_MICROS, le=invoices.MAX_MONEY_MICROS,
+                               description="Micro-units to add (top-up) or, if negative, take.")
     reason: Annotated[str, Field(min_length=1, max_length=500)]
     kind: Literal["topup", "adjustment"] = "topup"
 
@@ -240,7 +244,7 @@ async def redeem(org_id: int, body: Redemption, scope: ScopeDep,
 
 class CodeBatch(_Strict):
     count: Annotated[int, Field(ge=1, le=accounts.MAX_CODES_PER_BATCH)]
-    amount_micros: PositiveInt
+    amount_micros: Annotated[Micros, Field(gt=0)]
     batch: Annotated[str, Field(min_length=1, max_length=100)]
     expires_at: datetime | None = None
 
@@ -511,9 +515,9 @@ class PriceBookUpdate(_Strict):
 
 class PriceSet(_Strict):
     model: Name
-    input_micros: Annotated[int, Field(ge=0, description="Per million input tokens.")]
-    output_micros: Annotated[int, Field(ge=0, description="Per million output tokens.")]
-    cached_input_micros: Annotated[int, Field(ge=0)] | None = None
+    input_micros: Annotated[Micros, Field(description="Per million input tokens.")]
+    output_micros: Annotated[Micros, Field(description="Per million output tokens.")]
+    cached_input_micros: Micros | None = None
 
 
 def _book_object(session: Session, book: PriceBook) -> dict[str, Any]:

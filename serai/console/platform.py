@@ -9,13 +9,13 @@ API's message with its status and changes nothing.
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.datastructures import FormData
 from starlette.responses import Response
 
+from serai import invoices
 from serai.api import admin
 from serai.api.deps import ServicesDep
 from serai.console.web import (
@@ -50,16 +50,12 @@ def _id_or_none(form: FormData, name: str) -> str | None:
 
 
 def _micros(text: str, what: str) -> int:
-    """An amount a person types in currency units ("12.50") as micro-units."""
+    """An amount a person types in currency units ("12.50") as micro-units, as the CLI reads
+    one; the refusal names the field."""
     try:
-        amount = Decimal(text) * 1_000_000
-    except InvalidOperation:
-        amount = Decimal("NaN")
-    if not amount.is_finite():
-        raise InvalidRequest(f"{what}: write an amount in currency units, like 12.50.")
-    if amount != amount.to_integral_value():
-        raise InvalidRequest(f"{what}: at most 6 decimal places.")
-    return int(amount)
+        return invoices.parse_money(text)
+    except InvalidRequest as error:
+        raise InvalidRequest(f"{what}: {error.message}") from None
 
 
 # -- overview ---------------------------------------------------------------------------------

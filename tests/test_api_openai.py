@@ -167,6 +167,19 @@ async def test_models_list_and_retrieve(api: Api) -> None:
     assert err.value.code == "model_not_found"
 
 
+async def test_a_key_limited_to_other_models_neither_lists_nor_uses_this_one(api: Api) -> None:
+    with api.services.database.session() as session:
+        _, limited = accounts.create_key(session=session, name="limited",
+                                         allowed_models=["another-model"])
+    client = api.client(limited)
+    assert (await client.models.list()).data == []
+    with pytest.raises(openai.NotFoundError, match="may use: another-model"):
+        await client.models.retrieve(MODEL)
+    with pytest.raises(openai.PermissionDeniedError, match="may not use the model"):
+        await client.chat.completions.create(model=MODEL, messages=CHAT)
+    assert await api.usage_rows() == []  # refused before it ran: nothing to bill
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

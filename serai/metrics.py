@@ -10,6 +10,8 @@ key, organization or content ever becomes one. docs/metrics.md lists every metri
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -39,6 +41,17 @@ ADMISSION_CODES = frozenset(str(error.code) for error in (
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+@dataclass(frozen=True, slots=True)
+class _ModelSeries:
+    """One model's children of the token counters and latency histograms."""
+
+    input_tokens: Any
+    output_tokens: Any
+    ttft: Any
+    tpot: Any
+    duration: Any
 
 
 class Metrics:
@@ -72,6 +85,10 @@ class Metrics:
             buckets=DURATION_BUCKETS, registry=r)
         self._fleet = FleetState()
         r.register(self._fleet)
+        # Each labelled child once per label set: labels() takes a lock and builds a key on
+        # every call, which made up most of a request's metrics cost.
+        self._counted: dict[tuple[str, str, str], Any] = {}
+        self._per_model: dict[str, _ModelSeries] = {}
 
     def watch(self, *, router: Router, ledger: LedgerWriter) -> None:
         self._fleet.router = router
@@ -83,20 +100,29 @@ class Metrics:
         if protocol is None:
             return
         model = record.model or UNKNOWN_MODEL
-        self.requests.labels(model, protocol, str(record.status)).inc()
+        labels = (model, protocol, str(record.status))
+        counted = self._counted.get(labels)
+        if counted is None:
+            counted = self._counted[labels] = self.requests.labels(*labels)
+        counted.inc()
         if record.error in ADMISSION_CODES:
             self.rejections.labels(record.error).inc()
         if not record.ran:
             return
-        self.input_tokens.labels(model).inc(record.input_tokens or 0)
+        series = self._per_model.get(model)
+        if series is None:
+            series = self._per_model[model] = _ModelSeries(
+                *(metric.labels(model) for metric in (self.input_tokens, self.output_tokens,
+                                                      self.ttft, self.tpot, self.duration)))
+        series.input_tokens.inc(record.input_tokens or 0)
         output = record.output_tokens or 0
-        self.output_tokens.labels(model).inc(output)
+        series.output_tokens.inc(output)
         if record.duration_s is not None:
-            self.duration.labels(model).observe(record.duration_s)
+            series.duration.observe(record.duration_s)
         if (ttft := record.ttft_s) is not None:
-            self.ttft.labels(model).observe(ttft)
+            series.ttft.observe(ttft)
             if output > 1 and record.duration_s is not None:
-                self.tpot.labels(model).observe((record.duration_s - ttft) / (output - 1))
+                series.tpot.observe((record.duration_s - ttft) / (output - 1))
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

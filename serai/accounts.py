@@ -22,6 +22,7 @@ from serai import audit
 from serai import retention as retention_policy
 from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
 from serai.retention import ZERO, Retention
+from serai.storage.db import utc
 from serai.storage.named import claim_name, find_named, row_id
 from serai.storage.tables import ApiKey, BalanceEntry, Organization, RedemptionCode, Reservation
 
@@ -292,7 +293,7 @@ def authenticate(*, session: Session, secret: str) -> KeyInfo:
         raise AuthenticationFailed(f"The API key {match.prefix}… has been revoked.")
     if match.expires_at is not None and has_expired(match.expires_at):
         raise AuthenticationFailed(f"The API key {match.prefix}… expired at "
-                                   f"{_aware(match.expires_at):%Y-%m-%d %H:%M} UTC.")
+                                   f"{utc(match.expires_at):%Y-%m-%d %H:%M} UTC.")
     info = key_info(match)
     org = session.get(Organization, match.org_id) if match.org_id is not None else None
     if org is not None:
@@ -303,12 +304,7 @@ def authenticate(*, session: Session, secret: str) -> KeyInfo:
 
 
 def has_expired(expires_at: datetime) -> bool:
-    return _aware(expires_at) <= datetime.now(UTC)
-
-
-def _aware(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; Serai stores UTC.
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return utc(expires_at) <= datetime.now(UTC)
 
 
 def shown_prefix(secret: str) -> str:
@@ -505,9 +501,9 @@ def redeem_code(*, session: Session, org_id: int, code: str) -> OrgInfo:
         raise NotFound("No such redemption code. Check it was typed in full.", param="code")
     if row.disabled:
         raise InvalidRequest("This redemption code was disabled.", param="code")
-    if row.expires_at is not None and _aware(row.expires_at) <= datetime.now(UTC):
+    if row.expires_at is not None and utc(row.expires_at) <= datetime.now(UTC):
         raise InvalidRequest(f"This redemption code expired at "
-                             f"{_aware(row.expires_at):%Y-%m-%d %H:%M} UTC.", param="code")
+                             f"{utc(row.expires_at):%Y-%m-%d %H:%M} UTC.", param="code")
     # The claim is one conditional UPDATE: of two redemptions at once, one changes the row.
     claimed = session.execute(update(RedemptionCode).where(
         RedemptionCode.id == row.id, RedemptionCode.redeemed_at.is_(None))

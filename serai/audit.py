@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from serai.storage.db import Database
+from serai.storage.db import Database, utc
 from serai.storage.tables import AuditRecord
 
 GENESIS = "0" * 64  # what the first entry chains to
@@ -38,7 +38,7 @@ def act_as(session: Session, actor: str) -> Session:
 def _plain(value: Any) -> Any:
     """Details as JSON: dates become ISO strings, so the stored and hashed forms agree."""
     if isinstance(value, datetime):
-        return _utc(value).isoformat()
+        return utc(value).isoformat()
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -46,14 +46,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _utc(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; Serai stores UTC.
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
 def entry_hash(row: AuditRecord) -> str:
     """SHA-256 over the previous hash and the entry's fields, in one canonical JSON form."""
-    fields = [row.id, _utc(row.created_at).isoformat(timespec="microseconds"), row.actor,
+    fields = [row.id, utc(row.created_at).isoformat(timespec="microseconds"), row.actor,
               row.action, row.target, row.org_id, row.details, row.prev_hash]
     encoded = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256((row.prev_hash + encoded).encode()).hexdigest()
@@ -133,7 +128,7 @@ def _rows(session: Session, *, since: datetime | None = None) -> Iterator[AuditR
 
 def entry_object(row: AuditRecord) -> dict[str, Any]:
     return {"id": row.id, "object": "audit_entry",
-            "created_at": _utc(row.created_at).isoformat(), "actor": row.actor,
+            "created_at": utc(row.created_at).isoformat(), "actor": row.actor,
             "action": row.action, "target": row.target, "org_id": row.org_id,
             "details": row.details, "prev_hash": row.prev_hash, "hash": row.hash}
 

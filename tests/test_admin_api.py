@@ -150,7 +150,11 @@ async def test_a_viewer_reads_but_changes_nothing(admin: Admin) -> None:
     model_key = await admin.ok("POST", "/admin/v1/keys", json={"name": "app",
                                                                "org_id": org["id"]})
     assert (await admin.ok("GET", f"/admin/v1/organizations/{org['id']}", viewer))["name"] == "viewed"
-    assert len((await admin.ok("GET", "/admin/v1/keys", viewer))["data"]) == 2
+    listed = (await admin.ok("GET", "/admin/v1/keys", viewer))["data"]
+    assert len(listed) == 2
+    # Times carry their offset (SQLite hands back naive ones): a client must not read them as
+    # its local time.
+    assert all(datetime.fromisoformat(k["created_at"]).utcoffset() is not None for k in listed)
     await admin.ok("GET", f"/admin/v1/organizations/{org['id']}/balance", viewer)
     await admin.ok("GET", f"/admin/v1/plans/{org['plan_id']}", viewer)
 

@@ -4,6 +4,7 @@ role may see and change, and the pages' figures against the ledger. The browser 
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -108,6 +109,10 @@ async def test_an_owner_creates_a_key_sees_it_once_and_revokes_it(admin: Admin) 
     assert created.status_code == 201
     secret = re.search(r'id="new-secret">(sk-serai-[^<]+)<', created.text)
     assert secret is not None
+    # What to do next: a request that works as shown, with this server's address and a model.
+    try_it = html.unescape(created.text.split('id="try-it">')[1].split("</pre>")[0])
+    assert try_it.startswith("curl http://serai/v1/chat/completions")
+    assert f"Bearer {secret[1]}" in try_it and '"model": "fake-model"' in try_it
     # The secret works on the model API, and the next page never shows it again.
     reply = await admin.sdk(secret[1]).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)

@@ -28,6 +28,7 @@ from serai.api.errors import json_response
 from serai.engines.router import Deployment
 from serai.errors import InvalidRequest, NotFound, PermissionDenied
 from serai.retention import MAX_DAYS as MAX_RETENTION_DAYS
+from serai.storage.db import utc
 from serai.storage.tables import Plan, PriceBook, Reservation
 
 router = APIRouter(prefix="/admin/v1", tags=["Admin"])
@@ -55,7 +56,9 @@ async def in_session(services: ServicesDep, scope: AdminScope | None,
 
 
 def _time(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment is not None else None
+    """ISO 8601 with its offset: a time without one is read as local time by browsers and most
+    clients."""
+    return None if moment is None else utc(moment).isoformat()
 
 
 def _set_fields(body: BaseModel) -> dict[str, Any]:
@@ -326,7 +329,7 @@ def _key_object(key: KeyInfo) -> dict[str, Any]:
             "expires_at": _time(key.expires_at), "rpm": key.rpm, "tpm": key.tpm,
             "retention": None if key.retention is None else key.retention.policy,
             "retention_days": None if key.retention is None else key.retention.days,
-            "created_at": key.created_at.isoformat(), "revoked_at": _time(key.revoked_at)}
+            "created_at": _time(key.created_at), "revoked_at": _time(key.revoked_at)}
 
 
 # Which roles each role may hand out inside its organization.

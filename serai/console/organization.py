@@ -112,9 +112,11 @@ async def _keys_page(request: Request, org_id: int, user: Any, services: Any, *,
     org = await _org(org_id, user, services)
     found = await admin_call(admin.list_keys(scope_of(user), services, org_id=org_id))
     keys = sorted(found["data"], key=lambda key: (key["revoked_at"] is not None, -key["id"]))
+    models = services.gateway.router.models(regions=org["allowed_regions"])
     return render(request, "keys.html", user, status=status, org=org, keys=Page.of(keys, page),
-                  can_change=_can_change(user),
-                  kinds=_KEY_KINDS.get(user.key.role or "", []), **context)
+                  can_change=_can_change(user), kinds=_KEY_KINDS.get(user.key.role or "", []),
+                  api_base=f"{str(request.base_url).rstrip('/')}/v1",
+                  first_model=models[0].name if models else None, **context)
 
 
 @router.get("/keys")

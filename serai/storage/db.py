@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import UTC, datetime
 from pathlib import Path
 
 from alembic import command
@@ -88,3 +89,9 @@ def _alembic_config(url: str) -> Config:
     # ConfigParser treats % as interpolation; URLs may carry %-escapes (search_path options).
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
+
+
+def utc(moment: datetime) -> datetime:
+    """A stored time as an aware UTC datetime: SQLite hands back naive ones, and Serai stores
+    UTC everywhere."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -21,9 +21,9 @@ from serai.api import admin, anthropic, openai, scrape, stored_completions, usag
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import install_error_handlers, json_response
 from serai.api.middleware import (
-    AdminListener,
     IdempotentReplays,
     JsonBodies,
+    PortListener,
     RequestContext,
     SizeLimits,
 )
@@ -182,9 +182,14 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
     app.add_middleware(SizeLimits, max_bytes=settings.max_body_bytes,
                        max_header_bytes=settings.max_header_bytes)
     if settings.admin_port is not None:
-        app.add_middleware(AdminListener, admin_port=settings.admin_port)
+        app.add_middleware(PortListener, port=settings.admin_port,
+                           serves=lambda path: path.startswith("/admin/"),
+                           refusal="This is the admin port: it serves only the admin API "
+                           "(/admin/...).")
     if settings.metrics_port is not None:
-        app.add_middleware(scrape.MetricsListener, metrics_port=settings.metrics_port)
+        app.add_middleware(PortListener, port=settings.metrics_port,
+                           serves=lambda path: path == scrape.PATH,
+                           refusal="This is the metrics port: it serves only /metrics.")
     traces.install(app)  # inside RequestContext: the request id is known to the span
     app.add_middleware(RequestContext, metrics=metrics)
     if settings.cors_origins:

@@ -185,8 +185,8 @@ def serve(
     if settings.admin_port is None and settings.metrics_port is None:
         server.run()
         return
-    # One app (one lifespan, one set of engines) on several listening sockets; AdminListener
-    # and MetricsListener tell them apart by the socket a request arrived on.
+    # One app (one lifespan, one set of engines) on several listening sockets; PortListener
+    # tells them apart by the socket a request arrived on.
     try:
         sockets = [_listen(settings.host, settings.port)]
         if settings.admin_port is not None:

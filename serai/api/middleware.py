@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -258,31 +259,29 @@ async def _send_replay(send: Send, stored: Stored) -> None:
     await send({"type": "http.response.body", "body": stored.body or b""})
 
 
-class AdminListener:
-    """With a separate admin port, the admin API answers only there and the model API only on
-    the public port: an admin key is then useless from wherever the public port is reachable.
-    Health checks answer on both (scope["server"] is the listening socket's own address)."""
+class PortListener:
+    """A listening port of its own for some paths: they answer only on `port`, and `port`
+    answers nothing else but the health checks (scope["server"] is the listening socket's own
+    address). The admin API on `admin_port` (an admin key is then useless from wherever the
+    public port is reachable) and /metrics on `metrics_port` are served this way."""
 
     SHARED = ("/health", "/ready")
 
-    def __init__(self, app: ASGIApp, *, admin_port: int) -> None:
+    def __init__(self, app: ASGIApp, *, port: int, serves: Callable[[str], bool],
+                 refusal: str) -> None:
         self.app = app
-        self.admin_port = admin_port
+        self.port = port
+        self.serves = serves
+        self.refusal = refusal  # what the port says of a path it does not serve
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.SHARED:
             server = scope.get("server")
-            on_admin_port = server is not None and server[1] == self.admin_port
-            if scope["path"].startswith("/admin/") != on_admin_port:
-                await _not_here(scope, send, on_admin_port)
+            on_port = server is not None and server[1] == self.port
+            if self.serves(scope["path"]) != on_port:
+                await not_found(scope, send, self.refusal if on_port else "Not found.")
                 return
         await self.app(scope, receive, send)
-
-
-async def _not_here(scope: Scope, send: Send, on_admin_port: bool) -> None:
-    message = ("This is the admin port: it serves only the admin API (/admin/...)."
-               if on_admin_port else "Not found.")
-    await not_found(scope, send, message)
 
 
 async def not_found(scope: Scope, send: Send, message: str) -> None:

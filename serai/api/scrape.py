@@ -8,11 +8,9 @@ import hmac
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serai.api.deps import ServicesDep, bearer_token
 from serai.api.errors import json_response, openai_error_body
-from serai.api.middleware import not_found
 
 router = APIRouter(tags=["Operations"])
 
@@ -32,24 +30,3 @@ async def metrics(request: Request, services: ServicesDep) -> Response:
                 code="invalid_metrics_token"), headers={"www-authenticate": "Bearer"})
     assert services.metrics is not None
     return Response(services.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-
-class MetricsListener:
-    """With a separate metrics port, /metrics answers only there, and that port answers nothing
-    else but the health checks (scope["server"] is the listening socket's own address)."""
-
-    SHARED = ("/health", "/ready")
-
-    def __init__(self, app: ASGIApp, *, metrics_port: int) -> None:
-        self.app = app
-        self.metrics_port = metrics_port
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in self.SHARED:
-            server = scope.get("server")
-            on_metrics_port = server is not None and server[1] == self.metrics_port
-            if (scope["path"] == PATH) != on_metrics_port:
-                await not_found(scope, send, "This is the metrics port: it serves only /metrics."
-                                if on_metrics_port else "Not found.")
-                return
-        await self.app(scope, receive, send)

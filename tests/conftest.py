@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,8 @@ import pytest
 from serai.config import Settings
 from serai.storage.db import Database
 from serai.testing.processes import free_port, wait_until_ready
+from tests.support.admin_api import Admin, admin_api
+from tests.support.fake_engine import FakeEngine
 from tests.support.traces import Backend
 
 POSTGRES_URL = os.environ.get("SERAI_TEST_POSTGRES_URL")
@@ -103,6 +105,23 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'serai.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+# The in-process admin tests' engine replies with this many tokens: every request costs the
+# same, so a test can count.
+REPLY_WORDS = 10
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine(reply=" ".join(f"w{i}" for i in range(REPLY_WORDS)))
+
+
+@pytest.fixture
+async def admin(database_url: str, tmp_path: Path, engine: FakeEngine) -> AsyncIterator[Admin]:
+    """The admin API in process on SQLite and on PostgreSQL, with an operator key."""
+    async with admin_api(Settings(data_dir=tmp_path, database_url=database_url), engine) as api:
+        yield api
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -19,20 +17,10 @@ import pytest
 from sqlalchemy import func, select
 
 from serai import accounts
-from serai.config import Settings
 from serai.storage.tables import Organization, UsageRow
-from tests.support.admin_api import Admin, admin_api
-from tests.support.fake_engine import FakeEngine
+from tests.support.admin_api import Admin
 
 MODEL = "fake-model"
-
-
-@pytest.fixture
-async def admin(database_url: str, tmp_path: Path) -> AsyncIterator[Admin]:
-    # A reply of 10 tokens: every request costs the same, so the test can count.
-    engine = FakeEngine(reply=" ".join(f"w{i}" for i in range(10)))
-    async with admin_api(Settings(data_dir=tmp_path, database_url=database_url), engine) as api:
-        yield api
 
 
 async def priced_org(admin: Admin, name: str, *, windows: list[dict[str, int]] | None = None,

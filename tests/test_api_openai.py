@@ -21,6 +21,7 @@ from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings
 from serai.storage.tables import Reservation, UsageRow
+from tests.support.admin_api import sdk
 from tests.support.fake_engine import FakeEngine
 from tests.support.ledger_rows import usage_rows
 
@@ -41,8 +42,7 @@ class Api:
     services: Services
 
     def client(self, key: str | None = None) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url="http://serai/v1", api_key=key or self.user_key,
-                                  http_client=self.http, max_retries=0)
+        return sdk(self.http, key or self.user_key)
 
     async def usage_rows(self) -> list[UsageRow]:
         return await usage_rows(self.services)

@@ -211,11 +211,9 @@ async def test_an_organizations_admin_reads_only_its_own_entries(admin: Audited)
 async def test_a_residency_refusal_is_recorded_with_org_and_model(admin: Audited) -> None:
     with admin.services.database.session() as session:
         pinned = customer(session, name="pinned", regions=["eu"])
-    sdk = openai.AsyncOpenAI(base_url="http://serai/v1", api_key=pinned.secret,
-                             http_client=admin.http, max_retries=0)
     with pytest.raises(openai.InternalServerError) as refused:
-        await sdk.chat.completions.create(model=MODEL,
-                                          messages=[{"role": "user", "content": "secret plan"}])
+        await admin.sdk(pinned.secret).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "secret plan"}])
     assert refused.value.code == "region_unavailable"
 
     entry = admin.rows()[-1]

@@ -6,26 +6,15 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from serai import accounts, audit
-from serai.config import Settings
 from serai.console.web import CONTENT_SECURITY_POLICY
-from tests.support.admin_api import Admin, admin_api
+from tests.support.admin_api import Admin
 from tests.support.console import csrf_of, org_key, sign_in
-from tests.support.fake_engine import FakeEngine
 
 MODEL = "fake-model"
-
-
-@pytest.fixture
-async def admin(database_url: str, tmp_path: Path) -> AsyncIterator[Admin]:
-    engine = FakeEngine(reply=" ".join(f"w{i}" for i in range(10)))
-    async with admin_api(Settings(data_dir=tmp_path, database_url=database_url), engine) as api:
-        yield api
 
 
 async def test_signing_in_sets_a_strict_session_cookie_and_sends_the_operator_home(

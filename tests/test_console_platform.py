@@ -7,34 +7,19 @@ from __future__ import annotations
 import html
 import json
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import openai
 import pytest
 
 from serai import accounts, audit, plans
-from serai.config import Settings
 from serai.console.web import CONTENT_SECURITY_POLICY, PAGE_SIZE
-from tests.support.admin_api import Admin, admin_api
+from tests.conftest import REPLY_WORDS
+from tests.support.admin_api import Admin
 from tests.support.console import csrf_of, org_key, sign_in
 from tests.support.fake_engine import FakeEngine
 
 MODEL = "fake-model"
-REPLY_WORDS = 10
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine(reply=" ".join(f"w{i}" for i in range(REPLY_WORDS)))
-
-
-@pytest.fixture
-async def admin(database_url: str, tmp_path: Path, engine: FakeEngine) -> AsyncIterator[Admin]:
-    async with admin_api(Settings(data_dir=tmp_path, database_url=database_url), engine) as api:
-        yield api
-
-
 def _row(html: str, table_id: str, first_cell: str) -> list[str]:
     """The cells' text of the row of table `table_id` whose first cell reads `first_cell`."""
     table = html.split(f'id="{table_id}"', 1)[1].split("</table>", 1)[0]

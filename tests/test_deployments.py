@@ -36,6 +36,7 @@ from serai.engines.router import Router
 from serai.fleet import Fleet
 from serai.testing.mock_upstream import MockConfig, Stats
 from tests.conftest import LiveServer, start_server, stop_server
+from tests.support.admin_api import sdk
 from tests.support.fake_engine import FakeEngine
 from tests.support.ledger_rows import usage_rows
 from tests.support.tenants import customer
@@ -192,8 +193,7 @@ async def serai(regions: list[str] | None = None) -> AsyncIterator[Api]:
             _, admin = accounts.create_key(session=session, name="root", is_admin=True)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://serai") as http:
-            client = openai.AsyncOpenAI(base_url="http://serai/v1", api_key=secret,
-                                        http_client=http, max_retries=0)
+            client = sdk(http, secret)
             yield Api(services, client, http, {"authorization": f"Bearer {admin}"})
 
 
@@ -330,9 +330,7 @@ async def test_models_list_shows_only_the_regions_an_org_may_use(
         with pytest.raises(openai.NotFoundError):
             await api.client.models.retrieve("us-model")
         assert (await api.client.models.retrieve("eu-latest")).id == "eu-latest"
-        unrestricted = openai.AsyncOpenAI(base_url="http://serai/v1",
-                                          api_key=api.admin["authorization"][7:],
-                                          http_client=api.http, max_retries=0)
+        unrestricted = sdk(api.http, api.admin["authorization"][7:])
         assert len((await unrestricted.models.list()).data) == 4
 
 

@@ -30,6 +30,7 @@ from serai.app import create_app
 from serai.config import Settings
 from serai.testing.processes import free_port
 from tests.conftest import LiveServer, start_server, stop_server
+from tests.support.admin_api import sdk
 from tests.support.fake_engine import FakeEngine
 from tests.support.tenants import customer
 
@@ -61,8 +62,7 @@ class Api:
     services: Services
 
     def openai(self, key: str | None = None) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url="http://serai/v1", api_key=key or self.key,
-                                  http_client=self.http, max_retries=0)
+        return sdk(self.http, key or self.key)
 
     def anthropic(self) -> anthropic.AsyncAnthropic:
         return anthropic.AsyncAnthropic(base_url="http://serai", api_key=self.key,

@@ -23,6 +23,7 @@ from serai.app import create_app
 from serai.config import Settings
 from serai.request_log import JsonLines, formatter, use_json
 from tests.conftest import LiveServer
+from tests.support.admin_api import sdk
 from tests.support.fake_engine import FakeEngine
 from tests.support.tenants import Customer, customer
 
@@ -64,8 +65,7 @@ class Api:
     services: Services
 
     def client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url="http://serai/v1", api_key=self.acme.secret,
-                                  http_client=self.http, max_retries=0)
+        return sdk(self.http, self.acme.secret)
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from serai.errors import InvalidRequest
 from serai.retention import ZERO, Retention
 from serai.storage.db import Database
 from serai.storage.tables import IdempotencyRecord, StoredCompletion, UsageRow
+from tests.support.admin_api import admin_api, sdk
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving
 from tests.support.tenants import Customer, customer
@@ -88,37 +89,25 @@ def test_store_needs_days_and_zero_takes_none(database: Database) -> None:
             accounts.update_org(session=session, org_id=acme.org_id, retention_days=3)
 
 
-@pytest.fixture
-async def http(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Database, str]]:
-    app = create_app(Settings(data_dir=tmp_path), engines=[FakeEngine()])
-    async with app.router.lifespan_context(app):
-        database: Database = app.state.services.database
-        with database.session() as session:
-            _, operator = accounts.create_key(session=session, name="ops", is_admin=True)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://serai",
-                                     headers={"authorization": f"Bearer {operator}"}) as client:
-            yield client, database, operator
-
-
-async def test_the_admin_api_sets_policies_and_refuses_a_looser_key(
-        http: tuple[httpx.AsyncClient, Database, str]) -> None:
-    client, database, _ = http
-    with database.session() as session:
-        acme = customer(session)
-    org = f"/admin/v1/organizations/{acme.org_id}"
-    key = f"/admin/v1/keys/{acme.key.id}"
-    assert (await client.get(org)).json()["retention"] == "zero"
-    refused = await client.patch(key, json={"retention": "store", "retention_days": 5})
-    assert refused.status_code == 400
-    assert "retention policy is zero" in refused.json()["error"]["message"]
-    changed = await client.patch(org, json={"retention": "store", "retention_days": 10})
-    assert changed.status_code == 200
-    assert changed.json()["retention"] == "store" and changed.json()["retention_days"] == 10
-    stricter = await client.patch(key, json={"retention": "store", "retention_days": 5})
-    assert stricter.status_code == 200 and stricter.json()["retention_days"] == 5
-    inherit = await client.patch(key, json={"retention": None})
-    assert inherit.json()["retention"] is None
+async def test_the_admin_api_sets_policies_and_refuses_a_looser_key(tmp_path: Path) -> None:
+    async with admin_api(Settings(data_dir=tmp_path), FakeEngine()) as admin:
+        client = admin.http
+        client.headers["authorization"] = f"Bearer {admin.operator}"
+        with admin.services.database.session() as session:
+            acme = customer(session)
+        org = f"/admin/v1/organizations/{acme.org_id}"
+        key = f"/admin/v1/keys/{acme.key.id}"
+        assert (await client.get(org)).json()["retention"] == "zero"
+        refused = await client.patch(key, json={"retention": "store", "retention_days": 5})
+        assert refused.status_code == 400
+        assert "retention policy is zero" in refused.json()["error"]["message"]
+        changed = await client.patch(org, json={"retention": "store", "retention_days": 10})
+        assert changed.status_code == 200
+        assert changed.json()["retention"] == "store" and changed.json()["retention_days"] == 10
+        stricter = await client.patch(key, json={"retention": "store", "retention_days": 5})
+        assert stricter.status_code == 200 and stricter.json()["retention_days"] == 5
+        inherit = await client.patch(key, json={"retention": None})
+        assert inherit.json()["retention"] is None
 
 
 def test_the_cli_sets_policies_and_refuses_a_looser_key(tmp_path: Path,
@@ -268,8 +257,7 @@ class Store:
     other: Any  # another organization's customer, also storing
 
     def sdk(self, secret: str) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url="http://serai/v1", api_key=secret,
-                                  http_client=self.http, max_retries=0)
+        return sdk(self.http, secret)
 
 
 @asynccontextmanager

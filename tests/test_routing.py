@@ -29,6 +29,7 @@ from serai.gateway import Gateway
 from serai.storage.tables import Reservation, UsageRow
 from serai.testing.mock_upstream import MockConfig, Stats
 from serai.types import GenerationRequest
+from tests.support.admin_api import sdk
 from tests.support.fake_engine import FakeEngine
 from tests.support.ledger_rows import usage_rows
 from tests.support.tenants import customer
@@ -260,8 +261,7 @@ async def serai(tmp_path: Path, upstreams: list[UpstreamSettings], *,
             secret = customer(session, regions=regions).secret
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://serai") as http:
-            client = openai.AsyncOpenAI(base_url="http://serai/v1", api_key=secret,
-                                        http_client=http, max_retries=0)
+            client = sdk(http, secret)
             yield Api(services, client, http, secret)
 
 

@@ -37,6 +37,7 @@ from serai import accounts
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings
+from tests.support.admin_api import sdk
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving
 from tests.support.tenants import customer
@@ -152,8 +153,7 @@ class Traced:
     services: Services
 
     def client(self, key: str | None = None) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url="http://serai/v1", api_key=key or self.key,
-                                  http_client=self.http, max_retries=0)
+        return sdk(self.http, key or self.key)
 
 
 @asynccontextmanager

@@ -33,6 +33,7 @@ from serai.engines.upstream import UpstreamEngine, estimate_prompt_tokens
 from serai.storage.tables import UsageRow
 from serai.testing.mock_upstream import SECRET_IN_ERRORS, MockConfig, MockUpstream
 from serai.types import GenerationRequest, Message, SamplingParams
+from tests.support.admin_api import sdk
 from tests.support.ledger_rows import usage_rows
 
 MODEL = "up"
@@ -110,8 +111,7 @@ class Api:
     services: Services
 
     def openai(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url="http://serai/v1", api_key=self.key,
-                                  http_client=self.http, max_retries=0)
+        return sdk(self.http, self.key)
 
     def anthropic(self) -> anthropic.AsyncAnthropic:
         return anthropic.AsyncAnthropic(base_url="http://serai", api_key=self.key,

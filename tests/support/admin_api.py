@@ -42,8 +42,14 @@ class Admin:
         return body
 
     def sdk(self, key: str) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url="http://serai/v1", api_key=key, http_client=self.http,
-                                  max_retries=0)
+        return sdk(self.http, key)
+
+
+def sdk(http: httpx.AsyncClient, key: str) -> openai.AsyncOpenAI:
+    """The official OpenAI SDK on an in-process app's client (no retries: a test sees the
+    first answer)."""
+    return openai.AsyncOpenAI(base_url="http://serai/v1", api_key=key, http_client=http,
+                              max_retries=0)
 
 
 @asynccontextmanager

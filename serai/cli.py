@@ -122,9 +122,7 @@ def serve(
     """Serve the API (prepares the bundled model and the database on first start)."""
     import uvicorn
 
-    from serai import tracing
     from serai.app import create_app
-    from serai.crypto import ContentKeys
     from serai.engines.upstream import read_api_key
     from serai.models import admit_model
 
@@ -132,18 +130,19 @@ def serve(
              "model_name": model_name, "ray_address": ray}
     settings = _settings(**flags)
     _configure_logging(settings.log_level, settings.log_format)
+    def reread() -> Settings:  # on reload: the same flags over the new file and variables
+        return _with_model_file(load_settings(**flags))
+
     try:
-        tracing.configured(settings)  # SERAI_OTEL_ENDPOINT without the otel extra: say so
         for upstream in settings.upstreams:
             read_api_key(upstream)  # a missing key stops start-up with a plain message
         for entry in settings.models:  # refused here with a plain message, not at load
             if entry.path is not None or entry.sha256 is not None:
                 admit_model(entry.path, settings, sha256=entry.sha256, console=err)
         settings = _with_model_file(settings)
-        # A malformed content key stops start-up with a plain message (never the key itself).
-        ContentKeys.configured(
-            settings.secret_key.get_secret_value() if settings.secret_key else None,
-            settings.secret_key_file)
+        # Building the app opens nothing (its lifespan does), but refuses a malformed content
+        # key or SERAI_OTEL_ENDPOINT without the otel extra: a plain message, never the key.
+        app = create_app(settings, reread=reread, sighup=True)
     except (ValueError, ModelFileError) as exc:
         raise _fail(str(exc)) from None
     database = _database(settings)
@@ -173,10 +172,7 @@ def serve(
     err.print(f"Console on {scheme}://{settings.host}:{settings.port}/console "
               "(sign in with an admin key)")
 
-    def reread() -> Settings:  # on reload: the same flags over the new file and variables
-        return _with_model_file(load_settings(**flags))
-
-    config = uvicorn.Config(create_app(settings, reread=reread, sighup=True),
+    config = uvicorn.Config(app,
                             host=settings.host, port=settings.port, loop="uvloop",
                             http="httptools", log_config=None, access_log=False,
                             log_level=settings.log_level, timeout_graceful_shutdown=10,

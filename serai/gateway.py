@@ -298,31 +298,28 @@ class Gateway:
                     details={"model": request.model, "regions": list(regions or ())})
                 raise
             routing.set(deployment=ticket.deployment.id, region=ticket.deployment.region)
-        admitting = self.tracing.span("admission")
-        try:
-            size = await ticket.deployment.engine.measure(request)
+        with self.tracing.span("admission") as admitting:  # ends failed if this raises
+            try:
+                size = await ticket.deployment.engine.measure(request)
 
-            def reserve() -> Admission:
-                return self.limiter.reserve(key=key, request_id=request.request_id,
-                                            model=request.model, endpoint=endpoint,
-                                            prompt_tokens=size.prompt_tokens,
-                                            max_tokens=size.max_tokens)
+                def reserve() -> Admission:
+                    return self.limiter.reserve(key=key, request_id=request.request_id,
+                                                model=request.model, endpoint=endpoint,
+                                                prompt_tokens=size.prompt_tokens,
+                                                max_tokens=size.max_tokens)
 
-            async def give_back(admission: Admission) -> None:  # the client left meanwhile
-                await _give_back(self.limiter, admission)
+                async def give_back(admission: Admission) -> None:  # the client left meanwhile
+                    await _give_back(self.limiter, admission)
 
-            admission = await finish_or_undo(reserve, give_back)
-        except BaseException as error:
-            ticket.done()
-            if isinstance(error, SeraiError):
-                admitting.set(outcome="refused", reason=error_code(error))
-            else:  # the client left meanwhile (cancelled), or a bug
-                admitting.set(outcome="abandoned")
-            admitting.fail(error_code(error))
-            admitting.end()
-            raise
-        admitting.set(outcome="admitted", reserved_micros=admission.amount_micros)
-        admitting.end()
+                admission = await finish_or_undo(reserve, give_back)
+            except BaseException as error:
+                ticket.done()
+                if isinstance(error, SeraiError):
+                    admitting.set(outcome="refused", reason=error_code(error))
+                else:  # the client left meanwhile (cancelled), or a bug
+                    admitting.set(outcome="abandoned")
+                raise
+            admitting.set(outcome="admitted", reserved_micros=admission.amount_micros)
         tried = []
         while True:
             tried.append(ticket.deployment)

@@ -10,7 +10,6 @@ key, organization or content ever becomes one. docs/metrics.md lists every metri
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -41,17 +40,6 @@ ADMISSION_CODES = frozenset(str(error.code) for error in (
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
-
-
-@dataclass(frozen=True, slots=True)
-class _ModelSeries:
-    """One model's children of the token counters and latency histograms."""
-
-    input_tokens: Any
-    output_tokens: Any
-    ttft: Any
-    tpot: Any
-    duration: Any
 
 
 class Metrics:
@@ -85,10 +73,7 @@ class Metrics:
             buckets=DURATION_BUCKETS, registry=r)
         self._fleet = FleetState()
         r.register(self._fleet)
-        # Each labelled child once per label set: labels() takes a lock and builds a key on
-        # every call, which made up most of a request's metrics cost.
-        self._counted: dict[tuple[str, str, str], Any] = {}
-        self._per_model: dict[str, _ModelSeries] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def watch(self, *, router: Router, ledger: LedgerWriter) -> None:
         self._fleet.router = router
@@ -100,33 +85,45 @@ class Metrics:
         if protocol is None:
             return
         model = record.model or UNKNOWN_MODEL
-        labels = (model, protocol, str(record.status))
-        counted = self._counted.get(labels)
-        if counted is None:
-            counted = self._counted[labels] = self.requests.labels(*labels)
-        counted.inc()
+        self._child(self.requests, model, protocol, str(record.status)).inc()
         if record.error in ADMISSION_CODES:
-            self.rejections.labels(record.error).inc()
+            self._child(self.rejections, record.error).inc()
         if not record.ran:
             return
-        series = self._per_model.get(model)
-        if series is None:
-            series = self._per_model[model] = _ModelSeries(
-                *(metric.labels(model) for metric in (self.input_tokens, self.output_tokens,
-                                                      self.ttft, self.tpot, self.duration)))
-        series.input_tokens.inc(record.input_tokens or 0)
+        self._child(self.input_tokens, model).inc(record.input_tokens or 0)
         output = record.output_tokens or 0
-        series.output_tokens.inc(output)
-        if record.duration_s is not None:
-            series.duration.observe(record.duration_s)
+        self._child(self.output_tokens, model).inc(output)
+        duration = record.duration_s
+        assert duration is not None, "observed before record.end()"
+        self._child(self.duration, model).observe(duration)
         if (ttft := record.ttft_s) is not None:
-            series.ttft.observe(ttft)
-            if output > 1 and record.duration_s is not None:
-                series.tpot.observe((record.duration_s - ttft) / (output - 1))
+            self._child(self.ttft, model).observe(ttft)
+            if output > 1:
+                self._child(self.tpot, model).observe((duration - ttft) / (output - 1))
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """The metric's child for these label values. labels() takes a lock and builds a key
+        on every call, which made up most of a request's metrics cost: each child is looked
+        up once."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children[metric, labels] = metric.labels(*labels)
+        return child
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""
         return generate_latest(self.registry)
+
+
+# What an embedded engine reports (serai.engines.base.EngineStats field, metric, help).
+ENGINE_GAUGES = (
+    ("waiting", "serai_engine_waiting_requests",
+     "Requests waiting for a free sequence of an embedded engine."),
+    ("running", "serai_engine_running_sequences", "Sequences an embedded engine is decoding."),
+    ("kv_cache_usage", "serai_engine_kv_cache_usage_ratio",
+     "Share of an embedded engine's KV cache holding tokens (running sequences and prefixes "
+     "kept for reuse), 0 to 1."),
+)
 
 
 class FleetState(Collector):
@@ -146,15 +143,8 @@ class FleetState(Collector):
         outstanding = GaugeMetricFamily(
             "serai_deployment_outstanding_requests", "Requests a deployment holds now.",
             labels=labels)
-        waiting = GaugeMetricFamily(
-            "serai_engine_waiting_requests", "Requests waiting for a free sequence of an "
-            "embedded engine.", labels=labels)
-        running = GaugeMetricFamily(
-            "serai_engine_running_sequences", "Sequences an embedded engine is decoding.",
-            labels=labels)
-        kv_cache = GaugeMetricFamily(
-            "serai_engine_kv_cache_usage_ratio", "Share of an embedded engine's KV cache holding "
-            "tokens (running sequences and prefixes kept for reuse), 0 to 1.", labels=labels)
+        engine = {field: GaugeMetricFamily(name, help, labels=labels)
+                  for field, name, help in ENGINE_GAUGES}
         backlog = GaugeMetricFamily(
             "serai_ledger_backlog", "Usage rows waiting to be written to the database.")
         for deployment in self.router.all() if self.router is not None else ():
@@ -164,9 +154,8 @@ class FleetState(Collector):
             outstanding.add_metric(names, deployment.outstanding)
             if isinstance(deployment.engine, Reporting):
                 stats = deployment.engine.stats()
-                waiting.add_metric(names, stats.waiting)
-                running.add_metric(names, stats.running)
-                kv_cache.add_metric(names, stats.kv_cache_usage)
+                for field, family in engine.items():
+                    family.add_metric(names, getattr(stats, field))
         if self.ledger is not None:
             backlog.add_metric([], self.ledger.backlog)
-        yield from (up, outstanding, waiting, running, kv_cache, backlog)
+        yield from (up, outstanding, *engine.values(), backlog)

@@ -20,9 +20,11 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serai import __version__
+from serai.api.errors import is_anthropic
+from serai.request_log import RequestRecord
 from serai.tracing import Attribute, Span, Tracing, error_code
 
 # The W3C header itself, whatever propagator the process may have set globally.
@@ -56,8 +58,6 @@ class OtlpSpan(Span):
 
 
 class OtlpTracing(Tracing):
-    enabled = True
-
     def __init__(self, *, endpoint: str, service_name: str) -> None:
         self.traces_url = endpoint.rstrip("/") + "/v1/traces"
         self._resource = Resource.create({"service.name": service_name,
@@ -111,29 +111,23 @@ class RequestSpans:
         span = self.tracing.tracer.start_span(
             f"{scope['method']} {path}", context=parent, kind=SpanKind.SERVER, attributes={
                 "http.request.method": scope["method"], "url.path": path,
-                "serai.protocol": "anthropic" if path.startswith("/v1/messages") else "openai",
+                "serai.protocol": "anthropic" if is_anthropic(path) else "openai",
                 **({"serai.request_id": state["request_id"]} if "request_id" in state else {})})
         token = otel_context.attach(trace.set_span_in_context(span, parent))
-        status = 0
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        # RequestContext, outside this layer, keeps the request's record (serai/request_log.py):
+        # its status is set as the response starts, its key prefix by authentication.
+        record: RequestRecord = state["record"]
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, send)
         except BaseException as error:
             span.set_status(Status(StatusCode.ERROR, error_code(error)))
             raise
         finally:
-            if status:
+            if status := record.status:
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:  # a 4xx is the client's doing, not the server's failure
                     span.set_status(Status(StatusCode.ERROR, str(status)))
-            record = state.get("record")  # the request's record (serai/request_log.py)
-            if record is not None and record.key_prefix is not None:
+            if record.key_prefix is not None:
                 span.set_attribute("serai.key_prefix", record.key_prefix)
             span.end()
             otel_context.detach(token)

@@ -8,16 +8,15 @@ import logging
 import re
 import traceback
 
-from serai.accounts import KEY_SCHEME, PREFIX_LENGTH
+from serai.accounts import KEY_SCHEME, PREFIX_LENGTH, shown_prefix
 
 # The scheme, the part of the random string a prefix shows, then at least one more character:
 # a prefix already cut ("sk-serai-abcdef…") does not match again.
-_KEY = re.compile(re.escape(KEY_SCHEME) + rf"([A-Za-z0-9_-]{{{PREFIX_LENGTH - len(KEY_SCHEME)}}})"
-                  r"[A-Za-z0-9_-]+")
+_KEY = re.compile(re.escape(KEY_SCHEME) + rf"[A-Za-z0-9_-]{{{PREFIX_LENGTH - len(KEY_SCHEME) + 1},}}")
 
 
 def mask(text: str) -> str:
-    return _KEY.sub(lambda match: f"{KEY_SCHEME}{match[1]}…", text)
+    return _KEY.sub(lambda match: shown_prefix(match[0]), text)
 
 
 class KeyMask(logging.Filter):

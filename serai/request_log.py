@@ -18,6 +18,7 @@ from typing import Any, Literal, TextIO
 import orjson
 
 from serai import redaction
+from serai.accounts import KEY_SCHEME
 
 log = logging.getLogger("serai.requests")
 
@@ -94,7 +95,7 @@ def write(record: RequestRecord) -> None:
     fields (attached to the log record as `request`) as one object."""
     fields = record.fields()
     text = " ".join(f"{name}={'-' if value is None else value}" for name, value in fields.items()
-                    if value is not None or name in ("status", "key_prefix"))
+                    if value is not None or name == "key_prefix")
     log.info("%s", text, extra={"request": fields})
 
 
@@ -103,15 +104,16 @@ class JsonLines(logging.Formatter):
     exception), plus the fields of a request line. Keys are masked in the whole line again."""
 
     def format(self, record: logging.LogRecord) -> str:
+        request = getattr(record, "request", None)
         line: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            # A request line's fields say it all; its message just names it.
+            "message": f"{request['method']} {request['path']} {request['status']}"
+            if isinstance(request, dict) else record.getMessage(),
         }
-        request = getattr(record, "request", None)
-        if isinstance(request, dict):  # the fields say it all; the message just names it
-            line["message"] = f"{request['method']} {request['path']} {request['status']}"
+        if isinstance(request, dict):
             line.update(request)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
@@ -119,7 +121,9 @@ class JsonLines(logging.Formatter):
             line["exception"] = record.exc_text
         if record.stack_info:
             line["stack"] = record.stack_info
-        return redaction.mask(orjson.dumps(line, default=str).decode())
+        text = orjson.dumps(line, default=str).decode()
+        # The request fields never went through the record factory's masking.
+        return redaction.mask(text) if KEY_SCHEME in text else text
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

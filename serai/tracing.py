@@ -65,8 +65,6 @@ NO_SPAN = Span()
 class Tracing:
     """Starts the spans of the request being served. This class is tracing that is off."""
 
-    enabled = False
-
     def span(self, name: str, **attributes: Attribute) -> Span:
         """A span in the current request's trace, started now (ended by the caller)."""
         return NO_SPAN

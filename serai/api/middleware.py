@@ -43,12 +43,10 @@ class RequestContext:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["record"] = record
-        status = 0
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                record.status = message["status"]
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 headers.append((b"request-id", request_id.encode()))
@@ -64,7 +62,7 @@ class RequestContext:
             unanswered = 500
             raise
         finally:
-            record.end(status or unanswered)
+            record.end(record.status or unanswered)
             if self.metrics is not None:
                 self.metrics.observe(record)
             request_log.write(record)

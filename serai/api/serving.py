@@ -19,7 +19,7 @@ from starlette.responses import Response
 from serai.accounts import KeyInfo
 from serai.api.errors import json_response
 from serai.api.sse import ClientDisconnected, EventStreamResponse, until_disconnect
-from serai.errors import SeraiError, UnknownModel
+from serai.errors import SeraiError
 from serai.gateway import Gateway, Run
 from serai.idempotency import IdempotentCall
 from serai.request_log import RequestRecord
@@ -58,7 +58,8 @@ async def serve(
     renders from the whole answer (handed to `keep` before it is sent, when given: stored
     completions). A client gone before the answer is ready gets a 499."""
     record: RequestRecord = request.state.record
-    record.model = generation.model if _serves(gateway, generation.model) else None
+    # Only a name this server serves becomes a label or a log field.
+    record.model = generation.model if gateway.router.serves(generation.model) else None
     try:
         run = await until_disconnect(request.receive, gateway.start(
             key=key, request=generation, endpoint=endpoint, idempotency=idempotency))
@@ -88,15 +89,6 @@ async def serve(
     if keep is not None:
         await keep(rendered)
     return json_response(200, rendered, headers=headers)
-
-
-def _serves(gateway: Gateway, model: str) -> bool:
-    """Whether `model` is a name this server serves: only those become a label or a log field."""
-    try:
-        gateway.router.deployments(model)
-    except UnknownModel:
-        return False
-    return True
 
 
 def _note(record: RequestRecord, run: Run) -> None:

@@ -144,6 +144,9 @@ class Router:
         """Every deployment, in the order they were added."""
         return list(self._by_id.values())
 
+    def serves(self, model: str) -> bool:
+        return model in self._models
+
     def deployments(self, model: str) -> list[Deployment]:
         try:
             return self._models[model]

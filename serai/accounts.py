@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from serai import audit
 from serai import retention as retention_policy
-from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
+from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound, PermissionDenied
 from serai.retention import ZERO, Retention
 from serai.storage.db import utc
 from serai.storage.named import claim_name, find_named, row_id
@@ -65,6 +65,20 @@ class KeyInfo:
     def shown(self) -> str:
         """The key as errors, logs and the audit log name it: its prefix and an ellipsis."""
         return self.prefix + "…"
+
+    def may_use(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+    @property
+    def usable_models(self) -> str:
+        """The models a key limited to some may use, as its refusals list them."""
+        return ", ".join(self.allowed_models or ()) or "none"
+
+    def check_may_use(self, model: str) -> None:
+        """Admission's refusal of a model the key is not allowed (either limits backend)."""
+        if not self.may_use(model):
+            raise PermissionDenied(f"This key may not use the model {model!r}; it may use: "
+                                   f"{self.usable_models}.", param="model")
 
     @property
     def revoked(self) -> bool:
@@ -501,7 +515,7 @@ def redeem_code(*, session: Session, org_id: int, code: str) -> OrgInfo:
         raise NotFound("No such redemption code. Check it was typed in full.", param="code")
     if row.disabled:
         raise InvalidRequest("This redemption code was disabled.", param="code")
-    if row.expires_at is not None and utc(row.expires_at) <= datetime.now(UTC):
+    if row.expires_at is not None and has_expired(row.expires_at):
         raise InvalidRequest(f"This redemption code expired at "
                              f"{utc(row.expires_at):%Y-%m-%d %H:%M} UTC.", param="code")
     # The claim is one conditional UPDATE: of two redemptions at once, one changes the row.

@@ -78,10 +78,6 @@ class ContentKeys:
             keys += parse_keys(text, source=f"SERAI_SECRET_KEY_FILE {secret_key_file}")
         return cls(keys) if keys else None
 
-    @property
-    def current_id(self) -> str:
-        return self._current[0]
-
     def seal(self, plaintext: bytes, *, context: bytes) -> Sealed:
         """Encrypt with the newest key; `context` (what the content belongs to) is
         authenticated, so a ciphertext moved to another row does not open."""

@@ -221,13 +221,13 @@ class IdempotentCall:
     """
 
     def __init__(self, *, idempotency_key: str, request_hash: str,
-                 abandoned_after_s: float, memory: ResponsesInMemory | None = None,
+                 abandoned_after_s: float, memory: ResponsesInMemory,
                  keys: ContentKeys | None = None) -> None:
         self.idempotency_key = idempotency_key
         self._keys = keys
         self.request_hash = request_hash
         self._abandoned_after_s = abandoned_after_s
-        self._memory = memory if memory is not None else ResponsesInMemory()
+        self._memory = memory  # the process's: a twin request must find the same one
         self._claim: _Claim | None = None
         self._run: Run | None = None
         self._in_memory = False

@@ -26,7 +26,15 @@ from sqlalchemy.orm import Session
 
 from serai.accounts import KeyInfo
 from serai.errors import PermissionDenied, QuotaExceeded, RateLimited
-from serai.plans import MILLI, Pricing, Window, multiplier_milli, peak_multiplier_milli
+from serai.plans import (
+    MILLI,
+    WINDOW_COLUMN,
+    WINDOW_SCALE,
+    Pricing,
+    Window,
+    multiplier_milli,
+    peak_multiplier_milli,
+)
 from serai.storage.tables import Organization, Plan, Price, PriceBook, Reservation, UsageRow
 from serai.windows import Totals, WindowReader, WindowUse
 
@@ -121,9 +129,7 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
           prompt_tokens: int, max_tokens: int) -> Admission:
     """Check every limit and hold this request's worst case; raises RateLimited or
     QuotaExceeded (or PermissionDenied) without holding anything."""
-    if key.allowed_models is not None and model not in key.allowed_models:
-        raise PermissionDenied(f"This key may not use the model {model!r}; it may use: "
-                               f"{', '.join(key.allowed_models) or 'none'}.", param="model")
+    key.check_may_use(model)
     if key.org_id is None:
         return UNMETERED  # platform operators are not billed
     org = _lock_org(session, key.org_id)
@@ -180,13 +186,11 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
 
     # The plan's rolling quota windows.
     needs = {"requests": mult, "tokens": worst_tokens * mult, "credits": amount}
-    columns = {"requests": "requests_milli", "tokens": "tokens_milli", "credits": "cost_micros"}
-    scale = {"requests": MILLI, "tokens": MILLI, "credits": 1}
     for raw in (plan.windows if plan is not None else []):
         window = Window.parse(raw)
-        use = windows.use(columns[window.metric], key=False,
+        use = windows.use(WINDOW_COLUMN[window.metric], key=False,  # type: ignore[arg-type]
                           since_ms=now_ms - window.seconds * 1000)
-        limit = window.limit * scale[window.metric]
+        limit = window.limit * WINDOW_SCALE[window.metric]
         if use.used + needs[window.metric] > limit:
             raise QuotaExceeded(
                 f"The plan {plan.name} allows {window.limit} {window.metric} per "  # type: ignore[union-attr]
@@ -194,7 +198,7 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
                 f"older requests leave the window.")
         if window.metric in ("requests", "tokens"):
             note(window.metric, window.limit, (limit - use.used - needs[window.metric])
-                 // scale[window.metric], reset_after(now_ms, use, window.seconds))
+                 // WINDOW_SCALE[window.metric], reset_after(now_ms, use, window.seconds))
 
     # Prepaid money: settled balance minus what running requests hold.
     if charged:

@@ -41,7 +41,7 @@ from serai.ledger import (
     sweep_reservations,
     write_usage,
 )
-from serai.plans import MILLI, Window, multiplier_milli
+from serai.plans import MILLI, WINDOW_SCALE, Window, multiplier_milli
 from serai.storage.db import Database
 from serai.storage.tables import Organization, Plan, Reservation, UsageRow
 
@@ -323,9 +323,7 @@ class RedisLimiter:
 
     def reserve(self, *, key: KeyInfo, request_id: str, model: str, endpoint: str,
                 prompt_tokens: int, max_tokens: int) -> Admission:
-        if key.allowed_models is not None and model not in key.allowed_models:
-            raise PermissionDenied(f"This key may not use the model {model!r}; it may use: "
-                                   f"{', '.join(key.allowed_models) or 'none'}.", param="model")
+        key.check_may_use(model)
         if key.org_id is None:
             return UNMETERED  # platform operators are not billed
         org_id = key.org_id
@@ -444,7 +442,6 @@ class RedisLimiter:
         needs = {"requests": mult, "tokens": worst * mult, "credits": amount}
         where = {"requests": (_W_REQ, "rm"), "tokens": (_W_TOK, "tm"),
                  "credits": (_W_CREDITS, "amount")}
-        scale = {"requests": MILLI, "tokens": MILLI, "credits": 1}
         longest = MINUTE_S
         for raw in (plan.windows if plan is not None else []):
             window = Window.parse(raw)
@@ -456,10 +453,10 @@ class RedisLimiter:
                     f"{format_wait(window.seconds)}, and {org.name} has used them. It frees up as "
                     f"older requests leave the window.")
             set_index, field = where[window.metric]
-            note = ((window.metric, window.limit, scale[window.metric])
+            note = ((window.metric, window.limit, WINDOW_SCALE[window.metric])
                     if window.metric in ("requests", "tokens") else None)
             checks.append(_Check("sum", set_index, field, window.seconds * 1000,
-                                 needs[window.metric], window.limit * scale[window.metric],
+                                 needs[window.metric], window.limit * WINDOW_SCALE[window.metric],
                                  used_up, note))
 
         if charged:

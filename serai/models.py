@@ -42,7 +42,7 @@ def prepare_bundled_model(models_dir: Path, console: Console | None = None) -> P
     models_dir.mkdir(parents=True, exist_ok=True)
     if target.exists():
         with console.status("Checking the bundled model…"):
-            if bundled._sha256_file(target) == bundled.EXPECTED_SHA256:
+            if file_sha256(target) == bundled.EXPECTED_SHA256:  # once per version of the file
                 return target
         target.unlink()
 

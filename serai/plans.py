@@ -25,6 +25,13 @@ METRICS: tuple[Metric, ...] = ("requests", "tokens", "credits")
 MILLI = 1000
 PER_MILLION = 1_000_000
 
+# What a window of each metric counts: the usage rows' running total it reads (serai/windows.py)
+# and the scale of its units: requests and tokens in thousandths (a model's multiplier may count
+# a request as 1.5), credits in micro-units.
+WINDOW_COLUMN: dict[str, str] = {"requests": "requests_milli", "tokens": "tokens_milli",
+                                 "credits": "cost_micros"}
+WINDOW_SCALE: dict[str, int] = {"requests": MILLI, "tokens": MILLI, "credits": 1}
+
 
 @dataclass(frozen=True, slots=True)
 class Window:

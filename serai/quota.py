@@ -9,14 +9,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from serai.ledger import db_now_ms
-from serai.plans import MILLI, Window
-from serai.windows import Metric, WindowReader
-
-# The running total each plan metric is counted in, and its scale (requests and tokens are
-# kept in thousandths, so a model's multiplier can count a request as 1.5).
-_COUNTED: dict[str, tuple[Metric, int]] = {"requests": ("requests_milli", MILLI),
-                                           "tokens": ("tokens_milli", MILLI),
-                                           "credits": ("cost_micros", 1)}
+from serai.plans import WINDOW_COLUMN, WINDOW_SCALE, Window
+from serai.windows import WindowReader
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +36,9 @@ def window_states(*, session: Session, org_id: int, windows: list[Window]) -> li
     reader = WindowReader(session, org_id=org_id, key_id=0)
     states = []
     for window in windows:
-        metric, scale = _COUNTED[window.metric]
-        use = reader.use(metric, key=False, since_ms=now - window.seconds * 1000)
+        scale = WINDOW_SCALE[window.metric]
+        use = reader.use(WINDOW_COLUMN[window.metric], key=False,  # type: ignore[arg-type]
+                         since_ms=now - window.seconds * 1000)
         frees = None if use.oldest_ms is None else use.oldest_ms + window.seconds * 1000
         states.append(WindowState(window, -(-use.used // scale), now, frees))
     return states

@@ -10,12 +10,12 @@ a request runs under is the stricter of the two.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from serai.errors import InvalidRequest
 
 Policy = Literal["zero", "store"]
-POLICIES: tuple[str, ...] = ("zero", "store")
+POLICIES: tuple[str, ...] = get_args(Policy)
 MAX_DAYS = 3650
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from starlette.responses import Response
 
 from serai import accounts, audit, invoices, plans, quota, traffic
+from serai import retention as retention_policy
 from serai.accounts import CodeInfo, KeyInfo, OrgInfo
 from serai.api.deps import AdminScope, ScopeDep, ServicesDep
 from serai.api.errors import json_response
@@ -92,7 +93,7 @@ class OrgUpdate(_Strict):
     allowed_regions: list[Region] | None = Field(
         None, description="Regions whose deployments may serve the organization; null or [] "
         "lifts the restriction.")
-    retention: Literal["zero", "store"] | None = Field(
+    retention: retention_policy.Policy | None = Field(
         None, description="What may be kept of its calls' content: 'zero' (nothing) or 'store' "
         "(stored completions, for retention_days).")
     retention_days: Annotated[int, Field(ge=1, le=MAX_RETENTION_DAYS)] | None = None
@@ -316,7 +317,7 @@ class KeyUpdate(_Strict):
     expires_at: datetime | None = None
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
-    retention: Literal["zero", "store"] | None = Field(
+    retention: retention_policy.Policy | None = Field(
         None, description="A retention stricter than the organization's; null follows the "
         "organization's.")
     retention_days: Annotated[int, Field(ge=1, le=MAX_RETENTION_DAYS)] | None = None

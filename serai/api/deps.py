@@ -84,7 +84,7 @@ async def current_key(request: Request, services: ServicesDep) -> KeyInfo:
     record.org_id, record.key_prefix = key.org_id, key.prefix
     client = request.client.host if request.client is not None else None
     if not accounts.client_allowed(key, client):
-        raise PermissionDenied(f"The API key {key.prefix}… may not be used from {client}; ask "
+        raise PermissionDenied(f"The API key {key.shown} may not be used from {client}; ask "
                                f"its owner to allow your network.")
     return key
 

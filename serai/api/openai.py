@@ -503,7 +503,7 @@ async def list_models(key: KeyDep, services: ServicesDep) -> Response:
     """Lists the models this key may use: those with a deployment in a region the key's
     organization may use, and among its allowed models if it has a list of them."""
     models = [m for m in services.gateway.router.models(regions=key.allowed_regions)
-              if key.allowed_models is None or m.name in key.allowed_models]
+              if key.may_use(m.name)]
     return json_response(200, {"object": "list", "data": [_model_object(m) for m in models]})
 
 
@@ -511,8 +511,8 @@ async def list_models(key: KeyDep, services: ServicesDep) -> Response:
 async def retrieve_model(model_id: str, key: KeyDep, services: ServicesDep) -> Response:
     """Describes one model (404 if no deployment of it is in the key's regions, or the key may
     not use it)."""
-    if key.allowed_models is not None and model_id not in key.allowed_models:
+    if not key.may_use(model_id):
         raise UnknownModel(f"The model {model_id!r} is not one this key may use; it may use: "
-                           f"{', '.join(key.allowed_models) or 'none'}.", param="model")
+                           f"{key.usable_models}.", param="model")
     model = services.gateway.router.model(model_id, regions=key.allowed_regions)
     return json_response(200, _model_object(model))

@@ -251,7 +251,8 @@ def adjust_balance(*, session: Session, org_id: int, amount_micros: int, kind: s
     return find_org(session=session, ref=org_id)
 
 
-def _hash(secret: str) -> str:
+def secret_hash(secret: str) -> str:
+    """What is stored of a secret (a key, a session token): its SHA-256."""
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -278,7 +279,7 @@ def create_key(*, session: Session, name: str, is_admin: bool = False, org_id: i
     elif org_id is None:
         org_id = default_org(session=session).id
     secret = KEY_SCHEME + secrets.token_urlsafe(32)
-    row = ApiKey(name=name, prefix=secret[:PREFIX_LENGTH], secret_hash=_hash(secret),
+    row = ApiKey(name=name, prefix=secret[:PREFIX_LENGTH], secret_hash=secret_hash(secret),
                  is_admin=is_admin, org_id=org_id, role=role, allowed_models=allowed_models,
                  expires_at=expires_at, rpm=rpm, tpm=tpm,
                  allowed_cidrs=check_cidrs(allowed_cidrs) if allowed_cidrs else None)
@@ -295,7 +296,7 @@ def authenticate(*, session: Session, secret: str) -> KeyInfo:
     """The key this secret belongs to; AuthenticationFailed if none, or if it was revoked."""
     if not secret.startswith(KEY_SCHEME) or len(secret) < PREFIX_LENGTH:
         raise AuthenticationFailed(_bad_key_message(secret))
-    wanted = _hash(secret)
+    wanted = secret_hash(secret)
     rows = session.scalars(select(ApiKey).where(ApiKey.prefix == secret[:PREFIX_LENGTH])).all()
     match = None
     for row in rows:  # compare every candidate, in constant time, so timing reveals nothing
@@ -303,11 +304,8 @@ def authenticate(*, session: Session, secret: str) -> KeyInfo:
             match = row
     if match is None:
         raise AuthenticationFailed(_bad_key_message(secret))
-    if match.revoked_at is not None:
-        raise AuthenticationFailed(f"The API key {match.prefix}… has been revoked.")
-    if match.expires_at is not None and has_expired(match.expires_at):
-        raise AuthenticationFailed(f"The API key {match.prefix}… expired at "
-                                   f"{utc(match.expires_at):%Y-%m-%d %H:%M} UTC.")
+    if (dead := why_unusable(match)) is not None:
+        raise AuthenticationFailed(dead)
     info = key_info(match)
     org = session.get(Organization, match.org_id) if match.org_id is not None else None
     if org is not None:
@@ -315,6 +313,15 @@ def authenticate(*, session: Session, secret: str) -> KeyInfo:
             info, allowed_regions=list(org.allowed_regions) if org.allowed_regions else None,
             effective_retention=retention_policy.effective(_org_retention(org), info.retention))
     return info
+
+
+def why_unusable(row: ApiKey) -> str | None:
+    """Why a key can no longer be used (revoked, expired), or None while it can."""
+    if row.revoked_at is not None:
+        return f"The API key {row.prefix}… has been revoked."
+    if row.expires_at is not None and has_expired(row.expires_at):
+        return f"The API key {row.prefix}… expired at {utc(row.expires_at):%Y-%m-%d %H:%M} UTC."
+    return None
 
 
 def has_expired(expires_at: datetime) -> bool:
@@ -476,7 +483,7 @@ def generate_codes(*, session: Session, count: int, amount_micros: int, batch: s
     minted = []
     for _ in range(count):
         code = CODE_SCHEME + secrets.token_hex(12)
-        row = RedemptionCode(prefix=code[:CODE_PREFIX_LENGTH], code_hash=_hash(code),
+        row = RedemptionCode(prefix=code[:CODE_PREFIX_LENGTH], code_hash=secret_hash(code),
                              batch=batch, amount_micros=amount_micros, expires_at=expires_at,
                              disabled=False)
         session.add(row)
@@ -510,7 +517,7 @@ def disable_codes(*, session: Session, batch: str) -> int:
 def redeem_code(*, session: Session, org_id: int, code: str) -> OrgInfo:
     """Credit a code's amount to the organization; a code is redeemed once, ever."""
     code = code.strip()
-    row = session.scalar(select(RedemptionCode).where(RedemptionCode.code_hash == _hash(code)))
+    row = session.scalar(select(RedemptionCode).where(RedemptionCode.code_hash == secret_hash(code)))
     if row is None:
         raise NotFound("No such redemption code. Check it was typed in full.", param="code")
     if row.disabled:

@@ -12,6 +12,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from serai.ledger import db_now_ms
+from serai.storage.db import iso_from_ms
 from serai.storage.tables import UsageRow
 
 MINUTE_MS = 60_000
@@ -58,7 +59,7 @@ class Minute:
     failed: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"start": datetime.fromtimestamp(self.start_ms / 1000, UTC).isoformat(),
+        return {"start": iso_from_ms(self.start_ms),
                 "requests": self.requests, "output_tokens": self.output_tokens,
                 "failed": self.failed}
 

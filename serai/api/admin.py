@@ -29,7 +29,7 @@ from serai.api.errors import json_response
 from serai.engines.router import Deployment
 from serai.errors import InvalidRequest, NotFound, PermissionDenied
 from serai.retention import MAX_DAYS as MAX_RETENTION_DAYS
-from serai.storage.db import utc
+from serai.storage.db import iso_from_ms, utc
 from serai.storage.tables import Plan, PriceBook, Reservation
 
 router = APIRouter(prefix="/admin/v1", tags=["Admin"])
@@ -333,8 +333,11 @@ def _key_object(key: KeyInfo) -> dict[str, Any]:
             "created_at": _time(key.created_at), "revoked_at": _time(key.revoked_at)}
 
 
-# Which roles each role may hand out inside its organization.
-_GRANTS = {"owner": {None, "owner", "admin", "viewer"}, "admin": {None, "viewer"}}
+# Which roles each role may hand out inside its organization (None: a model key), in the order
+# the console offers them; an operator may hand out what an owner may.
+GRANTS: dict[str, tuple[str | None, ...]] = {"owner": (None, "viewer", "admin", "owner"),
+                                             "admin": (None, "viewer")}
+GRANTS["operator"] = GRANTS["owner"]
 
 
 @router.post("/keys", status_code=201)
@@ -350,7 +353,7 @@ async def create_key(body: KeyCreate, scope: ScopeDep, services: ServicesDep) ->
         scope.change(org_id, f"organization {org_id}")
         if body.admin and role is None:
             role = "admin"
-        if role not in _GRANTS.get(scope.key.role or "", set()):
+        if role not in GRANTS.get(scope.key.role or "", ()):
             raise PermissionDenied(f"A key with role {scope.key.role} cannot create "
                                    f"{'a ' + role if role else 'a model'} key.", param="role")
 
@@ -701,7 +704,7 @@ async def platform_traffic(scope: ScopeDep, services: ServicesDep) -> Response:
     found = await in_session(services, None, lambda s: traffic.traffic(session=s))
     return json_response(200, {
         "object": "traffic",
-        "now": datetime.fromtimestamp(found.now_ms / 1000, UTC).isoformat(),
+        "now": iso_from_ms(found.now_ms),
         "windows": [rates.as_dict() for rates in found.rates],
         "minutes": [minute.as_dict() for minute in found.minutes]})
 

@@ -133,9 +133,13 @@ class AdminScope:
         if not self.operator and (org_id is None or org_id != self.key.org_id):
             raise NotFound(f"No {what}.")
 
+    @property
+    def may_change(self) -> bool:
+        return self.key.role != "viewer"
+
     def change(self, org_id: int | None, what: str) -> None:
         self.see(org_id, what)
-        if self.key.role == "viewer":
+        if not self.may_change:
             raise PermissionDenied("This admin key has the viewer role: it can read, not change. "
                                    "Ask an owner or admin of your organization.")
 

@@ -23,6 +23,7 @@ from serai.console.web import (
     UserDep,
     admin_call,
     error_status,
+    form_text,
     problem,
     render,
     scope_of,
@@ -31,25 +32,12 @@ from serai.errors import NotFound, SeraiError
 
 router = APIRouter(prefix="/console/orgs/{org_id}", include_in_schema=False)
 
-# Which keys each role may create here, as the admin API's grants allow.
-_KEY_KINDS = {"operator": ["model", "viewer", "admin", "owner"],
-              "owner": ["model", "viewer", "admin", "owner"], "admin": ["model", "viewer"]}
-
-
 async def _org(org_id: int, user: Any, services: Any) -> dict[str, Any]:
     org: dict[str, Any] = await admin_call(admin.get_organization(org_id, scope_of(user), services))
     return org
 
 
-def _can_change(user: Any) -> bool:
-    return user.key.role != "viewer"
-
-
 # -- usage ------------------------------------------------------------------------------------
-
-
-def _day_ms(day: str) -> int:
-    return int(datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp())
 
 
 def usage_chart(lines: list[dict[str, Any]], start: date, end: date) -> dict[str, Any]:
@@ -63,7 +51,8 @@ def usage_chart(lines: list[dict[str, Any]], start: date, end: date) -> dict[str
         if line["date"] in index:
             tokens[line["model"]][index[line["date"]]] += (line["input_tokens"]
                                                           + line["output_tokens"])
-    return {"x": [_day_ms(day) for day in days], "unit": "tokens",
+    first_s = int(datetime(start.year, start.month, start.day, tzinfo=UTC).timestamp())
+    return {"x": [first_s + n * 86_400 for n in range(len(days))], "unit": "tokens",  # seconds
             "series": [{"label": model, "values": tokens[model]} for model in models]}
 
 
@@ -114,7 +103,8 @@ async def _keys_page(request: Request, org_id: int, user: Any, services: Any, *,
     keys = sorted(found["data"], key=lambda key: (key["revoked_at"] is not None, -key["id"]))
     models = services.gateway.router.models(regions=org["allowed_regions"])
     return render(request, "keys.html", user, status=status, org=org, keys=Page.of(keys, page),
-                  can_change=_can_change(user), kinds=_KEY_KINDS.get(user.key.role or "", []),
+                  can_change=scope_of(user).may_change,
+                  kinds=[role or "model" for role in admin.GRANTS.get(user.key.role or "", ())],
                   api_base=f"{str(request.base_url).rstrip('/')}/v1",
                   first_model=models[0].name if models else None, **context)
 
@@ -128,9 +118,9 @@ async def keys(request: Request, org_id: int, user: UserDep, services: ServicesD
 @router.post("/keys")
 async def create_key(request: Request, org_id: int, user: UserDep, form: FormDep,
                      services: ServicesDep) -> Response:
-    kind = str(form.get("kind") or "model")
+    kind = form_text(form, "kind") or "model"
     try:
-        body = admin.KeyCreate(name=str(form.get("name") or "").strip(), org_id=org_id,
+        body = admin.KeyCreate(name=form_text(form, "name"), org_id=org_id,
                                role=None if kind == "model" else kind)  # type: ignore[arg-type]
         made = await admin_call(admin.create_key(body, scope_of(user), services))
     except REFUSALS as error:
@@ -169,11 +159,12 @@ async def plan(request: Request, org_id: int, user: UserDep, services: ServicesD
 # -- invoices ---------------------------------------------------------------------------------
 
 
-def _months(count: int = 12) -> list[str]:
+def _months() -> list[str]:
+    """The last twelve months, this one first."""
     today = datetime.now(UTC).date()
     year, month = today.year, today.month
     months = []
-    for _ in range(count):
+    for _ in range(12):
         months.append(f"{year:04d}-{month:02d}")
         year, month = (year, month - 1) if month > 1 else (year - 1, 12)
     return months
@@ -193,8 +184,9 @@ async def invoice(org_id: int, month: str, format: str, user: UserDep,
         raise NotFound("An invoice downloads as .csv or .json.")
     response = await admin.organization_invoice(org_id, month, scope_of(user), services,
                                                 format=format)  # type: ignore[arg-type]
-    response.headers["content-disposition"] = (
-        f'attachment; filename="invoice-{org_id}-{month}.{format}"')
+    if format == "json":  # the CSV already downloads as a file
+        response.headers["content-disposition"] = (
+            f'attachment; filename="invoice-{org_id}-{month}.json"')
     return response
 
 
@@ -211,18 +203,16 @@ async def settings(request: Request, org_id: int, user: UserDep,
 @router.post("/settings")
 async def change_settings(request: Request, org_id: int, user: UserDep, form: FormDep,
                           services: ServicesDep) -> Response:
-    regions = [part.strip() for part in str(form.get("allowed_regions") or "").split(",")
+    regions = [part.strip() for part in form_text(form, "allowed_regions").split(",")
                if part.strip()]
-    retention = str(form.get("retention") or "zero")
-    days = str(form.get("retention_days") or "").strip() if retention == "store" else ""
+    retention = form_text(form, "retention") or "zero"
+    days = form_text(form, "retention_days") if retention == "store" else ""
     try:
         body = admin.OrgUpdate(allowed_regions=regions or None,
                                retention=retention,  # type: ignore[arg-type]
                                retention_days=days or None)  # type: ignore[arg-type]
-        await admin_call(admin.update_organization(org_id, body, scope_of(user), services))
+        org = await admin_call(admin.update_organization(org_id, body, scope_of(user), services))
     except REFUSALS as error:
-        org = await _org(org_id, user, services)
-        return render(request, "settings.html", user, status=error_status(error), org=org,
-                      error=problem(error))
-    org = await _org(org_id, user, services)
+        return render(request, "settings.html", user, status=error_status(error),
+                      org=await _org(org_id, user, services), error=problem(error))
     return render(request, "settings.html", user, org=org, notice="Settings saved.")

@@ -26,27 +26,23 @@ from serai.console.web import (
     UserDep,
     admin_call,
     error_status,
+    form_text,
     problem,
     render,
     scope_of,
 )
 from serai.errors import InvalidRequest
-from serai.plans import parse_duration
+from serai.plans import METRICS, parse_duration
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 
 WINDOW_ROWS = 3  # window rows the plan form offers; empty ones are ignored
-METRICS = ("requests", "tokens", "credits")
 
-
-def _text(form: FormData, name: str) -> str:
-    value = form.get(name)
-    return value.strip() if isinstance(value, str) else ""
 
 
 def _id_or_none(form: FormData, name: str) -> str | None:
     """A select's value: "" is "none", anything else goes to the API's model to check."""
-    return _text(form, name) or None
+    return form_text(form, name) or None
 
 
 def _micros(text: str, what: str) -> int:
@@ -113,7 +109,7 @@ async def organizations(request: Request, user: UserDep, services: ServicesDep,
 async def create_organization(request: Request, user: UserDep, form: FormDep,
                               services: ServicesDep) -> Response:
     try:
-        body = admin.OrgCreate(name=_text(form, "name"),
+        body = admin.OrgCreate(name=form_text(form, "name"),
                                plan_id=_id_or_none(form, "plan_id"),  # type: ignore[arg-type]
                                price_book_id=_id_or_none(form, "price_book_id"))  # type: ignore[arg-type]
         made = await admin_call(admin.create_organization(body, scope_of(user), services))
@@ -125,9 +121,12 @@ async def create_organization(request: Request, user: UserDep, form: FormDep,
 
 
 async def _organization_page(request: Request, org_id: int, user: Any, services: Any, *,
-                             status: int = 200, **context: Any) -> Response:
+                             status: int = 200, org: dict[str, Any] | None = None,
+                             **context: Any) -> Response:
+    """An organization's page; `org`: its object as a change just returned it."""
     all_plans, books = await _catalogue(user, services)
-    org = await admin_call(admin.get_organization(org_id, scope_of(user), services))
+    if org is None:
+        org = await admin_call(admin.get_organization(org_id, scope_of(user), services))
     balance = await admin_call(admin.get_balance(org_id, scope_of(user), services))
     book = next((b for b in books if b["id"] == org["price_book_id"]), None)
     return render(request, "organization_admin.html", user, status=status, org=org,
@@ -148,19 +147,21 @@ async def change_organization(request: Request, org_id: int, user: UserDep, form
         body = admin.OrgUpdate(plan_id=_id_or_none(form, "plan_id"),  # type: ignore[arg-type]
                                price_book_id=_id_or_none(form, "price_book_id"),  # type: ignore[arg-type]
                                disabled=form.get("disabled") is not None)
-        await admin_call(admin.update_organization(org_id, body, scope_of(user), services))
+        changed = await admin_call(admin.update_organization(org_id, body, scope_of(user),
+                                                             services))
     except REFUSALS as error:
         return await _organization_page(request, org_id, user, services,
                                         status=error_status(error), error=problem(error))
-    return await _organization_page(request, org_id, user, services, notice="Saved.")
+    return await _organization_page(request, org_id, user, services, org=changed,
+                                    notice="Saved.")
 
 
 @router.post("/organizations/{org_id}/balance")
 async def top_up(request: Request, org_id: int, user: UserDep, form: FormDep,
                  services: ServicesDep) -> Response:
     try:
-        body = admin.BalanceChange(amount_micros=_micros(_text(form, "amount"), "Amount"),
-                                   reason=_text(form, "reason"), kind="topup")
+        body = admin.BalanceChange(amount_micros=_micros(form_text(form, "amount"), "Amount"),
+                                   reason=form_text(form, "reason"), kind="topup")
         changed = await admin_call(admin.change_balance(org_id, body, scope_of(user), services))
     except REFUSALS as error:
         return await _organization_page(request, org_id, user, services,
@@ -190,7 +191,7 @@ def _windows(form: FormData) -> list[dict[str, Any]]:
     """The form's window rows; a row without limit and length is ignored."""
     windows = []
     for n in range(WINDOW_ROWS):
-        limit, length = _text(form, f"limit_{n}"), _text(form, f"seconds_{n}")
+        limit, length = form_text(form, f"limit_{n}"), form_text(form, f"seconds_{n}")
         if not limit and not length:
             continue
         try:
@@ -198,7 +199,7 @@ def _windows(form: FormData) -> list[dict[str, Any]]:
         except ValueError:
             raise InvalidRequest(f"Window {n + 1}: write its length as seconds or like 30m, "
                                  f"5h, 7d.") from None
-        windows.append({"metric": _text(form, f"metric_{n}"), "limit": limit,
+        windows.append({"metric": form_text(form, f"metric_{n}"), "limit": limit,
                         "seconds": seconds})
     return windows
 
@@ -207,7 +208,7 @@ def _windows(form: FormData) -> list[dict[str, Any]]:
 async def create_plan(request: Request, user: UserDep, form: FormDep,
                       services: ServicesDep) -> Response:
     try:
-        body = admin.PlanCreate(name=_text(form, "name"),
+        body = admin.PlanCreate(name=form_text(form, "name"),
                                 windows=_windows(form),  # type: ignore[arg-type]
                                 draws_balance=form.get("draws_balance") is not None)
         made = await admin_call(admin.create_plan(body, scope_of(user), services))
@@ -221,7 +222,7 @@ async def create_plan(request: Request, user: UserDep, form: FormDep,
 @router.post("/plans/{plan_id}/disabled")
 async def disable_plan(request: Request, plan_id: int, user: UserDep, form: FormDep,
                        services: ServicesDep) -> Response:
-    disabled = _text(form, "disabled") == "true"
+    disabled = form_text(form, "disabled") == "true"
     try:
         changed = await admin_call(admin.update_plan(plan_id, admin.PlanUpdate(disabled=disabled),
                                                      scope_of(user), services))
@@ -253,8 +254,8 @@ async def price_books(request: Request, user: UserDep, services: ServicesDep,
 async def create_price_book(request: Request, user: UserDep, form: FormDep,
                             services: ServicesDep) -> Response:
     try:
-        body = admin.PriceBookCreate(name=_text(form, "name"),
-                                     currency=_text(form, "currency").upper() or "USD")
+        body = admin.PriceBookCreate(name=form_text(form, "name"),
+                                     currency=form_text(form, "currency") or "USD")
         made = await admin_call(admin.create_price_book(body, scope_of(user), services))
     except REFUSALS as error:
         return await _books_page(request, user, services, status=error_status(error),
@@ -266,12 +267,12 @@ async def create_price_book(request: Request, user: UserDep, form: FormDep,
 @router.post("/price-books/{book_id}/prices")
 async def set_price(request: Request, book_id: int, user: UserDep, form: FormDep,
                     services: ServicesDep) -> Response:
-    cached = _text(form, "cached_input")
+    cached = form_text(form, "cached_input")
     try:
         body = admin.PriceSet(
-            model=_text(form, "model"),
-            input_micros=_micros(_text(form, "input"), "Input price"),
-            output_micros=_micros(_text(form, "output"), "Output price"),
+            model=form_text(form, "model"),
+            input_micros=_micros(form_text(form, "input"), "Input price"),
+            output_micros=_micros(form_text(form, "output"), "Output price"),
             cached_input_micros=_micros(cached, "Cached input price") if cached else None)
         book = await admin_call(admin.set_price(book_id, body, scope_of(user), services))
     except REFUSALS as error:
@@ -284,7 +285,7 @@ async def set_price(request: Request, book_id: int, user: UserDep, form: FormDep
 @router.post("/price-books/{book_id}/prices/remove")
 async def remove_price(request: Request, book_id: int, user: UserDep, form: FormDep,
                        services: ServicesDep) -> Response:
-    model = _text(form, "model")
+    model = form_text(form, "model")
     try:
         book = await admin_call(admin.remove_price(book_id, scope_of(user), services,
                                                    model=model))

@@ -8,7 +8,6 @@ the key ends every session it opened, at the next page.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
@@ -35,10 +34,6 @@ class SignedIn:
     csrf_token: str
 
 
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 def sign_in(*, session: Session, secret: str) -> tuple[str, SignedIn]:
     """Open a session for an admin key's secret; returns the cookie's token. A wrong, revoked
     or expired key raises AuthenticationFailed; a model key PermissionDenied."""
@@ -49,7 +44,7 @@ def sign_in(*, session: Session, secret: str) -> tuple[str, SignedIn]:
     now = db_now_ms(session)
     session.execute(delete(ConsoleSession).where(ConsoleSession.expires_ms <= now))
     token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-    session.add(ConsoleSession(token_hash=_hash(token), key_id=key.id, csrf_token=csrf,
+    session.add(ConsoleSession(token_hash=accounts.secret_hash(token), key_id=key.id, csrf_token=csrf,
                                created_ms=now, expires_ms=now + LIFETIME_S * 1000))
     audit.record(session, action="console.sign_in", target=f"key:{key.shown}",
                  org_id=key.org_id, actor=key.shown)
@@ -61,20 +56,17 @@ def signed_in(*, session: Session, token: str) -> SignedIn | None:
     revoked or has expired since)."""
     found = session.execute(
         select(ConsoleSession, ApiKey).join(ApiKey, ApiKey.id == ConsoleSession.key_id)
-        .where(ConsoleSession.token_hash == _hash(token))).first()
+        .where(ConsoleSession.token_hash == accounts.secret_hash(token))).first()
     if found is None:
         return None
     held, row = found
-    if held.expires_ms <= db_now_ms(session) or row.revoked_at is not None:
+    if held.expires_ms <= db_now_ms(session) or accounts.why_unusable(row) is not None:
         return None
-    key = accounts.key_info(row)
-    if key.expires_at is not None and accounts.has_expired(key.expires_at):
-        return None
-    return SignedIn(key, held.csrf_token)
+    return SignedIn(accounts.key_info(row), held.csrf_token)
 
 
 def sign_out(*, session: Session, token: str) -> None:
-    session.execute(delete(ConsoleSession).where(ConsoleSession.token_hash == _hash(token)))
+    session.execute(delete(ConsoleSession).where(ConsoleSession.token_hash == accounts.secret_hash(token)))
 
 
 def csrf_matches(expected: str, sent: str | None) -> bool:

@@ -17,7 +17,7 @@ from serai import audit
 from serai.api.deps import ServicesDep, record_failed_authentication
 from serai.console import sessions
 from serai.console.sessions import SignedIn
-from serai.console.web import FormDep, UserDep, render
+from serai.console.web import FormDep, UserDep, render, scope_of
 from serai.errors import AuthenticationFailed, PermissionDenied
 
 router = APIRouter(prefix="/console", include_in_schema=False)
@@ -27,7 +27,7 @@ LOGIN_COOKIE = "serai_console_login"
 
 def home_of(user: SignedIn) -> str:
     """Where a signed-in key starts: the platform's overview, or its organization's usage."""
-    if user.key.role == "operator":
+    if scope_of(user).operator:
         return "/console/overview"
     return f"/console/orgs/{user.key.org_id}/usage"
 

@@ -11,7 +11,6 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
@@ -24,16 +23,19 @@ from starlette.datastructures import FormData
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serai import invoices
 from serai.api.deps import AdminScope, ServicesDep
 from serai.console import sessions
 from serai.console.sessions import SignedIn
 from serai.errors import PermissionDenied, SeraiError
 from serai.plans import format_duration
+from serai.storage.db import iso_from_ms
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["duration"] = format_duration
-templates.env.filters["iso"] = lambda ms: datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+templates.env.filters["money"] = invoices.money  # exact, as invoices print it
+templates.env.filters["iso"] = iso_from_ms
 # Audit details and the like, shown as one line of JSON (autoescaped as any text).
 templates.env.filters["compact_json"] = lambda value: orjson.dumps(
     value, option=orjson.OPT_SORT_KEYS).decode()
@@ -79,6 +81,12 @@ async def form_of(request: Request, user: UserDep) -> FormData:
 FormDep = Annotated[FormData, Depends(form_of)]
 
 
+def form_text(form: FormData, name: str) -> str:
+    """A form field's text, trimmed ("" when absent)."""
+    value = form.get(name)
+    return value.strip() if isinstance(value, str) else ""
+
+
 def scope_of(user: SignedIn) -> AdminScope:
     return AdminScope(user.key)
 
@@ -99,7 +107,8 @@ class Page:
     total: int
 
     @classmethod
-    def of(cls, items: Sequence[T], number: int, size: int = PAGE_SIZE) -> Page:
+    def of(cls, items: Sequence[T], number: int) -> Page:
+        size = PAGE_SIZE
         count = max(1, math.ceil(len(items) / size))
         number = min(max(1, number), count)
         return cls(items[(number - 1) * size: number * size], number, count, len(items))

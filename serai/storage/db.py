@@ -91,6 +91,11 @@ def _alembic_config(url: str) -> Config:
     return config
 
 
+def iso_from_ms(ms: int) -> str:
+    """Epoch milliseconds (the database clock's readings) as ISO 8601 in UTC."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
 def utc(moment: datetime) -> datetime:
     """A stored time as an aware UTC datetime: SQLite hands back naive ones, and Serai stores
     UTC everywhere."""

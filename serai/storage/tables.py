@@ -308,7 +308,7 @@ class ConsoleSession(Base):
     __tablename__ = "console_sessions"
 
     token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
-    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"))
     # Sent back in every form and htmx request: a page of another site cannot know it.
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_ms: Mapped[int] = mapped_column(Millis)

@@ -12,7 +12,7 @@
       var when = new Date(el.getAttribute("datetime"));
       if (isNaN(when)) return;
       el.title = el.getAttribute("datetime");
-      el.textContent = el.classList.contains("date") ? when.toLocaleDateString() : when.toLocaleString();
+      el.textContent = when.toLocaleString();
       el.dataset.localized = "1";
     });
   }

@@ -54,10 +54,10 @@
 
   function money(micros, currency) { return (micros / 1e6).toFixed(6) + " " + currency; }
 
-  function showCost(meta, requestId, usage, tries) {
+  function showCost(meta, requestId, tries) {
     fetch("/console/playground/requests/" + encodeURIComponent(requestId)).then(function (response) {
       if (response.status === 404 && tries > 0) {
-        setTimeout(function () { showCost(meta, requestId, usage, tries - 1); }, 500);
+        setTimeout(function () { showCost(meta, requestId, tries - 1); }, 500);
         return null;
       }
       return response.ok ? response.json() : null;
@@ -120,7 +120,7 @@
       .then(function () {
         history.push({ role: "assistant", content: body.textContent });
         meta.textContent = usage ? usage.prompt_tokens + " tokens in, " + usage.completion_tokens + " out" : "";
-        if (requestId) showCost(meta, requestId, usage, 6);
+        if (requestId) showCost(meta, requestId, 6);
       })
       .catch(function (error) {
         history.pop();

@@ -24,11 +24,9 @@ def upgrade() -> None:
         sa.Column("created_ms", sa.BigInteger(), nullable=False),
         sa.Column("expires_ms", sa.BigInteger(), nullable=False),
     )
-    op.create_index("ix_console_sessions_key_id", "console_sessions", ["key_id"])
     op.create_index("ix_console_sessions_expires_ms", "console_sessions", ["expires_ms"])
 
 
 def downgrade() -> None:
     op.drop_index("ix_console_sessions_expires_ms", "console_sessions")
-    op.drop_index("ix_console_sessions_key_id", "console_sessions")
     op.drop_table("console_sessions")

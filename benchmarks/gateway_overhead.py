@@ -93,6 +93,17 @@ def start_serai(work: Path, env: dict[str, str], data_dir: Path) -> tuple[Server
     return server, f"http://127.0.0.1:{port}/v1"
 
 
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The mock's answers and the load `bench` sends (shared with observability_overhead.py)."""
+    parser.add_argument("--delay-s", type=float, default=0.002,
+                        help="the mock's latency before each chunk (default 2 ms)")
+    parser.add_argument("--chunks", type=int, default=16,
+                        help="content chunks per answer, also max_tokens (default 16)")
+    parser.add_argument("--input-len", type=int, default=32, help="prompt length in words")
+    parser.add_argument("--prompts-c1", type=int, default=100, help="requests at concurrency 1")
+    parser.add_argument("--prompts-c16", type=int, default=400, help="requests at concurrency 16")
+
+
 def bench(base_url: str, key: str | None, args: argparse.Namespace, concurrency: int,
           num_prompts: int, seed: int) -> BenchResult:
     return run(BenchConfig(base_url=base_url, model=MODEL, api_key=key, concurrency=concurrency,
@@ -167,13 +178,7 @@ def table_of(figures: dict[int, dict[str, Any]]) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--delay-s", type=float, default=0.002,
-                        help="the mock's latency before each chunk (default 2 ms)")
-    parser.add_argument("--chunks", type=int, default=16,
-                        help="content chunks per answer, also max_tokens (default 16)")
-    parser.add_argument("--input-len", type=int, default=32, help="prompt length in words")
-    parser.add_argument("--prompts-c1", type=int, default=100, help="requests at concurrency 1")
-    parser.add_argument("--prompts-c16", type=int, default=400, help="requests at concurrency 16")
+    add_load_arguments(parser)
     parser.add_argument("--prompts-c64", type=int, default=640, help="requests at concurrency 64")
     parser.add_argument("--json", type=Path, help="write every figure and raw result here")
     args = parser.parse_args()

@@ -30,7 +30,14 @@ import timeit
 from pathlib import Path
 from typing import Any
 
-from gateway_overhead import bench, provision, serai_env, start_mock, start_serai
+from gateway_overhead import (
+    add_load_arguments,
+    bench,
+    provision,
+    serai_env,
+    start_mock,
+    start_serai,
+)
 from processes import Server, cpu_model
 from rich.console import Console
 from rich.table import Table
@@ -102,12 +109,7 @@ def in_process_costs() -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--delay-s", type=float, default=0.002,
-                        help="the mock's latency before each chunk (default 2 ms)")
-    parser.add_argument("--chunks", type=int, default=16, help="chunks per answer (max_tokens)")
-    parser.add_argument("--input-len", type=int, default=32, help="prompt length in words")
-    parser.add_argument("--prompts-c1", type=int, default=100, help="requests at concurrency 1")
-    parser.add_argument("--prompts-c16", type=int, default=400, help="requests at concurrency 16")
+    add_load_arguments(parser)
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

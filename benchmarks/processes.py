@@ -43,12 +43,8 @@ class Server:
         with log_path.open("wb") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             cwd=log_path.parent, preexec_fn=die_with_parent)
-        try:
-            wait_until_ready(self.process, ready_url, log_path, timeout=ready_timeout_s,
-                             name=name)
-        except RuntimeError:
-            self.stop()
-            raise
+        # On failure the process has exited, or wait_until_ready has killed it.
+        wait_until_ready(self.process, ready_url, log_path, timeout=ready_timeout_s, name=name)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -100,6 +100,25 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
         client.close()
 
 
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CLI sees none of the caller's SERAI_* variables (conftest read SERAI_TEST_* at import
+    already), and runs in the test's directory: no stray serai.toml, and a default data dir
+    lands there."""
+    for name in [n for n in os.environ if n.startswith("SERAI_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def no_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Settings and child servers see none of the caller's SERAI_* variables and no serai.toml
+    (SERAI_CONFIG names a file that does not exist), wherever they run."""
+    for name in [n for n in os.environ if n.startswith("SERAI_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SERAI_CONFIG", str(tmp_path / "absent.toml"))
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,12 +34,7 @@ from tests.support.tenants import customer
 MODEL = "fake-model"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # conftest read SERAI_TEST_* at import; the CLI's settings must not see them.
-    for name in [n for n in os.environ if n.startswith("SERAI_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 @dataclass

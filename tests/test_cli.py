@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -27,11 +26,7 @@ from serai.storage.tables import UsageRow
 SECRET = re.compile(r"sk-serai-[A-Za-z0-9_-]{43}")
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in [n for n in os.environ if n.startswith("SERAI_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # no stray serai.toml, and the default data dir lands here
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 @pytest.fixture

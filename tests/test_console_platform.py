@@ -306,7 +306,12 @@ async def test_an_organizations_owner_gets_the_apis_403(admin: Admin, path: str)
     assert refused.status_code == 403
     assert "Only a platform operator can" in refused.text
     assert 'class="error"' in refused.text
-    # Forms are refused the same way, whatever the page shows.
+
+
+async def test_an_organizations_owner_cannot_top_itself_up(admin: Admin) -> None:
+    """Forms are refused as the pages are, whatever a page shows."""
+    org_id, _, owner = org_key(admin, role="owner")
+    await sign_in(admin, owner)
     token = csrf_of((await admin.http.get(f"/console/orgs/{org_id}/keys")).text)
     topup = await admin.http.post(f"/console/organizations/{org_id}/balance", data={
         "csrf_token": token, "amount": "100", "reason": "free money"})

@@ -9,7 +9,6 @@ import os
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ import pytest
 
 from serai.app import create_app
 from serai.config import Settings
-from serai.testing.processes import free_port
+from serai.testing.processes import free_port, wait_until_ready
 from tests.conftest import start_server, stop_server
 from tests.support.fake_engine import FakeEngine
 
@@ -26,11 +25,7 @@ PREFLIGHT = {"origin": CONSOLE, "access-control-request-method": "POST",
              "access-control-request-headers": "authorization, content-type"}
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in [n for n in os.environ if n.startswith("SERAI_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("SERAI_CONFIG", str(tmp_path / "absent.toml"))
+pytestmark = pytest.mark.usefixtures("no_config")
 
 
 async def _answers(settings: Settings) -> tuple[httpx.Response, httpx.Response, httpx.Response]:
@@ -93,8 +88,7 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
 def test_serve_speaks_https_with_a_certificate(tmp_path: Path) -> None:
     certfile, keyfile = _self_signed(tmp_path)
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SERAI_")}
-    env.update(SERAI_CONFIG=str(tmp_path / "absent.toml"), SERAI_EMBEDDED="false",
+    env = dict(os.environ, SERAI_EMBEDDED="false",  # no_config already set SERAI_CONFIG
                SERAI_TLS_CERTFILE=str(certfile), SERAI_TLS_KEYFILE=str(keyfile))
     log = tmp_path / "server.log"
     with log.open("wb") as out:
@@ -103,15 +97,9 @@ def test_serve_speaks_https_with_a_certificate(tmp_path: Path) -> None:
                                    stderr=subprocess.STDOUT, env=env)
     try:
         trusted = ssl.create_default_context(cafile=str(certfile))
-        deadline = time.monotonic() + 60  # a cap against hanging, not a timing assertion
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                response = httpx.get(f"https://127.0.0.1:{port}/health", verify=trusted)
-                break
-            except httpx.ConnectError:
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
+        wait_until_ready(process, f"https://127.0.0.1:{port}/health", log, timeout=60,
+                         verify=trusted)
+        response = httpx.get(f"https://127.0.0.1:{port}/health", verify=trusted)
         assert response.status_code == 200
         with pytest.raises(httpx.HTTPError):  # plain HTTP gets no answer
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)

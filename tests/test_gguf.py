@@ -8,7 +8,6 @@ The crafted files are a few hundred bytes built here with struct; only
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import subprocess
 import sys
@@ -154,14 +153,7 @@ def test_the_bundled_model_passes(bundled_gguf: Path) -> None:
 
 # --- model directories and pinned digests ------------------------------------------------------
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in [n for n in os.environ if n.startswith("SERAI_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("SERAI_CONFIG", str(tmp_path / "absent.toml"))
-
-
-def test_only_gguf_files_are_served(write, tmp_path: Path, clean_env: None) -> None:  # type: ignore[no-untyped-def]
+def test_only_gguf_files_are_served(write, tmp_path: Path, no_config: None) -> None:  # type: ignore[no-untyped-def]
     for name in ("model.bin", "model.pt", "model.safetensors", "model.pkl", "model"):
         path = write(gguf(), name)  # a GGUF inside, but the name says otherwise
         with pytest.raises(ModelFileError, match="Serai serves only files named"):
@@ -170,7 +162,7 @@ def test_only_gguf_files_are_served(write, tmp_path: Path, clean_env: None) -> N
     assert admit_model(good, Settings(data_dir=tmp_path / "d", model=good)) == good
 
 
-def test_files_outside_the_model_dirs_are_refused(tmp_path: Path, clean_env: None) -> None:
+def test_files_outside_the_model_dirs_are_refused(tmp_path: Path, no_config: None) -> None:
     models, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
     models.mkdir()
     elsewhere.mkdir()
@@ -196,7 +188,7 @@ def test_files_outside_the_model_dirs_are_refused(tmp_path: Path, clean_env: Non
                                       models=[{"name": "a", "path": str(inside)}]))
 
 
-def test_a_pinned_sha256_must_match(write, tmp_path: Path, clean_env: None) -> None:  # type: ignore[no-untyped-def]
+def test_a_pinned_sha256_must_match(write, tmp_path: Path, no_config: None) -> None:  # type: ignore[no-untyped-def]
     path = write(gguf())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     settings = Settings(data_dir=tmp_path / "d", model=path, model_sha256=digest.upper())
@@ -213,14 +205,13 @@ def test_a_pinned_sha256_must_match(write, tmp_path: Path, clean_env: None) -> N
 
 
 def test_serve_refuses_a_crafted_file_with_the_reason(write, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                      clean_env: None) -> None:
+                                                      no_config: None) -> None:
     crafted = write(gguf([kv("tokens", ARRAY, struct.pack("<IQ", U8, HUGE))]))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SERAI_")}
-    # A real process, as an operator starts it: it stops before the database or a port
+    # A real process, as an operator starts it (in no_config's environment): it stops before
+    # the database or a port.
     process = subprocess.run([sys.executable, "-m", "serai", "serve", "--port", "0",
                               "--model", str(crafted), "--data-dir", str(tmp_path / "d")],
-                             capture_output=True, text=True, timeout=60,
-                             env={**env, "SERAI_CONFIG": str(tmp_path / "absent.toml")})
+                             capture_output=True, text=True, timeout=60)
     assert process.returncode == 1
     message = " ".join(process.stderr.split())
     assert "metadata key 0 ('tokens') claims an array of 1,152,921,504,606,846,976 items" \
@@ -231,7 +222,7 @@ def test_serve_refuses_a_crafted_file_with_the_reason(write, tmp_path: Path,  # 
 
 def test_serve_refuses_a_models_entry_whose_digest_differs(write, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                            monkeypatch: pytest.MonkeyPatch,
-                                                           clean_env: None) -> None:
+                                                           no_config: None) -> None:
     config = tmp_path / "serai.toml"
     good = write(gguf(), "good.gguf")
     config.write_text(f'[[models]]\nname = "m"\npath = "{good}"\nsha256 = "{"0" * 64}"\n')
@@ -242,7 +233,7 @@ def test_serve_refuses_a_models_entry_whose_digest_differs(write, tmp_path: Path
     assert not (tmp_path / "d" / "serai.db").exists()
 
 
-def test_models_list_refuses_a_crafted_file(write, tmp_path: Path, clean_env: None) -> None:  # type: ignore[no-untyped-def]
+def test_models_list_refuses_a_crafted_file(write, tmp_path: Path, no_config: None) -> None:  # type: ignore[no-untyped-def]
     crafted = write(gguf(version=7))
     result = CliRunner().invoke(app, ["models", "list", "--model", str(crafted),
                                       "--data-dir", str(tmp_path / "d")])
@@ -250,7 +241,7 @@ def test_models_list_refuses_a_crafted_file(write, tmp_path: Path, clean_env: No
 
 
 async def test_a_reload_to_a_crafted_file_changes_nothing(write, tmp_path: Path,  # type: ignore[no-untyped-def]
-                                                          clean_env: None) -> None:
+                                                          no_config: None) -> None:
     upstream = {"name": "up", "base_url": "http://127.0.0.1:9/v1", "deployment": "up"}
     before = Settings(data_dir=tmp_path / "d", embedded=False, upstreams=[upstream])
     crafted = write(gguf([kv("general.name", STRING, string("x", length=HUGE))]))

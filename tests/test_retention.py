@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import time
 import uuid
 from collections import Counter
@@ -110,11 +109,8 @@ async def test_the_admin_api_sets_policies_and_refuses_a_looser_key(tmp_path: Pa
         assert inherit.json()["retention"] is None
 
 
-def test_the_cli_sets_policies_and_refuses_a_looser_key(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in [n for n in os.environ if n.startswith("SERAI_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+@pytest.mark.usefixtures("cli_env")
+def test_the_cli_sets_policies_and_refuses_a_looser_key(tmp_path: Path) -> None:
     data = ["--data-dir", str(tmp_path / "data")]
 
     def serai(*args: str) -> Any:

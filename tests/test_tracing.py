@@ -399,36 +399,44 @@ def _python(script: str, **env: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, env=environment, timeout=120)
 
 
+# The part both subprocess scripts below share: an app on the fake engine in process, a key,
+# and `send(http, headers)` run against it.
+_SERVE = """
+import asyncio
+import httpx
+from serai import accounts
+from serai.app import create_app
+from serai.config import Settings
+from tests.support.fake_engine import FakeEngine
+
+async def serve(data_dir, send):
+    app = create_app(Settings(data_dir=data_dir), engines=[FakeEngine()])
+    async with app.router.lifespan_context(app):
+        with app.state.services.database.session() as session:
+            _, key = accounts.create_key(session=session, name="user")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://s") as http:
+            await send(http, {"authorization": "Bearer " + key})
+"""
+
+
 def test_tracing_off_imports_nothing_of_opentelemetry(tmp_path: Path) -> None:
     """Nothing beyond what FastAPI itself imports: since 0.16x FastAPI depends on and imports
     opentelemetry-api for its own (unconfigured, hence idle) telemetry."""
-    result = _python(f"""
-        import asyncio, sys
-        import fastapi
-        fastapis = {{m for m in sys.modules if m.split(".")[0] == "opentelemetry"}}
-        import httpx
-        from serai import accounts
-        from serai.app import create_app
-        from serai.config import Settings
-        from tests.support.fake_engine import FakeEngine
+    result = _python("""
+import sys
+import fastapi
+fastapis = {m for m in sys.modules if m.split(".")[0] == "opentelemetry"}
+""" + _SERVE + f"""
+async def send(http, auth):
+    response = await http.post("/v1/chat/completions", headers=auth, json={{
+        "model": "fake-model", "messages": [{{"role": "user", "content": "hi"}}]}})
+    assert response.status_code == 200, response.text
 
-        async def main():
-            app = create_app(Settings(data_dir={str(tmp_path)!r}), engines=[FakeEngine()])
-            async with app.router.lifespan_context(app):
-                with app.state.services.database.session() as session:
-                    _, key = accounts.create_key(session=session, name="user")
-                transport = httpx.ASGITransport(app=app)
-                async with httpx.AsyncClient(transport=transport, base_url="http://s") as http:
-                    response = await http.post(
-                        "/v1/chat/completions", headers={{"authorization": "Bearer " + key}},
-                        json={{"model": "fake-model",
-                               "messages": [{{"role": "user", "content": "hi"}}]}})
-                    assert response.status_code == 200, response.text
-
-        asyncio.run(main())
-        print(sorted(m for m in sys.modules if m == "serai.otlp" or (
-            m.split(".")[0] == "opentelemetry" and m not in fastapis)))
-    """)
+asyncio.run(serve({str(tmp_path)!r}, send))
+print(sorted(m for m in sys.modules if m == "serai.otlp" or (
+    m.split(".")[0] == "opentelemetry" and m not in fastapis)))
+""")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -438,40 +446,26 @@ def test_fastapis_own_telemetry_records_nothing_even_under_a_global_provider(
     """FastAPI's native spans may carry a refused request's values (content). With a global
     tracer provider set by something else in the process, and Serai's tracing off, a request
     with a malformed body still yields no span at all."""
-    result = _python(f"""
-        import asyncio
-        import httpx
-        from opentelemetry import trace
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-        from serai import accounts
-        from serai.app import create_app
-        from serai.config import Settings
-        from tests.support.fake_engine import FakeEngine
+    result = _python("""
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-        exporter = InMemorySpanExporter()
-        provider = TracerProvider()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-        trace.set_tracer_provider(provider)
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+""" + _SERVE + f"""
+async def send(http, auth):
+    for body in ({{"model": "fake-model", "messages": "CANARY-CONTENT"}},
+                 {{"model": "fake-model", "messages": [{{"role": "user", "content": "CANARY"}}]}}):
+        await http.post("/v1/chat/completions", json=body, headers=auth)
+    await http.get("/console/login")
 
-        async def main():
-            app = create_app(Settings(data_dir={str(tmp_path)!r}), engines=[FakeEngine()])
-            async with app.router.lifespan_context(app):
-                with app.state.services.database.session() as session:
-                    _, key = accounts.create_key(session=session, name="user")
-                transport = httpx.ASGITransport(app=app)
-                async with httpx.AsyncClient(transport=transport, base_url="http://s") as http:
-                    for body in ({{"model": "fake-model", "messages": "CANARY-CONTENT"}},
-                                 {{"model": "fake-model",
-                                   "messages": [{{"role": "user", "content": "CANARY"}}]}}):
-                        await http.post("/v1/chat/completions", json=body,
-                                        headers={{"authorization": "Bearer " + key}})
-                    await http.get("/console/login")
-
-        asyncio.run(main())
-        print(len(exporter.get_finished_spans()))
-    """)
+asyncio.run(serve({str(tmp_path)!r}, send))
+print(len(exporter.get_finished_spans()))
+""")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0"
 

@@ -4,6 +4,7 @@ answers. Both tests/ and benchmarks/ start real servers this way."""
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -19,16 +20,17 @@ def free_port() -> int:
 
 
 def wait_until_ready(process: subprocess.Popen[bytes], ready_url: str, log_path: Path, *,
-                     timeout: float, name: str = "the server") -> None:
+                     timeout: float, name: str = "the server",
+                     verify: ssl.SSLContext | bool = True) -> None:
     """Poll `ready_url` until it answers 200; raise RuntimeError with the end of the process's
     log if it exits or never does. `timeout` is a cap so a broken server cannot hang its
-    caller, not a timing assertion."""
+    caller, not a timing assertion. `verify`: the TLS trust of an https `ready_url`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited:\n{_tail(log_path)}")
         try:
-            if httpx.get(ready_url, timeout=2).status_code == 200:
+            if httpx.get(ready_url, timeout=2, verify=verify).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import re
 
+import openai
 import pytest
 
 from serai import accounts, audit
@@ -114,7 +115,7 @@ async def test_an_owner_creates_a_key_sees_it_once_and_revokes_it(admin: Admin) 
     revoked = await admin.http.post(f"/console/orgs/{org_id}/keys/{made.id}/revoke",
                                     data={"csrf_token": csrf_of(again.text)})
     assert revoked.status_code == 200 and "Revoked key billing-service" in revoked.text
-    with pytest.raises(Exception, match="revoked"):
+    with pytest.raises(openai.AuthenticationError, match="revoked"):
         await admin.sdk(secret[1]).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
 

@@ -334,6 +334,5 @@ async def test_every_operator_page_is_safe_under_the_content_security_policy(
         assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY, path
         assert page.headers["cache-control"] == "no-store", path
         _assert_safe(page.text)
-        assert "<time datetime=" in page.text or path in (
-            "/console/organizations", "/console/plans", "/console/price-books",
-            "/console/deployments"), path
+        if path in ("/console/overview", f"/console/organizations/{org_id}", "/console/audit"):
+            assert "<time datetime=" in page.text, path  # times for the browser to localise

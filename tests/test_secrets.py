@@ -125,7 +125,7 @@ def test_no_full_key_is_written_anywhere_or_answered(
         for canary in canaries:  # after shutdown: the WAL checkpointed, the log complete
             assert backend.scan_files(canary) == []
     log = (settings.data_dir / "serai.log").read_text()
-    assert "request_id=" in log and "401" in log, "the log captured nothing"
+    assert "request_id=" in log and "status=401" in log, "the log captured nothing"
     for canary in canaries:
         assert canary not in log
         for answer in answers:

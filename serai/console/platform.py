@@ -93,9 +93,8 @@ async def _organizations_page(request: Request, user: Any, services: Any, *, pag
                               status: int = 200, **context: Any) -> Response:
     all_plans, books = await _catalogue(user, services)
     orgs = await admin_call(admin.list_organizations(scope_of(user), services))
-    newest_first = sorted(orgs["data"], key=lambda org: -org["id"])
     return render(request, "organizations.html", user, status=status,
-                  orgs=Page.of(newest_first, page), plans={p["id"]: p for p in all_plans},
+                  orgs=Page.newest_first(orgs["data"], page), plans={p["id"]: p for p in all_plans},
                   books={b["id"]: b for b in books}, **context)
 
 
@@ -176,8 +175,7 @@ async def top_up(request: Request, org_id: int, user: UserDep, form: FormDep,
 async def _plans_page(request: Request, user: Any, services: Any, *, page: int = 1,
                       status: int = 200, **context: Any) -> Response:
     found = await admin_call(admin.list_plans(scope_of(user), services))
-    newest_first = sorted(found["data"], key=lambda plan: -plan["id"])
-    return render(request, "plans.html", user, status=status, plans=Page.of(newest_first, page),
+    return render(request, "plans.html", user, status=status, plans=Page.newest_first(found["data"], page),
                   rows=range(WINDOW_ROWS), metrics=METRICS, **context)
 
 
@@ -239,9 +237,8 @@ async def disable_plan(request: Request, plan_id: int, user: UserDep, form: Form
 async def _books_page(request: Request, user: Any, services: Any, *, page: int = 1,
                       status: int = 200, **context: Any) -> Response:
     found = await admin_call(admin.list_price_books(scope_of(user), services))
-    newest_first = sorted(found["data"], key=lambda book: -book["id"])
     return render(request, "price_books.html", user, status=status,
-                  books=Page.of(newest_first, page), **context)
+                  books=Page.newest_first(found["data"], page), **context)
 
 
 @router.get("/price-books")

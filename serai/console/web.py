@@ -107,6 +107,11 @@ class Page:
     total: int
 
     @classmethod
+    def newest_first(cls, objects: Sequence[dict[str, Any]], number: int) -> Page:
+        """A page of API objects, the newest (highest id) first."""
+        return cls.of(sorted(objects, key=lambda found: -found["id"]), number)
+
+    @classmethod
     def of(cls, items: Sequence[T], number: int) -> Page:
         size = PAGE_SIZE
         count = max(1, math.ceil(len(items) / size))

@@ -30,6 +30,7 @@ from serai.errors import InvalidRequest
 from serai.retention import ZERO, Retention
 from serai.storage.db import Database
 from serai.storage.tables import IdempotencyRecord, StoredCompletion, UsageRow
+from serai.types import ToolCall
 from tests.support.admin_api import admin_api, sdk
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving
@@ -148,9 +149,13 @@ def test_a_zero_retention_organization_leaves_no_trace_of_its_content(backend: B
                         fail_after=2, context_length=4096)
     slow = FakeEngine(name="slow-model", reply=" ".join([canary] * 200), delay=0.05,
                       context_length=4096)
+    # A model that calls a tool with arguments that are not a JSON object, the canary in them:
+    # the Anthropic API answers `input: {}` and logs that it did, never what the model said.
+    garbled = FakeEngine(name="tool-model", reply="calling", context_length=4096,
+                         tool_calls=(ToolCall("call_1", "lookup", f"{{{canary}"),))
     settings = backend.settings
     with debug_log_in(settings.data_dir / "serai.log"):
-        app = create_app(settings, engines=[echo, broken, slow])
+        app = create_app(settings, engines=[echo, broken, slow, garbled])
         with serving(app) as base_url:
             database: Database = app.state.services.database
             with database.session() as session:
@@ -194,8 +199,16 @@ def test_a_zero_retention_organization_leaves_no_trace_of_its_content(backend: B
                                        headers=streamed_once)
                 assert replayed.content == streamed.content
                 assert replayed.headers["idempotent-replayed"] == "true"
+                tools = {"model": "tool-model", "max_tokens": 50,
+                         "messages": [{"role": "user", "content": f"Look up {canary}"}],
+                         "tools": [{"name": "lookup", "input_schema": {"type": "object"}}]}
+                called = client.post("/messages", json=tools)
+                assert called.status_code == 200, called.text
+                assert called.json()["content"][-1]["input"] == {}
+                with client.stream("POST", "/messages", json={**tools, "stream": True}) as sent:
+                    assert '"tool_use"' in "".join(_events(sent))
             # Usage metadata is still recorded: every run has its row, whatever its end.
-            expected = {"ok": 4, "error": 2, "cancelled": 1}
+            expected = {"ok": 6, "error": 2, "cancelled": 1}
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 with database.session() as session:

@@ -251,11 +251,13 @@ def _usage(usage: Usage) -> dict[str, int]:
 def _tool_input(call: ToolCall) -> dict[str, Any]:
     try:
         value = json.loads(call.arguments)
+        kind = f"a JSON {type(value).__name__}"
     except ValueError:
-        value = None
+        value, kind = None, "not JSON"
     if not isinstance(value, dict):
-        log.warning("tool call %s has arguments that are not a JSON object: %r", call.id,
-                    call.arguments[:200])
+        # The arguments are model output: only their size and kind may reach the log.
+        log.warning("tool call %s has arguments that are not a JSON object (%d characters, %s)",
+                    call.id, len(call.arguments), kind)
         return {}
     return value
 

@@ -155,13 +155,13 @@ class _Relay:
         # none, as a special token may): fewer than the deltas or more than this cannot be.
         ceiling = min(self.max_tokens, self.chars + self.deltas)
         if completion is None or completion < relayed or completion > ceiling:
-            log.warning("upstream of %s reported %r completion tokens (at most %d possible); "
-                        "billing the %d relayed", model, reported.get("completion_tokens"),
+            log.warning("upstream of %s reported %s completion tokens (at most %d possible); "
+                        "billing the %d relayed", model, _shown(reported.get("completion_tokens")),
                         ceiling, relayed)
             completion = relayed
         if prompt is None or prompt < 0 or prompt > prompt_chars + PROMPT_OVERHEAD_TOKENS:
-            log.warning("upstream of %s reported %r prompt tokens for %d characters; billing "
-                        "the estimate of %d", model, reported.get("prompt_tokens"),
+            log.warning("upstream of %s reported %s prompt tokens for %d characters; billing "
+                        "the estimate of %d", model, _shown(reported.get("prompt_tokens")),
                         prompt_chars, self.prompt_estimate)
             prompt = self.prompt_estimate
         cached = min(max(cached, 0), prompt)
@@ -170,6 +170,12 @@ class _Relay:
 
 def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _shown(value: object) -> str:
+    """A reported count as the log may show it: the number, or only the kind of what came in
+    its place (an upstream could send any text there, the answer's among them)."""
+    return str(value) if _int(value) is not None else f"a {type(value).__name__}"
 
 
 def _upstream_message(response: httpx.Response, body: bytes) -> str:

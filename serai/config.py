@@ -11,9 +11,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -37,7 +45,7 @@ class UpstreamSettings(BaseModel):
 
     The API key is never written here: only the name of the variable or the file holding it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     name: str = Field(min_length=1, description="Name clients request the model under. Several "
                       "upstreams may share it: they are deployments of one model.")
@@ -55,7 +63,9 @@ class UpstreamSettings(BaseModel):
         None, ge=1, description="Requests this deployment runs at once; past it the router picks "
         "another deployment or answers 503. Unset: no limit.")
     base_url: str = Field(min_length=1,
-                          description="The server's OpenAI API root, e.g. http://vllm:8000/v1.")
+                          description="The server's OpenAI API root, e.g. http://vllm:8000/v1. "
+                          "Credentials in it (`user:pass@`, a query string such as `?api_key=`) "
+                          "are refused: name the key with api_key_env or api_key_file.")
     model: str | None = Field(None, description="The upstream's name of the model. Unset: `name`.")
     api_key_env: str | None = Field(None, description="Variable holding the upstream's API key.")
     api_key_file: Path | None = Field(None, description="File holding the upstream's API key.")
@@ -66,6 +76,22 @@ class UpstreamSettings(BaseModel):
     read_timeout_s: float = Field(
         120.0, gt=0, description="Seconds to wait for each read, the first token's included.")
 
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, url: str) -> str:
+        # A URL is shown: in deployment ids, usage rows, /metrics labels, logs. A secret in it
+        # would be shown with it, so it is refused (without quoting it) rather than stripped.
+        parts = urlsplit(url)
+        if "@" in parts.netloc:
+            raise ValueError("base_url must not carry credentials (`user:password@` before the "
+                             "host): put the upstream's API key in the variable api_key_env "
+                             "names or the file api_key_file names")
+        if parts.query or parts.fragment:
+            raise ValueError("base_url must not carry a query string or fragment (`?api_key=…`): "
+                             "put the upstream's API key in the variable api_key_env names or "
+                             "the file api_key_file names")
+        return url
+
     @model_validator(mode="after")
     def _one_key_source(self) -> UpstreamSettings:
         if self.api_key_env and self.api_key_file:
@@ -73,11 +99,22 @@ class UpstreamSettings(BaseModel):
         return self
 
     @property
+    def api_root(self) -> str:
+        """base_url as Serai connects to it and shows it: scheme, host, port and path only. The
+        validator keeps secrets out of base_url; this holds even for settings it never saw."""
+        parts = urlsplit(self.base_url)
+        return urlunsplit((parts.scheme, _host_and_port(parts), parts.path, "", ""))
+
+    @property
     def deployment_id(self) -> str:
         if self.deployment:
             return self.deployment
         parts = urlsplit(self.base_url)
-        return f"{self.name}@{parts.netloc or self.base_url}"
+        return f"{self.name}@{_host_and_port(parts) or self.api_root}"
+
+
+def _host_and_port(parts: SplitResult) -> str:
+    return parts.netloc.rpartition("@")[2]  # never the userinfo before an `@`
 
 
 class EmbeddedModelSettings(BaseModel):
@@ -116,7 +153,10 @@ class EmbeddedModelSettings(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SERAI_", extra="forbid")
+    # An invalid value is never quoted back in a validation error's text: it may be a secret
+    # (a credential in a URL), and the error's text is printed and logged.
+    model_config = SettingsConfigDict(env_prefix="SERAI_", extra="forbid",
+                                      hide_input_in_errors=True)
 
     data_dir: Path = Field(
         Path("serai-data"),

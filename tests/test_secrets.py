@@ -9,18 +9,24 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select
+from typer.testing import CliRunner
 
 from serai import accounts
+from serai.api.deps import Services
 from serai.app import create_app
-from serai.config import UpstreamSettings
+from serai.cli import app as cli_app
+from serai.config import Settings, UpstreamSettings
 from serai.storage.db import Database
 from serai.storage.tables import AuditRecord
 from serai.testing.mock_upstream import MockConfig
 from tests.support.fake_engine import FakeEngine
+from tests.support.ledger_rows import usage_rows
 from tests.support.serving import serving
 from tests.support.tenants import customer
 from tests.support.traces import Backend, debug_log_in
@@ -142,3 +148,83 @@ def test_no_full_key_is_written_anywhere_or_answered(
     assert refused == {f"key:{accounts.shown_prefix(unknown)}",
                        f"key:{accounts.shown_prefix(revoked)}"}
     assert "console.sign_in" in actions  # the admin key's session, named by its prefix
+
+
+# --- credentials in an upstream's base_url ------------------------------------------------------
+
+def _credentialed_urls(secret: str, root: str = "https://gpu-1:8000/v1") -> list[str]:
+    """Every way a secret may ride in a URL: user and password, a token alone as the user, a
+    query parameter (first or not), a fragment."""
+    scheme, rest = root.split("://")
+    return [f"{scheme}://serai:{secret}@{rest}", f"{scheme}://{secret}@{rest}",
+            f"{root}?api_key={secret}", f"{root}?api-version=1&key={secret}",
+            f"{root}#{secret}"]
+
+
+def test_credentials_in_an_upstream_url_are_refused_naming_the_setting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = f"url-canary-{secrets.token_hex(8)}"
+    for url in _credentialed_urls(secret):
+        with pytest.raises(ValidationError) as refused:
+            Settings(data_dir=tmp_path, upstreams=[{"name": "m", "base_url": url}])
+        [error] = refused.value.errors()
+        assert error["loc"] == ("upstreams", 0, "base_url")
+        assert "api_key_env" in error["msg"] and "api_key_file" in error["msg"], url
+        assert secret not in str(refused.value)  # never quoted back
+        # `serai serve` stops before anything starts, saying which setting and what to use.
+        config = tmp_path / "serai.toml"
+        config.write_text(f'[[upstreams]]\nname = "m"\nbase_url = "{url}"\n')
+        monkeypatch.setenv("SERAI_CONFIG", str(config))
+        result = CliRunner().invoke(cli_app, ["serve", "--data-dir", str(tmp_path)],
+                                    env={"COLUMNS": "200"})
+        assert result.exit_code == 2, result.output
+        assert "upstreams.0.base_url" in result.output and "api_key_env" in result.output
+        assert secret not in result.output
+
+
+async def test_an_upstream_url_with_credentials_reaches_no_listing_metric_or_log(
+        tmp_path: Path, upstream: MockServer) -> None:
+    """A reload to a credentialed base_url is refused over the admin API; and settings made
+    without validation (as a bug might) still show no form of the secret: not in deployment ids,
+    the deployments listing, /metrics, usage rows, answers or the debug log."""
+    secret = f"url-canary-{secrets.token_hex(8)}"
+    host = upstream.url.removeprefix("http://")
+    # Built past the validator, which would refuse it: the places that show a URL must hold.
+    smuggled = UpstreamSettings.model_construct(name="mock-model",
+                                                base_url=f"http://serai:{secret}@{host}")
+    settings = Settings(data_dir=tmp_path).model_copy(update={"upstreams": [smuggled],
+                                                              "embedded": False})
+    later = [{"name": "mock-model", "base_url": url, "deployment": f"again-{n}"}
+             for n, url in enumerate(_credentialed_urls(secret, upstream.url))]
+    answers: list[httpx.Response] = []
+    with debug_log_in(tmp_path / "serai.log"):
+        app = create_app(settings, engines=[FakeEngine()],
+                         reread=lambda: Settings(data_dir=tmp_path, upstreams=later))
+        async with app.router.lifespan_context(app):
+            services: Services = app.state.services
+            with services.database.session() as session:
+                acme = customer(session)
+                _, admin = accounts.create_key(session=session, name="ops", is_admin=True)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://serai") as http:
+                ops = {"authorization": f"Bearer {admin}"}
+                answers.append(await http.post("/v1/chat/completions", json={
+                    "model": "mock-model", "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"authorization": f"Bearer {acme.secret}"}))
+                assert answers[-1].status_code == 200, answers[-1].text
+                answers.append(await http.get("/admin/v1/deployments", headers=ops))
+                assert answers[-1].status_code == 200
+                assert f"mock-model@{host.split('/')[0]}" in answers[-1].text
+                answers.append(await http.get("/metrics"))
+                assert "serai_deployment_up" in answers[-1].text
+                rows = await usage_rows(services)
+                for answer in answers:
+                    assert secret not in answer.text, answer.request.url
+                assert [row.deployment for row in rows] == [f"mock-model@{host.split('/')[0]}"]
+                reload = await http.post("/admin/v1/deployments/reload", headers=ops)
+                assert reload.status_code == 400
+                assert "base_url" in reload.text and "api_key_env" in reload.text
+                assert secret not in reload.text
+    log = (tmp_path / "serai.log").read_text()
+    assert "serving mock-model from the upstream" in log, "the log captured nothing"
+    assert secret not in log

@@ -202,12 +202,12 @@ class UpstreamEngine:
         self._api_key = read_api_key(config)
         headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         self._client = httpx.AsyncClient(
-            base_url=config.base_url.rstrip("/"), headers=headers, transport=transport,
+            base_url=config.api_root.rstrip("/"), headers=headers, transport=transport,
             timeout=httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s,
                                   pool=config.connect_timeout_s))
         self._info = ModelInfo(name=config.name, context_length=config.context_length,
                                created=int(time.time()))
-        log.info("serving %s from the upstream %s (model %s)", config.name, config.base_url,
+        log.info("serving %s from the upstream %s (model %s)", config.name, config.api_root,
                  self._upstream_model)
 
     @property
@@ -245,7 +245,7 @@ class UpstreamEngine:
         try:
             response = await self._client.send(http, stream=True)
         except httpx.HTTPError as exc:
-            log.warning("upstream of %s at %s unreachable: %s", name, self._config.base_url,
+            log.warning("upstream of %s at %s unreachable: %s", name, self._config.api_root,
                         type(exc).__name__)
             raise EngineUnavailable(f"The upstream serving `{name}` cannot be reached; "
                                     "retry later.") from None

@@ -2,7 +2,8 @@
 codes, usage, invoices, the deployments serving the models and the platform's traffic.
 
 Who may do what is decided by the key's role (see `AdminScope`): a platform operator manages
-everything; an organization's owner and admin manage its keys and redeem codes; a viewer reads.
+everything; an organization's owner manages its keys, its admin only model and viewer keys
+(GRANTS), both redeem codes; a viewer reads.
 Another organization's objects answer 404, exactly like objects that do not exist. Routes only
 check the scope and call domain functions; admin models forbid unknown fields, so a typo in an
 admin call fails loudly instead of being ignored.
@@ -48,10 +49,15 @@ class _Strict(BaseModel):
 async def in_session(services: ServicesDep, scope: AdminScope | None,
                      work: Callable[[Session], T]) -> T:
     """Run `work` in a session whose changes the audit log records as the scope's key's
-    (None: a model key that only reads)."""
+    (None: a model key that only reads). A refusal beyond the key's grant is recorded too."""
     def run() -> T:
-        with services.database.session() as session:
-            return work(audit.act_as(session, scope.actor) if scope is not None else session)
+        try:
+            with services.database.session() as session:
+                return work(audit.act_as(session, scope.actor) if scope is not None else session)
+        except BeyondGrant as refused:
+            # In a transaction of its own: the refused one rolled back, its record must stay.
+            audit.record_alone(services.database, **refused.entry)
+            raise
 
     return await asyncio.to_thread(run)
 
@@ -334,16 +340,61 @@ def _key_object(key: KeyInfo) -> dict[str, Any]:
 
 
 # Which roles each role may hand out inside its organization (None: a model key), in the order
-# the console offers them; an operator may hand out what an owner may.
+# the console offers them; an operator may hand out what an owner may. A key manages (changes,
+# revokes) only the keys of roles it may hand out: an admin never reaches an owner's key,
+# another admin's, or its own limits.
 GRANTS: dict[str, tuple[str | None, ...]] = {"owner": (None, "viewer", "admin", "owner"),
                                              "admin": (None, "viewer")}
 GRANTS["operator"] = GRANTS["owner"]
 
 
+def _a(role: str | None) -> str:
+    kind = role or "model"
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+class BeyondGrant(PermissionDenied):
+    """A key acting on a key of a role it may not hand out (see GRANTS). `in_session` records
+    the refusal in the audit log as `key.refused`."""
+
+    def __init__(self, message: str, *, scope: AdminScope, attempted: str, role: str | None,
+                 target: str, org_id: int | None) -> None:
+        super().__init__(message, param="role")
+        self.entry: dict[str, Any] = {
+            "action": "key.refused", "actor": scope.actor, "target": target, "org_id": org_id,
+            "details": {"attempted": attempted, "role": role or "model",
+                        "by_role": scope.key.role, "reason": message}}
+
+
+def _check_grant(scope: AdminScope, role: str | None, *, attempted: str, target: str,
+                 org_id: int | None, key: KeyInfo | None = None) -> None:
+    """Refuse creating (`key` None), changing or revoking `key` when its role is not one
+    the scope's key may hand out. A key may always revoke itself: that gives up access."""
+    if scope.operator or role in GRANTS.get(scope.key.role or "", ()):
+        return
+    if key is not None and key.id == scope.key.id and attempted == "revoke":
+        return
+    by = scope.key.role or "model"
+    kinds = " and ".join(r or "model" for r in GRANTS.get(by, ())) or "no"
+    if key is None:
+        message = (f"A key with role {by} may create {kinds} keys only, not {_a(role)} key. "
+                   "Ask an owner of your organization to create it.")
+    elif key.id == scope.key.id:
+        message = (f"A key with role {by} manages {kinds} keys only: it cannot change its own "
+                   "name or limits. Ask an owner of your organization to change it.")
+    else:
+        message = (f"A key with role {by} manages {kinds} keys only; {key.shown} is {_a(role)} "
+                   f"key. Ask an owner of your organization to {attempted} it.")
+    raise BeyondGrant(message, scope=scope, attempted=attempted, role=role, target=target,
+                      org_id=org_id)
+
+
 @router.post("/keys", status_code=201)
 async def create_key(body: KeyCreate, scope: ScopeDep, services: ServicesDep) -> Response:
     """Creates a key; the response is the only time its secret is shown. Without org_id, an
-    organization's admin creates it in their organization; an operator in the default one."""
+    organization's admin creates it in their organization; an operator in the default one.
+    An organization's key creates only the roles it may hand out (an admin: model and viewer
+    keys); a refusal is a 403 and a `key.refused` entry in the audit log."""
     org_id = body.org_id if body.org_id is not None else scope.org_id
     role = body.role
     if scope.operator:
@@ -353,13 +404,11 @@ async def create_key(body: KeyCreate, scope: ScopeDep, services: ServicesDep) ->
         scope.change(org_id, f"organization {org_id}")
         if body.admin and role is None:
             role = "admin"
-        if role not in GRANTS.get(scope.key.role or "", ()):
-            raise PermissionDenied(f"A key with role {scope.key.role} cannot create "
-                                   f"{'a ' + role if role else 'a model'} key.", param="role")
 
     def create(session: Session) -> tuple[KeyInfo, str]:
         if org_id is not None:
             _visible_org(session, scope, org_id)
+        _check_grant(scope, role, attempted="create", target=f"org:{org_id}", org_id=org_id)
         return accounts.create_key(session=session, name=body.name, is_admin=role is not None,
                                    org_id=org_id, role=role, allowed_models=body.allowed_models,
                                    allowed_cidrs=body.allowed_cidrs, expires_at=body.expires_at,
@@ -380,26 +429,29 @@ async def list_keys(scope: ScopeDep, services: ServicesDep,
     return json_response(200, {"object": "list", "data": [_key_object(k) for k in keys]})
 
 
-def _visible_key(session: Session, scope: AdminScope, ref: str, *, change: bool) -> KeyInfo:
+def _managed_key(session: Session, scope: AdminScope, ref: str, *,
+                 attempted: Literal["change", "revoke"]) -> KeyInfo:
+    """The key `ref` names, once the scope may `attempted` it: in its organization, not a
+    viewer, and of a role it may hand out."""
     try:
         key = accounts.key_info(accounts.find_key(session=session, ref=ref))
     except NotFound:
         raise NotFound("No API key with that id or prefix.", param="key") from None
-    check = scope.change if change else scope.see
-    check(key.org_id, "API key with that id or prefix")
-    if not scope.operator and key.role == "owner" and scope.key.role != "owner":
-        raise PermissionDenied("Only an owner can change an owner's key.")
+    scope.change(key.org_id, "API key with that id or prefix")
+    _check_grant(scope, key.role, attempted=attempted, target=f"key:{key.shown}",
+                 org_id=key.org_id, key=key)
     return key
 
 
 @router.patch("/keys/{ref}")
 async def update_key(ref: str, body: KeyUpdate, scope: ScopeDep,
                      services: ServicesDep) -> Response:
-    """Renames a key or changes its limits; `null` lifts a limit."""
+    """Renames a key or changes its limits; `null` lifts a limit. An organization's admin
+    changes model and viewer keys only: not an owner's, another admin's, or its own."""
     fields = _set_fields(body)
 
     def update(session: Session) -> KeyInfo:
-        _visible_key(session, scope, ref, change=True)
+        _managed_key(session, scope, ref, attempted="change")
         return accounts.update_key(session=session, ref=ref, **fields)
 
     return json_response(200, _key_object(await in_session(services, scope, update)))
@@ -407,10 +459,11 @@ async def update_key(ref: str, body: KeyUpdate, scope: ScopeDep,
 
 @router.delete("/keys/{ref}")
 async def revoke_key(ref: str, scope: ScopeDep, services: ServicesDep) -> Response:
-    """Revokes a key by id or prefix; requests with it fail from now on."""
+    """Revokes a key by id or prefix; requests with it fail from now on. An organization's
+    admin revokes model and viewer keys, and its own; not an owner's or another admin's."""
 
     def revoke(session: Session) -> KeyInfo:
-        _visible_key(session, scope, ref, change=True)
+        _managed_key(session, scope, ref, attempted="revoke")
         return accounts.revoke_key(session=session, ref=ref)
 
     return json_response(200, _key_object(await in_session(services, scope, revoke)))

@@ -1,0 +1,133 @@
+"""No key does more than its grant (issue 16): an organization's admin manages only the keys it
+may create, the console holds a key's allowed networks at sign-in and on every request, and a
+key limited to some models reads only those models' stored completions.
+
+In process over httpx's ASGI transport (SQLite and PostgreSQL); another client address is an
+ASGI transport with another `client`, as a request from another network reaches the app.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from serai import accounts, audit
+from tests.support.admin_api import Admin
+from tests.support.console import csrf_of, org_key, sign_in
+
+
+def _refusals(admin: Admin, action: str) -> list[dict[str, Any]]:
+    with admin.services.database.session() as session:
+        found, _ = audit.entries(session=session, limit=1000)
+    return [entry for entry in found if entry["action"] == action]
+
+
+def _key(admin: Admin, ref: int | str) -> accounts.KeyInfo:
+    with admin.services.database.session() as session:
+        return accounts.key_info(accounts.find_key(session=session, ref=str(ref)))
+
+
+# -- an organization's admin manages only the roles it may create ------------------------------
+
+
+async def test_an_admin_manages_only_model_and_viewer_keys(admin: Admin) -> None:
+    org = await admin.ok("POST", "/admin/v1/organizations", json={"name": "initech"})
+
+    async def made(name: str, **body: Any) -> dict[str, Any]:
+        return await admin.ok("POST", "/admin/v1/keys", json={"name": name, "org_id": org["id"],
+                                                              **body})
+
+    owner = await made("boss", role="owner")
+    other_admin = await made("ops-lead", role="admin")
+    # The admin's own limits: what it must not lift for itself.
+    later = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    me = await made("deputy", role="admin", rpm=5, tpm=500, allowed_models=["fake-model"],
+                    allowed_cidrs=["127.0.0.1/32"], expires_at=later)
+    model_key = await made("app")
+    viewer = await made("auditor", role="viewer")
+
+    attempts = [
+        ("PATCH", owner, {"rpm": 1}),
+        ("PATCH", owner, {"name": "mine now"}),
+        ("DELETE", owner, None),
+        ("PATCH", other_admin, {"allowed_cidrs": ["0.0.0.0/0"]}),
+        ("DELETE", other_admin, None),
+        ("PATCH", me, {"rpm": None}),
+        ("PATCH", me, {"tpm": None}),
+        ("PATCH", me, {"allowed_models": None}),
+        ("PATCH", me, {"allowed_cidrs": None}),
+        ("PATCH", me, {"expires_at": None}),
+        ("PATCH", me, {"retention": None}),
+    ]
+    for method, target, body in attempts:
+        for ref in (target["id"], target["prefix"]):
+            refused = await admin.call(method, f"/admin/v1/keys/{ref}", me["secret"], json=body)
+            assert refused.status_code == 403, (method, target["name"], body, refused.text)
+            error = refused.json()["error"]
+            assert error["type"] == "permission_error", refused.text
+            assert "manages model and viewer keys only" in error["message"]
+            assert "Ask an owner of your organization" in error["message"]
+    for body in ({"role": "admin"}, {"role": "owner"}, {"admin": True}):
+        refused = await admin.call("POST", "/admin/v1/keys", me["secret"],
+                                   json={"name": "promoted", **body})
+        assert refused.status_code == 403, (body, refused.text)
+        assert "may create model and viewer keys only" in refused.json()["error"]["message"]
+
+    # Each refusal is in the audit log as the admin's, naming what it tried on which key.
+    entries = _refusals(admin, "key.refused")
+    assert len(entries) == 2 * len(attempts) + 3
+    assert {e["actor"] for e in entries} == {me["prefix"] + "…"}
+    assert {e["org_id"] for e in entries} == {org["id"]}
+    assert {(e["target"], e["details"]["attempted"]) for e in entries} >= {
+        (f"key:{owner['prefix']}…", "revoke"), (f"key:{other_admin['prefix']}…", "change"),
+        (f"key:{me['prefix']}…", "change"), (f"org:{org['id']}", "create")}
+
+    # Nothing changed: every limit of the admin's own key holds, and no key was revoked.
+    mine = _key(admin, me["id"])
+    assert (mine.rpm, mine.tpm, mine.allowed_models, mine.allowed_cidrs) == (
+        5, 500, ["fake-model"], ["127.0.0.1/32"])
+    assert mine.expires_at is not None
+    assert _key(admin, owner["id"]).name == "boss"
+    assert not any(_key(admin, k["id"]).revoked for k in (owner, other_admin))
+
+    # What it may create, it manages; and it may give up its own key.
+    await admin.ok("PATCH", f"/admin/v1/keys/{model_key['id']}", me["secret"],
+                   json={"rpm": 10, "allowed_models": None})
+    made_viewer = await admin.ok("POST", "/admin/v1/keys", me["secret"],
+                                 json={"name": "reader", "role": "viewer"})
+    await admin.ok("PATCH", f"/admin/v1/keys/{made_viewer['id']}", me["secret"],
+                   json={"name": "reader-2"})
+    await admin.ok("DELETE", f"/admin/v1/keys/{viewer['id']}", me["secret"])
+    await admin.ok("DELETE", f"/admin/v1/keys/{me['id']}", me["secret"])
+    # Owners and operators keep their powers over admins and owners.
+    await admin.ok("PATCH", f"/admin/v1/keys/{other_admin['id']}", owner["secret"],
+                   json={"rpm": None, "name": "lead"})
+    await admin.ok("POST", "/admin/v1/keys", owner["secret"],
+                   json={"name": "co-owner", "role": "owner"})
+    await admin.ok("PATCH", f"/admin/v1/keys/{owner['id']}", json={"rpm": 100})
+    await admin.ok("DELETE", f"/admin/v1/keys/{other_admin['id']}", owner["secret"])
+
+
+async def test_the_consoles_forms_refuse_an_admin_what_the_api_refuses(admin: Admin) -> None:
+    org_id, _, admin_key = org_key(admin, role="admin")
+    with admin.services.database.session() as session:
+        owner, _ = accounts.create_key(session=session, name="boss", org_id=org_id, role="owner")
+    await sign_in(admin, admin_key)
+    page = await admin.http.get(f"/console/orgs/{org_id}/keys")
+    assert page.status_code == 200
+    row = page.text.split(f'data-key-id="{owner.id}"')[1].split("</tr>")[0]
+    assert "Revoke" not in row  # the page offers only what the key may do
+    refused = await admin.http.post(f"/console/orgs/{org_id}/keys/{owner.id}/revoke",
+                                    data={"csrf_token": csrf_of(page.text)})
+    assert refused.status_code == 403
+    assert "manages model and viewer keys only" in refused.text
+    promoted = await admin.http.post(f"/console/orgs/{org_id}/keys", data={
+        "name": "promoted", "kind": "owner", "csrf_token": csrf_of(page.text)})
+    assert promoted.status_code == 403
+    assert "may create model and viewer keys only" in promoted.text
+    assert [e["details"]["attempted"] for e in _refusals(admin, "key.refused")] == [
+        "create", "revoke"]
+    assert not _key(admin, owner.id).revoked
+    with admin.services.database.session() as session:
+        assert "promoted" not in [k.name for k in accounts.list_keys(session=session,
+                                                                      org_id=org_id)]

@@ -430,6 +430,8 @@ def check_cidrs(cidrs: list[str]) -> list[str]:
 
 
 def client_allowed(key: KeyInfo, client_ip: str | None) -> bool:
+    """Whether `client_ip` is inside the key's allowed networks (any address when it has none;
+    an unknown address never is)."""
     if not key.allowed_cidrs:
         return True
     if client_ip is None:
@@ -439,6 +441,15 @@ def client_allowed(key: KeyInfo, client_ip: str | None) -> bool:
     except ValueError:
         return False
     return any(address in ipaddress.ip_network(cidr) for cidr in key.allowed_cidrs)
+
+
+def check_client(key: KeyInfo, client_ip: str | None) -> None:
+    """The one refusal of a key used from outside its allowed networks: the model and admin
+    APIs, the console's sign-in and every request of a console session call it."""
+    if not client_allowed(key, client_ip):
+        raise PermissionDenied(f"The API key {key.shown} may not be used from "
+                               f"{client_ip or 'an unknown address'}; ask its owner to allow "
+                               "your network.")
 
 
 # -- redemption codes -------------------------------------------------------------------------

@@ -8,12 +8,18 @@ ASGI transport with another `client`, as a request from another network reaches 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import httpx
+import pytest
 
 from serai import accounts, audit
 from tests.support.admin_api import Admin
 from tests.support.console import csrf_of, org_key, sign_in
+
+OUTSIDE = "10.1.2.3"  # an address outside 127.0.0.1/32, where the test clients come from
 
 
 def _refusals(admin: Admin, action: str) -> list[dict[str, Any]]:
@@ -131,3 +137,75 @@ async def test_the_consoles_forms_refuse_an_admin_what_the_api_refuses(admin: Ad
     with admin.services.database.session() as session:
         assert "promoted" not in [k.name for k in accounts.list_keys(session=session,
                                                                       org_id=org_id)]
+
+
+# -- the console honours a key's allowed networks, expiry and revocation -----------------------
+
+
+@pytest.fixture
+async def outside(admin: Admin) -> AsyncIterator[httpx.AsyncClient]:
+    """A browser at OUTSIDE, on the same app."""
+    transport = httpx.ASGITransport(app=admin.app, client=(OUTSIDE, 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://serai") as http:
+        yield http
+
+
+async def test_a_console_sign_in_from_outside_the_keys_networks_is_refused(
+        admin: Admin, outside: httpx.AsyncClient) -> None:
+    org_id, _, owner = org_key(admin, role="owner")
+    with admin.services.database.session() as session:
+        accounts.update_key(session=session, ref=owner[:accounts.PREFIX_LENGTH],
+                            allowed_cidrs=["127.0.0.0/8"])
+    far = Admin(admin.app, outside, admin.operator, admin.services)
+    refused = await sign_in(far, owner)
+    assert refused.status_code == 403
+    assert f"may not be used from {OUTSIDE}" in refused.text
+    assert "serai_console=" not in refused.headers.get("set-cookie", "")
+    assert (await outside.get(f"/console/orgs/{org_id}/keys")).status_code == 303
+    [entry] = _refusals(admin, "console.sign_in_refused")
+    assert entry["target"] == f"key:{owner[:accounts.PREFIX_LENGTH]}…"
+    assert entry["org_id"] == org_id and entry["details"]["client"] == OUTSIDE
+    # From inside its networks the same key signs in.
+    assert (await sign_in(admin, owner)).status_code == 303
+
+
+async def test_a_console_session_stops_when_the_keys_networks_no_longer_hold_its_address(
+        admin: Admin, outside: httpx.AsyncClient) -> None:
+    org_id, _, owner = org_key(admin, role="owner")
+    prefix = owner[:accounts.PREFIX_LENGTH]
+    with admin.services.database.session() as session:
+        accounts.update_key(session=session, ref=prefix, allowed_cidrs=["127.0.0.1/32"])
+    await sign_in(admin, owner)
+    keys_page = f"/console/orgs/{org_id}/keys"
+    assert (await admin.http.get(keys_page)).status_code == 200
+    # The session's cookie, presented from another network, opens nothing there.
+    outside.cookies.update(admin.http.cookies)
+    stolen = await outside.get(keys_page)
+    assert stolen.status_code == 403 and f"may not be used from {OUTSIDE}" in stolen.text
+    assert 'id="keys"' not in stolen.text
+    # The key's networks narrowed: the session stops on its next request, forms included.
+    page = await admin.http.get(keys_page)
+    with admin.services.database.session() as session:
+        accounts.update_key(session=session, ref=prefix, allowed_cidrs=["10.0.0.0/8"])
+    assert (await admin.http.get(keys_page)).status_code == 403
+    made = await admin.http.post(keys_page, data={"name": "late", "kind": "model",
+                                                  "csrf_token": csrf_of(page.text)})
+    assert made.status_code == 403
+    with admin.services.database.session() as session:
+        assert "late" not in [k.name for k in accounts.list_keys(session=session,
+                                                                  org_id=org_id)]
+    # The API judges the same address by the same check.
+    api = await admin.call("GET", "/admin/v1/keys", owner)
+    assert api.status_code == 403 and "may not be used from 127.0.0.1" in api.text
+
+
+async def test_a_console_session_stops_when_its_key_expires(admin: Admin) -> None:
+    org_id, _, owner = org_key(admin, role="owner")
+    await sign_in(admin, owner)
+    assert (await admin.http.get(f"/console/orgs/{org_id}/usage")).status_code == 200
+    with admin.services.database.session() as session:
+        accounts.update_key(session=session, ref=owner[:accounts.PREFIX_LENGTH],
+                            expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    assert (await admin.http.get(f"/console/orgs/{org_id}/usage")).status_code == 303
+    expired = await sign_in(admin, owner)
+    assert expired.status_code == 401 and "expired" in expired.text

@@ -82,18 +82,30 @@ async def current_key(request: Request, services: ServicesDep) -> KeyInfo:
         raise
     record: RequestRecord = request.state.record  # made by the RequestContext middleware
     record.org_id, record.key_prefix = key.org_id, key.prefix
-    client = request.client.host if request.client is not None else None
-    if not accounts.client_allowed(key, client):
-        raise PermissionDenied(f"The API key {key.shown} may not be used from {client}; ask "
-                               f"its owner to allow your network.")
+    check_network(request, key)
     return key
+
+
+def client_address(request: Request) -> str | None:
+    """The address a request comes from, as the server's transport reports it: the peer's,
+    or, when the peer is a proxy uvicorn trusts (its --forwarded-allow-ips, 127.0.0.1 unless
+    set), the address that proxy forwarded. A key's allowed networks, in the API and in the
+    console, are judged by this one address; no header is read here."""
+    return request.client.host if request.client is not None else None
+
+
+def check_network(request: Request, key: KeyInfo) -> None:
+    """Refuse (403) a key used from outside its allowed networks: every API request and every
+    request of a console session. Not written to the audit log one entry per request: a leaked
+    key would grow the log as fast as it is sent (a refused console sign-in is recorded)."""
+    accounts.check_client(key, client_address(request))
 
 
 async def record_failed_authentication(request: Request, services: Services, secret: str,
                                        error: AuthenticationFailed) -> None:
     # Only the prefix the error message shows is kept: a mistyped key is still a secret.
     shown = accounts.shown_prefix(secret)
-    client = request.client.host if request.client is not None else None
+    client = client_address(request)
     await asyncio.to_thread(audit.record_alone, services.database, action="auth.failed",
                             actor=shown, target=f"key:{shown}",
                             details={"reason": error.message, "client": client})

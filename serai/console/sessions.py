@@ -3,7 +3,8 @@ CSRF token its forms send back.
 
 The cookie carries a random token and the database only its SHA-256, so neither a stolen
 database nor the log opens a session. A session lives as long as its key: revoking or expiring
-the key ends every session it opened, at the next page.
+the key ends every session it opened, at the next page; a key's allowed networks hold at sign-in
+and on every request of its sessions.
 """
 
 from __future__ import annotations
@@ -34,13 +35,27 @@ class SignedIn:
     csrf_token: str
 
 
-def sign_in(*, session: Session, secret: str) -> tuple[str, SignedIn]:
-    """Open a session for an admin key's secret; returns the cookie's token. A wrong, revoked
-    or expired key raises AuthenticationFailed; a model key PermissionDenied."""
+class SignInRefused(PermissionDenied):
+    """A genuine key that may not open a session here: a model key, or an admin key used from
+    outside its allowed networks. It names the key, so the refusal can be audited as its."""
+
+    def __init__(self, message: str, *, key: KeyInfo) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def sign_in(*, session: Session, secret: str, client: str | None) -> tuple[str, SignedIn]:
+    """Open a session for an admin key's secret, signing in from `client` (an IP address);
+    returns the cookie's token. A wrong, revoked or expired key raises AuthenticationFailed; a
+    model key, or a key whose allowed networks do not hold `client`, SignInRefused."""
     key = accounts.authenticate(session=session, secret=secret)
     if not key.is_admin:
-        raise PermissionDenied(f"The key {key.shown} can only call the model API. Sign in with an "
-                               "admin key (`serai keys create --admin`).")
+        raise SignInRefused(f"The key {key.shown} can only call the model API. Sign in with an "
+                            "admin key (`serai keys create --admin`).", key=key)
+    try:
+        accounts.check_client(key, client)
+    except PermissionDenied as refused:
+        raise SignInRefused(refused.message, key=key) from None
     now = db_now_ms(session)
     session.execute(delete(ConsoleSession).where(ConsoleSession.expires_ms <= now))
     token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
@@ -53,7 +68,8 @@ def sign_in(*, session: Session, secret: str) -> tuple[str, SignedIn]:
 
 def signed_in(*, session: Session, token: str) -> SignedIn | None:
     """The live session a cookie's token names, or None (unknown, expired, or its key was
-    revoked or has expired since)."""
+    revoked or has expired since). Its key's allowed networks are the caller's to check against
+    the request's address (`deps.check_network`), on every request."""
     found = session.execute(
         select(ConsoleSession, ApiKey).join(ApiKey, ApiKey.id == ConsoleSession.key_id)
         .where(ConsoleSession.token_hash == accounts.secret_hash(token))).first()

@@ -14,11 +14,11 @@ from fastapi import APIRouter, Form, Request
 from starlette.responses import RedirectResponse, Response
 
 from serai import audit
-from serai.api.deps import ServicesDep, record_failed_authentication
+from serai.api.deps import ServicesDep, client_address, record_failed_authentication
 from serai.console import sessions
 from serai.console.sessions import SignedIn
 from serai.console.web import FormDep, UserDep, render, scope_of
-from serai.errors import AuthenticationFailed, PermissionDenied
+from serai.errors import AuthenticationFailed
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 
@@ -72,17 +72,24 @@ async def login(request: Request, services: ServicesDep,
         return _login_page(request, status=400, next_path=target,
                            error="Paste an admin API key to sign in.")
 
+    client = client_address(request)
+
     def open_session() -> tuple[str, SignedIn]:
         with services.database.session(write=True) as session:
-            return sessions.sign_in(session=session, secret=secret)
+            return sessions.sign_in(session=session, secret=secret, client=client)
 
     try:
         token, user = await asyncio.to_thread(open_session)
     except AuthenticationFailed as error:
         await record_failed_authentication(request, services, secret, error)
         return _login_page(request, status=401, error=error.message, next_path=target)
-    except PermissionDenied as error:
-        return _login_page(request, status=403, error=error.message, next_path=target)
+    except sessions.SignInRefused as refused:
+        # In a transaction of its own: the refused sign-in's rolled back.
+        await asyncio.to_thread(audit.record_alone, services.database,
+                                action="console.sign_in_refused", actor=refused.key.shown,
+                                target=f"key:{refused.key.shown}", org_id=refused.key.org_id,
+                                details={"reason": refused.message, "client": client})
+        return _login_page(request, status=403, error=refused.message, next_path=target)
     response = RedirectResponse(target or home_of(user), status_code=303)
     _set_cookie(request, response, sessions.COOKIE, token, max_age=sessions.LIFETIME_S)
     response.delete_cookie(LOGIN_COOKIE, path="/console")

@@ -24,7 +24,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serai import invoices
-from serai.api.deps import AdminScope, ServicesDep
+from serai.api.deps import AdminScope, ServicesDep, check_network
 from serai.console import sessions
 from serai.console.sessions import SignedIn
 from serai.errors import PermissionDenied, SeraiError
@@ -59,6 +59,9 @@ async def signed_in(request: Request, services: ServicesDep) -> SignedIn:
 
         found = await asyncio.to_thread(look)
         if found is not None:
+            # Every request, not only the sign-in: a key's networks may have narrowed since,
+            # and a session's cookie may be presented from somewhere else.
+            check_network(request, found.key)
             return found
     raise SignInNeeded(request.url.path)
 

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -66,17 +67,23 @@ class KeyInfo:
         """The key as errors, logs and the audit log name it: its prefix and an ellipsis."""
         return self.prefix + "…"
 
-    def may_use(self, model: str) -> bool:
-        return self.allowed_models is None or model in self.allowed_models
+    def may_use(self, model: str, *, canonical: Callable[[str], str] = str) -> bool:
+        """Whether the key may use `model`. With `canonical` (the router's alias resolution),
+        a model is the same model by any of its names: an allowed list naming an alias allows
+        the model, and an alias of an allowed model is allowed."""
+        if self.allowed_models is None or model in self.allowed_models:
+            return True
+        wanted = canonical(model)
+        return any(canonical(allowed) == wanted for allowed in self.allowed_models)
 
     @property
     def usable_models(self) -> str:
         """The models a key limited to some may use, as its refusals list them."""
         return ", ".join(self.allowed_models or ()) or "none"
 
-    def check_may_use(self, model: str) -> None:
-        """Admission's refusal of a model the key is not allowed (either limits backend)."""
-        if not self.may_use(model):
+    def check_may_use(self, model: str, *, canonical: Callable[[str], str] = str) -> None:
+        """The refusal of a model the key is not allowed (see `may_use`)."""
+        if not self.may_use(model, canonical=canonical):
             raise PermissionDenied(f"This key may not use the model {model!r}; it may use: "
                                    f"{self.usable_models}.", param="model")
 
@@ -292,10 +299,19 @@ def create_key(*, session: Session, name: str, is_admin: bool = False, org_id: i
     return key_info(row), secret
 
 
+class KeyRefused(AuthenticationFailed):
+    """A presented secret that opens no key, and why: `unknown` (no key has its prefix),
+    `wrong_secret` (a key has its prefix, the rest differs), `revoked` or `expired`."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def authenticate(*, session: Session, secret: str) -> KeyInfo:
-    """The key this secret belongs to; AuthenticationFailed if none, or if it was revoked."""
+    """The key this secret belongs to; KeyRefused if none, or if it was revoked or expired."""
     if not secret.startswith(KEY_SCHEME) or len(secret) < PREFIX_LENGTH:
-        raise AuthenticationFailed(_bad_key_message(secret))
+        raise KeyRefused(_bad_key_message(secret), reason="unknown")
     wanted = secret_hash(secret)
     rows = session.scalars(select(ApiKey).where(ApiKey.prefix == secret[:PREFIX_LENGTH])).all()
     match = None
@@ -303,9 +319,9 @@ def authenticate(*, session: Session, secret: str) -> KeyInfo:
         if hmac.compare_digest(row.secret_hash, wanted):
             match = row
     if match is None:
-        raise AuthenticationFailed(_bad_key_message(secret))
+        raise KeyRefused(_bad_key_message(secret), reason="wrong_secret" if rows else "unknown")
     if (dead := why_unusable(match)) is not None:
-        raise AuthenticationFailed(dead)
+        raise KeyRefused(dead, reason="revoked" if match.revoked_at is not None else "expired")
     info = key_info(match)
     org = session.get(Organization, match.org_id) if match.org_id is not None else None
     if org is not None:

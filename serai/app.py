@@ -31,9 +31,10 @@ from serai.config import Settings
 from serai.crypto import ContentKeys
 from serai.engines.base import Engine
 from serai.engines.router import Router
+from serai.failed_authentications import FailedAuthentications
 from serai.fleet import Fleet, probe_forever
 from serai.gateway import Gateway
-from serai.ledger import LedgerWriter
+from serai.ledger import SET_ASIDE_FILE, LedgerWriter
 from serai.limits import Limiter, create_limiter
 from serai.metrics import Metrics
 from serai.storage.db import Database
@@ -70,9 +71,11 @@ def _reload_on_sighup(fleet: Fleet) -> Callable[[], None]:
 
 
 def sweep(limiter: Limiter, database: Database, timeout_s: float) -> None:
-    """Release reservations a crashed process left behind, so they stop holding quota; forget
-    Idempotency-Key records past their 24 hours or left in flight by a crash; delete stored
-    completions past their organization's retention."""
+    """Renew the reservations of this process's running requests; release those a crashed
+    process left behind, so they stop holding quota; forget Idempotency-Key records past their
+    24 hours or left in flight by a crash; delete stored completions past their organization's
+    retention."""
+    limiter.renew()
     if released := limiter.sweep(timeout_s):
         log.warning("released %d reservations older than %ss", released, timeout_s)
     with database.session() as session:
@@ -87,7 +90,9 @@ async def _sweep_forever(limiter: Limiter, database: Database, timeout_s: float)
             await asyncio.to_thread(sweep, limiter, database, timeout_s)
         except Exception:
             log.exception("sweep failed; trying again later")
-        await asyncio.sleep(min(60.0, timeout_s / 2))
+        # A third of the timeout: a renewal that fails once is made up before any hold of a
+        # running request is old enough to be taken.
+        await asyncio.sleep(min(60.0, timeout_s / 3))
 
 
 # FastAPI 0.16x records its own OpenTelemetry spans, metrics and logs (validation errors with
@@ -120,17 +125,21 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
         await asyncio.to_thread(database.upgrade)
         limiter = create_limiter(database, redis_url=settings.redis_url,
                                  redis_prefix=settings.redis_prefix)
-        ledger = LedgerWriter(limiter)
+        ledger = LedgerWriter(limiter, set_aside_file=settings.data_dir / SET_ASIDE_FILE)
         ledger.start()
         traces.open()
         gateway = Gateway(router=router, ledger=ledger, database=database, limiter=limiter,
-                          failover_attempts=settings.failover_attempts, tracing=traces)
+                          failover_attempts=settings.failover_attempts, tracing=traces,
+                          max_stream_s=settings.max_stream_s)
         metrics.watch(router=router, ledger=ledger)
+        failed = FailedAuthentications(database)
         app.state.services = Services(settings=settings, database=database, gateway=gateway,
-                                      fleet=fleet, content_keys=content_keys, metrics=metrics)
+                                      failed_authentications=failed, fleet=fleet,
+                                      content_keys=content_keys, metrics=metrics)
         tasks = [asyncio.create_task(_sweep_forever(limiter, database,
                                                     settings.reservation_timeout_s),
-                                     name="reservation-sweeper")]
+                                     name="reservation-sweeper"),
+                 asyncio.create_task(failed.write_forever(), name="failed-authentications")]
         if settings.probe_interval_s > 0:
             tasks.append(asyncio.create_task(probe_forever(router, settings.probe_interval_s),
                                              name="health-probes"))
@@ -145,6 +154,10 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
             await router.aclose()
             await ledger.aclose()
             await traces.aclose()  # after the ledger: its last settlements are spans too
+            try:
+                await failed.write()  # what was counted since the last minute's write
+            except Exception:
+                log.exception("the last failed authentications could not be written")
             await asyncio.to_thread(limiter.close)
             database.dispose()
 

@@ -228,9 +228,16 @@ class Settings(BaseSettings):
     )
     reservation_timeout_s: float = Field(
         1800, gt=0,
-        description="Seconds after which a request's reservation is taken for one a crashed "
-        "process left behind and released (with an `interrupted` usage row), and its "
-        "Idempotency-Key stops answering 409. Longer than any request may run.",
+        description="Seconds after which a reservation nobody renewed is taken for one a "
+        "crashed process left behind and released (with an `interrupted` usage row), and its "
+        "Idempotency-Key stops answering 409. The process running a request renews its "
+        "reservation every third of this, so a long request is never taken for a crashed one.",
+    )
+    max_stream_s: float = Field(
+        900, gt=0,
+        description="Seconds a streamed answer may take to send, slow readers included: past it "
+        "the stream is closed and what was generated is billed. Bounds how long one client can "
+        "hold an engine slot by reading slowly.",
     )
     redis_url: str | None = Field(
         None,

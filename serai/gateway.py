@@ -10,9 +10,10 @@ never knows which wire protocol the request came in on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 from serai import audit
 from serai.accounts import KeyInfo
@@ -238,8 +239,9 @@ async def _give_back(limiter: Limiter, admission: Admission) -> None:
 class Gateway:
     def __init__(self, *, router: Router, ledger: LedgerWriter, database: Database,
                  limiter: Limiter | None = None, failover_attempts: int = 3,
-                 tracing: Tracing = OFF) -> None:
+                 tracing: Tracing = OFF, max_stream_s: float | None = None) -> None:
         self.router = router
+        self.max_stream_s = max_stream_s  # how long a stream may be sent for (None: no bound)
         self.tracing = tracing
         self.failover_attempts = failover_attempts
         self.ledger = ledger
@@ -254,6 +256,7 @@ class Gateway:
         same key, or a finished twin to replay stop the request here. A request refused before
         it ran frees the key again.
         """
+        request = self.admissible(key, request)
         self.tracing.annotate(model=request.model, org_id=key.org_id)
         if idempotency is None:
             return await self._start(key=key, request=request, endpoint=endpoint)
@@ -268,12 +271,22 @@ class Gateway:
         idempotency.ran(run)
         return run
 
-    async def measure(self, request: GenerationRequest, *,
-                      regions: Sequence[str] | None = None) -> Measure:
-        """The size of `request` on a deployment of its model in `regions`, without running
-        it: nothing is admitted, generated or recorded (token counting endpoints). The
+    def admissible(self, key: KeyInfo, request: GenerationRequest) -> GenerationRequest:
+        """`request` under its model's canonical name, once the checks that need no engine
+        passed: the model is served, and this key may use it by whatever name it was asked
+        for. They come before any tokenising or grammar compiling, which cost the server
+        work a refused request must not get."""
+        model = self.router.canonical(request.model)
+        self.router.deployments(model)  # UnknownModel (404) before anything else
+        key.check_may_use(model, canonical=self.router.canonical)
+        return request if model == request.model else dataclasses.replace(request, model=model)
+
+    async def measure(self, request: GenerationRequest, *, key: KeyInfo) -> Measure:
+        """The size of `request` on a deployment of its model in the key's regions, without
+        running it: nothing is admitted, generated or recorded (token counting endpoints). The
         deployment is held meanwhile, so a reload cannot close its engine mid-count."""
-        ticket = self.router.pick(request.model, regions=regions)
+        request = self.admissible(key, request)
+        ticket = self.router.pick(request.model, regions=key.allowed_regions)
         try:
             return await ticket.deployment.engine.measure(request)
         finally:

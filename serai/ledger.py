@@ -15,13 +15,17 @@ settled twice. A failed write is retried, never dropped; shutting down drains th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from sqlalchemy import Update, delete, insert, select, text, update
+from sqlalchemy import Update, delete, func, insert, select, text, update
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from serai.accounts import KeyInfo
@@ -47,6 +51,7 @@ UsageStatus = Literal["ok", "cancelled", "error", "interrupted"]
 
 BATCH_LIMIT = 500
 RETRY_DELAY_S = 0.5
+SET_ASIDE_FILE = "ledger-set-aside.jsonl"  # in the data dir: usage the database refused
 
 
 MINUTE_S = 60
@@ -129,7 +134,6 @@ def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoi
           prompt_tokens: int, max_tokens: int) -> Admission:
     """Check every limit and hold this request's worst case; raises RateLimited or
     QuotaExceeded (or PermissionDenied) without holding anything."""
-    key.check_may_use(model)
     if key.org_id is None:
         return UNMETERED  # platform operators are not billed
     org = _lock_org(session, key.org_id)
@@ -259,17 +263,18 @@ def release(*, session: Session, admission: Admission) -> None:
 
 
 def charge(record: UsageRecord) -> int:
-    """Micro-units `record` costs once settled: its usage at its admission's prices; never more
-    than was reserved when it is taken from a balance, so the balance cannot go below zero."""
+    """Micro-units `record` costs once settled: its usage at its admission's prices, in full.
+
+    A request's usage can exceed what it held only where its size was estimated (an
+    upstream's prompt, before the upstream counted it). The excess is charged, never
+    forgiven: a balance may then end below zero by that excess, which the engines bound (an
+    upstream's reported usage is checked against what was sent and relayed)."""
     admission = record.admission
     if admission.reservation_id is None:
         return 0
-    cost = admission.pricing.cost(prompt_tokens=record.prompt_tokens,
+    return admission.pricing.cost(prompt_tokens=record.prompt_tokens,
                                   cached_tokens=record.cached_tokens,
                                   completion_tokens=record.completion_tokens)
-    if admission.charged and admission.org_id is not None:
-        cost = min(cost, admission.amount_micros)
-    return cost
 
 
 def write_usage(*, session: Session, records: list[UsageRecord]) -> None:
@@ -289,6 +294,9 @@ def write_usage(*, session: Session, records: list[UsageRecord]) -> None:
     gone = set(session.scalars(
         delete(Reservation).where(Reservation.id.in_(held)).returning(Reservation.id)
         .execution_options(synchronize_session=False))) if held else set()
+    gone |= _late(session, [r for r in records
+                            if r.admission.reservation_id is not None
+                            and r.admission.reservation_id not in gone])
     charges: dict[int, int] = {}
     for record in records:
         admission = record.admission
@@ -318,6 +326,33 @@ def write_usage(*, session: Session, records: list[UsageRecord]) -> None:
                             .values(balance_micros=Organization.balance_micros - total)
                             .execution_options(synchronize_session=False))
     rows.write()
+
+
+def _late(session: Session, records: list[UsageRecord]) -> set[str]:
+    """The reservations of `records` that the sweeper took for abandoned while their requests
+    still ran: their `interrupted` rows make way for the real ones, so a late settlement is
+    billed in full and the request keeps exactly one row. A record whose request already has
+    a real row was settled before (a retried batch), and one with no row at all was released
+    (it never ran): neither is billed.
+
+    The interrupted row's place in its owners' running totals stays counted (one request, no
+    tokens): the windows then count the request twice, which errs on the strict side."""
+    if not records:
+        return set()
+    found = {row.request_id: row for row in session.scalars(select(UsageRow).where(
+        UsageRow.request_id.in_([r.request_id for r in records])))}
+    late = set()
+    for record in records:
+        row = found.get(record.request_id)
+        if row is None or row.status != "interrupted":
+            continue
+        session.delete(row)
+        log.warning("usage of %s arrived after its reservation was released; billed in full",
+                    record.request_id)
+        assert record.admission.reservation_id is not None
+        late.add(record.admission.reservation_id)
+    session.flush()
+    return late
 
 
 class _Rows:
@@ -350,12 +385,24 @@ class _Rows:
             self._session.execute(insert(UsageRow), self._rows)
 
 
+def renew_reservations(*, session: Session, reservation_ids: list[str]) -> None:
+    """Mark reservations as still owned (their requests run in this process), so the sweeper
+    leaves them alone however long their requests take."""
+    now_ms = db_now_ms(session)
+    for start in range(0, len(reservation_ids), 500):
+        session.execute(update(Reservation)
+                        .where(Reservation.id.in_(reservation_ids[start:start + 500]))
+                        .values(renewed_ms=now_ms).execution_options(synchronize_session=False))
+
+
 def sweep_reservations(*, session: Session, older_than_s: float) -> int:
-    """Release reservations left by a crashed process: each gets a usage row with status
-    `interrupted` and no charge, so every admitted request still has exactly one row."""
+    """Release reservations left by a crashed process (nobody renewed them for `older_than_s`):
+    each gets a usage row with status `interrupted` and no charge, so every admitted request
+    still has exactly one row."""
     now_ms = db_now_ms(session)
     stale = list(session.scalars(select(Reservation).where(
-        Reservation.created_ms < now_ms - int(older_than_s * 1000))))
+        func.coalesce(Reservation.renewed_ms, Reservation.created_ms)
+        < now_ms - int(older_than_s * 1000))))
     rows = _Rows(session)
     for reservation in sorted(stale, key=lambda r: r.org_id):
         rows.lock(reservation.org_id)
@@ -386,10 +433,12 @@ class LedgerWriter:
     the same commit), so a client never holds a complete answer the ledger could lose in a crash.
     """
 
-    def __init__(self, limiter: Limiter) -> None:
+    def __init__(self, limiter: Limiter, *, set_aside_file: Path | None = None) -> None:
         self._limiter = limiter  # settles where admission holds its reservations
         self._queue: asyncio.Queue[tuple[UsageRecord, asyncio.Future[None]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._set_aside_file = set_aside_file
+        self.set_aside = 0  # records that could never be written, since start-up
 
     @property
     def backlog(self) -> int:
@@ -428,13 +477,56 @@ class LedgerWriter:
                 self._queue.task_done()
 
     async def _write(self, batch: list[UsageRecord]) -> None:
+        """Write a batch, retrying while the database is unreachable. A batch that fails for
+        what it holds is written one record at a time, so one record that can never be written
+        (a value its column cannot hold) is set aside and the others are settled."""
         while True:
             try:
-                await asyncio.to_thread(self._insert, batch)
+                await asyncio.to_thread(self._limiter.settle, batch)
                 return
-            except Exception:
-                log.exception("ledger write of %d rows failed; retrying", len(batch))
-                await asyncio.sleep(RETRY_DELAY_S)
+            except Exception as exc:
+                if _unreachable(exc):
+                    log.exception("ledger write of %d rows failed; retrying", len(batch))
+                    await asyncio.sleep(RETRY_DELAY_S)
+                    continue
+                if len(batch) > 1:
+                    log.warning("ledger write of %d rows failed (%s); writing them one by one",
+                                len(batch), type(exc).__name__)
+                    for record in batch:
+                        await self._write([record])
+                    return
+                await asyncio.to_thread(self._put_aside, batch[0], exc)
+                return
 
-    def _insert(self, batch: list[UsageRecord]) -> None:
-        self._limiter.settle(batch)
+    def _put_aside(self, record: UsageRecord, exc: Exception) -> None:
+        """Keep a record the database refuses for the operator (a JSON line in the data dir:
+        usage metadata only, never content), count it, and let settlement go on. Its
+        reservation stays until the sweeper releases it."""
+        self.set_aside += 1
+        log.error("usage of %s can never be written (%s: %s); set aside in %s",
+                  record.request_id, type(exc).__name__, str(exc)[:200], self._set_aside_file)
+        self._limiter.abandon(record)
+        if self._set_aside_file is None:
+            return
+        line = json.dumps({"error": type(exc).__name__, **_plain(record)}, default=str)
+        try:
+            with self._set_aside_file.open("a", encoding="utf-8") as out:
+                out.write(line + "\n")
+        except OSError:
+            log.exception("could not keep the set-aside usage of %s", record.request_id)
+
+
+def _unreachable(exc: Exception) -> bool:
+    """Whether a write failed because the database cannot be reached or is busy (worth
+    retrying whole), rather than because of what was written."""
+    return isinstance(exc, OperationalError | InterfaceError | DisconnectionError |
+                      TimeoutError | ConnectionError) or getattr(exc, "connection_invalidated",
+                                                                 False)
+
+
+def _plain(record: UsageRecord) -> dict[str, object]:
+    out = dataclasses.asdict(record)
+    out["admission"] = {"reservation_id": record.admission.reservation_id,
+                        "org_id": record.admission.org_id,
+                        "amount_micros": record.admission.amount_micros}
+    return out

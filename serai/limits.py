@@ -37,6 +37,7 @@ from serai.ledger import (
     price_for,
     rate_limited,
     release,
+    renew_reservations,
     reset_after,
     sweep_reservations,
     write_usage,
@@ -61,11 +62,43 @@ class Limiter(Protocol):
     def release(self, admission: Admission) -> None:
         "Give back the hold of a request that never ran."
 
+    def renew(self) -> int:
+        "Renew the holds of the requests this process is running; returns how many."
+
+    def abandon(self, record: UsageRecord) -> None:
+        "Stop renewing the hold of a record that can never be settled (the sweeper takes it)."
+
     def sweep(self, older_than_s: float) -> int:
-        "Release holds older than `older_than_s` (a crashed process's); returns how many."
+        "Release holds nobody renewed for `older_than_s` (a crashed process's); returns how many."
 
     def close(self) -> None:
         "Let go of connections."
+
+
+class Owned:
+    """The reservations of the requests this process runs: from admission until settlement or
+    release. Their owner renews them (a lease), so the sweeper, which takes only holds nobody
+    renewed within its timeout, never takes the hold of a request that is still running,
+    however slowly its client reads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}  # reservation id -> organization
+
+    def add(self, admission: Admission) -> None:
+        if admission.reservation_id is not None and admission.org_id is not None:
+            with self._lock:
+                self._held[admission.reservation_id] = admission.org_id
+
+    def discard(self, reservation_ids: Sequence[str | None]) -> None:
+        with self._lock:
+            for reservation_id in reservation_ids:
+                if reservation_id is not None:
+                    self._held.pop(reservation_id, None)
+
+    def now(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._held)
 
 
 class DatabaseLimiter:
@@ -73,20 +106,36 @@ class DatabaseLimiter:
 
     def __init__(self, database: Database) -> None:
         self._database = database
+        self.owned = Owned()
 
     def reserve(self, *, key: KeyInfo, request_id: str, model: str, endpoint: str,
                 prompt_tokens: int, max_tokens: int) -> Admission:
         with self._database.session(write=True) as session:
-            return admit(session=session, key=key, request_id=request_id, model=model,
-                         endpoint=endpoint, prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+            admission = admit(session=session, key=key, request_id=request_id, model=model,
+                              endpoint=endpoint, prompt_tokens=prompt_tokens,
+                              max_tokens=max_tokens)
+        self.owned.add(admission)
+        return admission
 
     def settle(self, records: list[UsageRecord]) -> None:
         with self._database.session(write=True) as session:
             write_usage(session=session, records=records)
+        self.owned.discard([r.admission.reservation_id for r in records])
 
     def release(self, admission: Admission) -> None:
         with self._database.session(write=True) as session:
             release(session=session, admission=admission)
+        self.owned.discard([admission.reservation_id])
+
+    def abandon(self, record: UsageRecord) -> None:
+        self.owned.discard([record.admission.reservation_id])
+
+    def renew(self) -> int:
+        held = list(self.owned.now())
+        if held:
+            with self._database.session(write=True) as session:
+                renew_reservations(session=session, reservation_ids=held)
+        return len(held)
 
     def sweep(self, older_than_s: float) -> int:
         with self._database.session(write=True) as session:
@@ -310,6 +359,7 @@ class RedisLimiter:
         self._pending: list[_Settled] = []
         self._pending_lock = threading.Lock()
         self._failing = False
+        self.owned = Owned()
 
     # -- keys
 
@@ -323,7 +373,6 @@ class RedisLimiter:
 
     def reserve(self, *, key: KeyInfo, request_id: str, model: str, endpoint: str,
                 prompt_tokens: int, max_tokens: int) -> Admission:
-        key.check_may_use(model)
         if key.org_id is None:
             return UNMETERED  # platform operators are not billed
         org_id = key.org_id
@@ -387,9 +436,11 @@ class RedisLimiter:
             self._pend([_Settled(org_id, reservation_id)])
             raise
         headers = _headers(terms.checks, [int(x) for x in reply[2:]], int(reply[1]))
-        return Admission(reservation_id, org_id, admission.amount_micros, admission.pricing,
-                         admission.charged, admission.multiplier_milli,
-                         headers if status == "ok" else {})
+        admitted = Admission(reservation_id, org_id, admission.amount_micros, admission.pricing,
+                             admission.charged, admission.multiplier_milli,
+                             headers if status == "ok" else {})
+        self.owned.add(admitted)
+        return admitted
 
     def _terms(self, session: Session, *, key: KeyInfo, model: str, prompt_tokens: int,
                max_tokens: int, reservation_id: str) -> _Terms:
@@ -496,7 +547,7 @@ class RedisLimiter:
                                   tokens_milli=hold.tokens_milli,
                                   raw_tokens=hold.prompt_tokens + hold.max_tokens)
             args += [hold.id, _hold_record(fields, hold.request_id), f"{org_id}|{hold.id}",
-                     hold.created_ms]
+                     hold.renewed_ms or hold.created_ms]
         self._seed_holds(keys=self._keys(org_id), args=args)
         log.info("loaded %d usage rows and %d reservations of organization %d into Redis",
                  len(rows), len(holds), org_id)
@@ -511,6 +562,7 @@ class RedisLimiter:
             # earlier try, or swept meanwhile, joins the windows as its row says.
             settled = _settled_from_rows(session, [(r.admission.org_id, r.admission.reservation_id,
                                                     r.request_id) for r in metered])
+        self.owned.discard([r.admission.reservation_id for r in metered])
         self._pend(settled)
 
     def release(self, admission: Admission) -> None:
@@ -518,8 +570,30 @@ class RedisLimiter:
             return
         with self._database.session() as session:
             release(session=session, admission=admission)
+        self.owned.discard([admission.reservation_id])
         assert admission.org_id is not None
         self._pend([_Settled(admission.org_id, admission.reservation_id)])
+
+    def abandon(self, record: UsageRecord) -> None:
+        self.owned.discard([record.admission.reservation_id])
+
+    def renew(self) -> int:
+        """Renew in the database (for its sweeper) and in Redis's index of holds by time (for
+        this one): a hold that is renewed is never taken for a crashed process's."""
+        held = self.owned.now()
+        if not held:
+            return 0
+        with self._database.session() as session:
+            renew_reservations(session=session, reservation_ids=list(held))
+        try:
+            seconds, micros = self._redis.time()
+            now_ms = seconds * 1000 + micros // 1000
+            # XX: a hold settled meanwhile is not put back in the index.
+            self._redis.zadd(self._keys(0)[_INDEX - 1],
+                             {f"{org}|{rid}": now_ms for rid, org in held.items()}, xx=True)
+        except self._error as exc:
+            self._report(exc, "renewing holds")
+        return len(held)
 
     def sweep(self, older_than_s: float) -> int:
         with self._database.session() as session:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from serai.engines.base import Reporting
@@ -156,6 +156,10 @@ class FleetState(Collector):
                 stats = deployment.engine.stats()
                 for field, family in engine.items():
                     family.add_metric(names, getattr(stats, field))
+        set_aside = CounterMetricFamily(
+            "serai_ledger_set_aside", "Usage rows the database refused for what they hold, "
+            "kept in <data_dir>/ledger-set-aside.jsonl for the operator.")
         if self.ledger is not None:
             backlog.add_metric([], self.ledger.backlog)
-        yield from (up, outstanding, *engine.values(), backlog)
+            set_aside.add_metric([], self.ledger.set_aside)
+        yield from (up, outstanding, *engine.values(), backlog, set_aside)

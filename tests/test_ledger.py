@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -110,17 +113,17 @@ async def test_records_queued_during_an_outage_are_written_when_it_ends(
     database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ledger, "RETRY_DELAY_S", 0.01)
-    real_insert = LedgerWriter._insert
+    real_settle = DatabaseLimiter.settle
     failures = 5
 
-    def insert(self: LedgerWriter, batch: list[UsageRecord]) -> None:
+    def settle(self: DatabaseLimiter, batch: list[UsageRecord]) -> None:
         nonlocal failures
         if failures:
             failures -= 1
             raise OperationalError("INSERT", {}, Exception("database is locked"))
-        real_insert(self, batch)
+        real_settle(self, batch)
 
-    monkeypatch.setattr(LedgerWriter, "_insert", insert)
+    monkeypatch.setattr(DatabaseLimiter, "settle", settle)
     writer = LedgerWriter(DatabaseLimiter(database))
     writer.start()
     writer.record(usage("before"))
@@ -129,3 +132,24 @@ async def test_records_queued_during_an_outage_are_written_when_it_ends(
     await writer.aclose()
     assert failures == 0
     assert rows_per_request(database) == {"before": 1, "during": 1}
+
+
+async def test_a_row_the_database_refuses_is_set_aside_and_the_rest_are_settled(
+    database: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A count no integer column can hold: SQLite's driver refuses it, PostgreSQL raises a
+    # DataError. Retried as it was, it stalled every settlement behind it, for good.
+    poisoned = dataclasses.replace(usage("poisoned"), prompt_tokens=2**70)
+    aside = tmp_path / ledger.SET_ASIDE_FILE
+    writer = LedgerWriter(DatabaseLimiter(database), set_aside_file=aside)
+    writer.start()
+    committed = [writer.record(usage("before")), writer.record(poisoned),
+                 writer.record(usage("after"))]
+    await asyncio.wait_for(asyncio.gather(*committed), 10)
+    writer.record(usage("later"))
+    await asyncio.wait_for(writer.aclose(), 10)
+    assert rows_per_request(database) == {"before": 1, "after": 1, "later": 1}
+    assert writer.set_aside == 1
+    [kept] = [json.loads(line) for line in aside.read_text().splitlines()]
+    assert (kept["request_id"], kept["prompt_tokens"]) == ("poisoned", 2**70)
+    assert "can never be written" in caplog.text

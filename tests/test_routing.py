@@ -11,7 +11,9 @@ import random
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -19,6 +21,7 @@ import pytest
 from sqlalchemy import func, select
 
 from serai import accounts, ledger
+from serai.accounts import KeyInfo
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings, UpstreamSettings
@@ -190,7 +193,9 @@ async def test_a_removed_deployment_drains_only_after_a_token_count_on_it() -> N
     engine.counted = asyncio.Event()
     deployment = router.add(engine, deployment="d")
     gateway = Gateway(router=router, ledger=None, database=None)  # type: ignore[arg-type]
-    counting = asyncio.create_task(gateway.measure(GenerationRequest("r", "m", prompt="a b c")))
+    anyone = KeyInfo(1, "k", "sk-serai-k", False, datetime.now(UTC), None)
+    counting = asyncio.create_task(gateway.measure(GenerationRequest("r", "m", prompt="a b c"),
+                                                   key=anyone))
     await asyncio.sleep(0.01)
     router.remove("d")
     drained = asyncio.create_task(router.drained(deployment))
@@ -252,13 +257,20 @@ class Api:
 
 @asynccontextmanager
 async def serai(tmp_path: Path, upstreams: list[UpstreamSettings], *,
-                regions: list[str] | None = None, **settings: object) -> AsyncIterator[Api]:
+                regions: list[str] | None = None, tenant: dict[str, Any] | None = None,
+                **settings: object) -> AsyncIterator[Api]:
+    """Serai in process over `upstreams`, with one customer (`tenant`: more of its terms, see
+    tests.support.tenants.customer) whose key the client uses."""
+    # Health here is passive and its clock is a fake one the test moves. The active prober runs
+    # on the wall clock (first probe 10 s after start-up): on a slow run it would close an
+    # ejected deployment's circuit behind the test's back, so it is off unless a test asks.
+    settings.setdefault("probe_interval_s", 0)
     app = create_app(Settings(data_dir=tmp_path, embedded=False, upstreams=upstreams,
                               **settings), engines=[])  # type: ignore[arg-type]
     async with app.router.lifespan_context(app):
         services: Services = app.state.services
         with services.database.session() as session:
-            secret = customer(session, regions=regions).secret
+            secret = customer(session, regions=regions, **(tenant or {})).secret
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://serai") as http:
             client = sdk(http, secret)

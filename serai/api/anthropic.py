@@ -376,5 +376,5 @@ async def count_message_tokens(
     """Counts the tokens of a conversation's prompt without running it (nothing is billed),
     on a deployment in the key's regions."""
     measure = await services.gateway.measure(body.to_generation(request.state.request_id),
-                                             regions=key.allowed_regions)
+                                             key=key)
     return json_response(200, {"input_tokens": measure.prompt_tokens})

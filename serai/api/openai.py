@@ -502,8 +502,9 @@ def _model_object(info: ModelInfo) -> dict[str, Any]:
 async def list_models(key: KeyDep, services: ServicesDep) -> Response:
     """Lists the models this key may use: those with a deployment in a region the key's
     organization may use, and among its allowed models if it has a list of them."""
-    models = [m for m in services.gateway.router.models(regions=key.allowed_regions)
-              if key.may_use(m.name)]
+    router = services.gateway.router
+    models = [m for m in router.models(regions=key.allowed_regions)
+              if key.may_use(m.name, canonical=router.canonical)]
     return json_response(200, {"object": "list", "data": [_model_object(m) for m in models]})
 
 
@@ -511,7 +512,7 @@ async def list_models(key: KeyDep, services: ServicesDep) -> Response:
 async def retrieve_model(model_id: str, key: KeyDep, services: ServicesDep) -> Response:
     """Describes one model (404 if no deployment of it is in the key's regions, or the key may
     not use it)."""
-    if not key.may_use(model_id):
+    if not key.may_use(model_id, canonical=services.gateway.router.canonical):
         raise UnknownModel(f"The model {model_id!r} is not one this key may use; it may use: "
                            f"{key.usable_models}.", param="model")
     model = services.gateway.router.model(model_id, regions=key.allowed_regions)

@@ -78,7 +78,8 @@ async def serve(
 
     headers = run.admission.headers or None
     if events is not None:
-        return EventStreamResponse(events(run), on_close=close, headers=headers)
+        return EventStreamResponse(events(run), on_close=close, headers=headers,
+                                   deadline_s=gateway.max_stream_s)
     try:
         answer = await until_disconnect(request.receive, collect(run))
     except ClientDisconnected:

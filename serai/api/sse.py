@@ -9,6 +9,7 @@ is cancelled, which closes the engine stream and stops the model.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,6 +18,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 T = TypeVar("T")
+
+log = logging.getLogger("serai.api")
 
 
 class ClientDisconnected(Exception):
@@ -70,11 +73,13 @@ class EventStreamResponse(Response):
         *,
         on_close: Callable[[], Awaitable[None]],
         headers: dict[str, str] | None = None,
+        deadline_s: float | None = None,
     ) -> None:
         super().__init__(status_code=200, media_type=self.media_type)
         self._events = events
         self._on_close = on_close
         self._headers = headers or {}
+        self._deadline_s = deadline_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = [
@@ -84,7 +89,11 @@ class EventStreamResponse(Response):
         ] + [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self._headers.items()]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await until_disconnect(receive, self._pump(send))
+            # The deadline covers sending too: a client that reads slowly holds the stream (and
+            # its engine slot) only this long; what it was sent until then is billed.
+            await until_disconnect(receive, asyncio.wait_for(self._pump(send), self._deadline_s))
+        except TimeoutError:
+            log.warning("stream cut after its maximum duration of %ss", self._deadline_s)
         except (ClientDisconnected, OSError):
             pass
         finally:

@@ -153,6 +153,13 @@ class Router:
         except KeyError:
             raise _unknown(model) from None
 
+    def canonical(self, name: str) -> str:
+        """The model `name` stands for (an alias resolves to its deployments' model name; a
+        name nothing serves is itself). Requests are admitted, priced, limited and recorded by
+        this name, so an alias is never a way around a price or an allowed-models list."""
+        deployments = self._models.get(name)
+        return deployments[0].engine.model.name if deployments else name
+
     def engine_for(self, model: str) -> Engine:
         """An engine serving `model` (the first declared): to measure or describe it."""
         return self.deployments(model)[0].engine

@@ -31,6 +31,7 @@ from serai.types import Chunk, FinishReason, GenerationRequest, Message, ToolCal
 log = logging.getLogger("serai.engines.upstream")
 
 CHARS_PER_TOKEN = 4  # the prompt estimate: no tokenizer of the upstream's model is at hand
+BYTES_PER_TOKEN_OTHER = 2  # of text outside ASCII: see estimate_prompt_tokens
 # Template tokens an upstream may add around a prompt beyond its characters (roles, specials).
 PROMPT_OVERHEAD_TOKENS = 256
 ERROR_BODY_BYTES = 4096
@@ -61,17 +62,29 @@ def read_api_key(config: UpstreamSettings) -> str | None:
 
 
 def estimate_prompt_tokens(request: GenerationRequest) -> int:
-    """Characters sent as the prompt (texts, tool calls, tool schemas, the response format),
-    divided by CHARS_PER_TOKEN and rounded up: about right for English with BPE vocabularies."""
-    chars = len(request.prompt or "")
+    """The tokens of what is sent as the prompt (texts, tool calls, tool schemas, the response
+    format), estimated from its UTF-8 bytes without the upstream's tokenizer.
+
+    ASCII text takes CHARS_PER_TOKEN characters a token, about right for English with BPE
+    vocabularies. Other scripts take far fewer bytes a token (a CJK character is 3 bytes and
+    often a token of its own), so each of their bytes counts BYTES_PER_TOKEN_OTHER: the
+    estimate then errs high for every script rather than letting Chinese or Thai prompts
+    through at a third of their size. Whatever the upstream counts is billed in the end."""
+    texts = [request.prompt or ""]
     for message in request.messages or ():
-        chars += len(message.content)
-        chars += sum(len(call.name) + len(call.arguments) for call in message.tool_calls)
+        texts.append(message.content)
+        texts += [part for call in message.tool_calls for part in (call.name, call.arguments)]
     for tool in request.tools:
-        chars += len(tool.name) + len(tool.description) + len(json.dumps(tool.parameters))
+        texts += [tool.name, tool.description, json.dumps(tool.parameters, ensure_ascii=False)]
     if request.response_format is not None and request.response_format.schema is not None:
-        chars += len(json.dumps(request.response_format.schema))
-    return max(1, math.ceil(chars / CHARS_PER_TOKEN))
+        texts.append(json.dumps(request.response_format.schema, ensure_ascii=False))
+    ascii_chars = other_bytes = 0
+    for text in texts:
+        size = len(text.encode("utf-8", "surrogatepass"))
+        ascii_here = len(text.encode("ascii", "ignore"))
+        ascii_chars += ascii_here
+        other_bytes += size - ascii_here
+    return max(1, math.ceil(ascii_chars / CHARS_PER_TOKEN + other_bytes / BYTES_PER_TOKEN_OTHER))
 
 
 def _message(message: Message) -> dict[str, Any]:
@@ -236,8 +249,10 @@ class UpstreamEngine:
         size = await self.measure(request)
         chat = request.messages is not None
         body = request_body(request, model=self._upstream_model, max_tokens=size.max_tokens)
-        prompt_chars = len(json.dumps(body.get("messages") or body.get("prompt"))) + len(
-            json.dumps(body.get("tools", "")))
+        # A token is one byte at least: more prompt tokens than bytes sent cannot be true.
+        prompt_chars = len(json.dumps(body.get("messages") or body.get("prompt"),
+                                      ensure_ascii=False).encode()) + len(
+            json.dumps(body.get("tools", ""), ensure_ascii=False).encode())
         relay = _Relay(size.prompt_tokens, size.max_tokens)
         name = self._info.name
         http = self._client.build_request("POST", "/chat/completions" if chat else "/completions",

@@ -138,6 +138,9 @@ class Reservation(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     max_tokens: Mapped[int] = mapped_column(Integer)
     created_ms: Mapped[int] = mapped_column(Millis)
+    # Last renewed by the process running the request (None: never yet). The sweeper takes a
+    # reservation only when neither this nor created_ms is within the timeout.
+    renewed_ms: Mapped[int | None] = mapped_column(Millis, nullable=True)
 
 
 class ApiKey(Base):

@@ -42,6 +42,7 @@ class MockConfig:
     failure: Failure = "none"
     cut_after: int = 2  # chunks sent before a "cut"
     tool_arguments: str = '{"city": "Paris"}'  # of the call made when tool_choice asks for one
+    prompt_tokens: int | None = None  # reported in usage; None: a quarter of the prompt's chars
 
     @classmethod
     def from_env(cls) -> MockConfig:
@@ -58,7 +59,7 @@ def _parse(name: str, value: str) -> Any:
         return int(value) if value else None
     if name in ("delay_s",):
         return float(value)
-    if name == "cut_after":
+    if name in ("cut_after", "prompt_tokens"):
         return int(value)
     return value
 
@@ -187,7 +188,7 @@ class MockUpstream:
                 sent = n
             if not pieces:
                 yield frame(choices=[choice("", finish)])
-            prompt = _prompt_tokens(body)
+            prompt = config.prompt_tokens or _prompt_tokens(body)
             usage = {"prompt_tokens": prompt, "completion_tokens": sent,
                      "total_tokens": prompt + sent}
             if config.failure == "absurd_usage":

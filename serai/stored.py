@@ -4,11 +4,13 @@ whose retention policy allows it, readable only inside that organization.
 The request's messages and the response are one JSON document, encrypted with the server's
 content keys (serai/crypto.py) and bound to its organization and id; only the model, the
 caller's metadata and the times stay in clear, for listing. A completion past its retention is
-never served, and the sweeper deletes it.
+never served, and the sweeper deletes it. A key limited to some models reaches only the
+completions of those models: the others answer as if they did not exist.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -75,34 +77,41 @@ def _open(keys: ContentKeys, row: StoredCompletion) -> Completion:
                       document["messages"], document["response"])
 
 
-def _live(session: Session, org_id: int) -> tuple[Any, ...]:
-    return (StoredCompletion.org_id == org_id, StoredCompletion.expires_ms > db_now_ms(session))
+def _live(session: Session, org_id: int, models: Collection[str] | None) -> tuple[Any, ...]:
+    """What a reader may reach: its organization's completions within their retention, and
+    of its allowed `models` (None: any)."""
+    reach = (StoredCompletion.org_id == org_id, StoredCompletion.expires_ms > db_now_ms(session))
+    return reach if models is None else (*reach, StoredCompletion.model.in_(list(models)))
 
 
-def _row(session: Session, org_id: int, completion_id: str) -> StoredCompletion:
+def _row(session: Session, org_id: int, models: Collection[str] | None,
+         completion_id: str) -> StoredCompletion:
     row = session.scalar(select(StoredCompletion).where(
-        StoredCompletion.completion_id == completion_id, *_live(session, org_id)))
-    if row is None:  # another organization's answers exactly like one that does not exist
+        StoredCompletion.completion_id == completion_id, *_live(session, org_id, models)))
+    if row is None:  # another organization's (or model's) answers exactly like none at all
         raise NotFound(f"No stored chat completion {completion_id!r}.", param="completion_id")
     return row
 
 
-def find(*, session: Session, keys: ContentKeys, org_id: int, completion_id: str) -> Completion:
-    return _open(keys, _row(session, org_id, completion_id))
+# Every reader names its allowed models (None: any), with no default: a caller cannot forget
+# to narrow what a limited key reaches.
+def find(*, session: Session, keys: ContentKeys, org_id: int, models: Collection[str] | None,
+         completion_id: str) -> Completion:
+    return _open(keys, _row(session, org_id, models, completion_id))
 
 
-def page(*, session: Session, keys: ContentKeys, org_id: int, limit: int = 20,
-         after: str | None = None, model: str | None = None,
+def page(*, session: Session, keys: ContentKeys, org_id: int, models: Collection[str] | None,
+         limit: int = 20, after: str | None = None, model: str | None = None,
          metadata: dict[str, str] | None = None,
          order: Literal["asc", "desc"] = "asc") -> tuple[list[Completion], bool]:
-    """One page of the organization's completions and whether more follow."""
-    query = select(StoredCompletion).where(*_live(session, org_id))
+    """One page of the organization's completions of `models` and whether more follow."""
+    query = select(StoredCompletion).where(*_live(session, org_id, models))
     if model is not None:
         query = query.where(StoredCompletion.model == model)
     for key, value in (metadata or {}).items():
         query = query.where(StoredCompletion.tags[key].as_string() == value)
     if after is not None:
-        cursor = _row(session, org_id, after).id
+        cursor = _row(session, org_id, models, after).id
         query = query.where(StoredCompletion.id > cursor if order == "asc"
                             else StoredCompletion.id < cursor)
     query = query.order_by(StoredCompletion.id if order == "asc" else StoredCompletion.id.desc())
@@ -110,8 +119,9 @@ def page(*, session: Session, keys: ContentKeys, org_id: int, limit: int = 20,
     return [_open(keys, r) for r in rows[:limit]], len(rows) > limit
 
 
-def remove(*, session: Session, org_id: int, completion_id: str) -> None:
-    session.delete(_row(session, org_id, completion_id))
+def remove(*, session: Session, org_id: int, models: Collection[str] | None,
+           completion_id: str) -> None:
+    session.delete(_row(session, org_id, models, completion_id))
     session.flush()
 
 

@@ -8,16 +8,22 @@ ASGI transport with another `client`, as a request from another network reaches 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import base64
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from serai import accounts, audit
-from tests.support.admin_api import Admin
+from serai.app import create_app
+from serai.config import Settings
+from tests.support.admin_api import Admin, sdk
 from tests.support.console import csrf_of, org_key, sign_in
+from tests.support.fake_engine import FakeEngine
 
 OUTSIDE = "10.1.2.3"  # an address outside 127.0.0.1/32, where the test clients come from
 
@@ -209,3 +215,49 @@ async def test_a_console_session_stops_when_its_key_expires(admin: Admin) -> Non
     assert (await admin.http.get(f"/console/orgs/{org_id}/usage")).status_code == 303
     expired = await sign_in(admin, owner)
     assert expired.status_code == 401 and "expired" in expired.text
+
+
+# -- stored completions follow the reading key's allowed models --------------------------------
+
+KEY = base64.b64encode(b"k" * 32).decode()
+
+
+async def test_a_key_limited_to_a_model_reads_only_that_models_stored_completions(
+        database_url: str, tmp_path: Path) -> None:
+    engines = [FakeEngine(name="model-x", reply="from x", context_length=4096),
+               FakeEngine(name="model-y", reply="from y", context_length=4096)]
+    app = create_app(Settings(data_dir=tmp_path, database_url=database_url, secret_key=KEY),
+                     engines=engines)
+    async with app.router.lifespan_context(app):
+        database = app.state.services.database
+        with database.session() as session:
+            org = accounts.create_org(session=session, name="acme")
+            accounts.update_org(session=session, org_id=org.id, retention="store",
+                                retention_days=30)
+            _, both = accounts.create_key(session=session, name="both", org_id=org.id)
+            _, only_x = accounts.create_key(session=session, name="x", org_id=org.id,
+                                            allowed_models=["model-x"])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://serai") as http:
+            everything = sdk(http, both)
+            ask = [{"role": "user", "content": "hello"}]
+            x = await everything.chat.completions.create(model="model-x", messages=ask,
+                                                         store=True)
+            y = await everything.chat.completions.create(model="model-y", messages=ask,
+                                                         store=True)
+            limited = sdk(http, only_x)
+            assert (await limited.chat.completions.retrieve(x.id)).id == x.id
+            calls: list[Callable[[], Awaitable[Any]]] = [
+                lambda: limited.chat.completions.retrieve(y.id),
+                lambda: limited.chat.completions.messages.list(y.id),
+                lambda: limited.chat.completions.delete(y.id),
+                lambda: limited.chat.completions.list(after=y.id)]
+            for call in calls:
+                with pytest.raises(openai.NotFoundError, match="No stored chat completion"):
+                    await call()
+            assert [c.id for c in (await limited.chat.completions.list()).data] == [x.id]
+            assert (await limited.chat.completions.list(model="model-y")).data == []
+            # The unrestricted key still reaches both: nothing was deleted.
+            assert [c.id for c in (await everything.chat.completions.list()).data] == [
+                x.id, y.id]
+            assert (await limited.chat.completions.delete(x.id)).deleted is True

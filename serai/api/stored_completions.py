@@ -1,7 +1,8 @@
 """OpenAI's stored chat completions: retrieve, list, delete, and the messages of one.
 
-Only completions of the calling key's organization are visible: another organization's answer
-404, exactly like ones that do not exist (or are past their retention).
+Only completions of the calling key's organization, made with a model the key may use, are
+visible: another organization's, or another model's for a key limited to some, answer 404
+exactly like ones that do not exist (or are past their retention), and are left out of lists.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ async def list_chat_completions(
     metadata = {name[len("metadata["):-1]: value for name, value in request.query_params.items()
                 if name.startswith("metadata[") and name.endswith("]")}
     found, has_more = await _read(services, key, lambda s, keys, org: stored.page(
-        session=s, keys=keys, org_id=org, limit=limit, after=after, model=model,
-        metadata=metadata, order=order))
+        session=s, keys=keys, org_id=org, models=key.allowed_models, limit=limit, after=after,
+        model=model, metadata=metadata, order=order))
     return json_response(200, _page([_object(c) for c in found], has_more))
 
 
@@ -74,7 +75,8 @@ async def get_chat_completion(completion_id: str, key: KeyDep,
                               services: ServicesDep) -> Response:
     """A stored chat completion, as it was answered, with its metadata."""
     found = await _read(services, key, lambda s, keys, org: stored.find(
-        session=s, keys=keys, org_id=org, completion_id=completion_id))
+        session=s, keys=keys, org_id=org, models=key.allowed_models,
+        completion_id=completion_id))
     return json_response(200, _object(found))
 
 
@@ -84,7 +86,8 @@ async def get_chat_completion_messages(completion_id: str, key: KeyDep, services
                                        order: Order = "asc") -> Response:
     """The request messages of a stored chat completion."""
     found = await _read(services, key, lambda s, keys, org: stored.find(
-        session=s, keys=keys, org_id=org, completion_id=completion_id))
+        session=s, keys=keys, org_id=org, models=key.allowed_models,
+        completion_id=completion_id))
     messages = [{"id": f"{completion_id}-{i}", **m} for i, m in enumerate(found.messages)]
     if order == "desc":
         messages.reverse()
@@ -106,7 +109,8 @@ async def delete_chat_completion(completion_id: str, key: KeyDep,
 
     def remove() -> None:
         with services.database.session() as session:
-            stored.remove(session=session, org_id=org_id, completion_id=completion_id)
+            stored.remove(session=session, org_id=org_id, models=key.allowed_models,
+                          completion_id=completion_id)
 
     await asyncio.to_thread(remove)
     return json_response(200, {"id": completion_id, "object": "chat.completion.deleted",

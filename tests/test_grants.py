@@ -229,6 +229,8 @@ async def test_a_key_limited_to_a_model_reads_only_that_models_stored_completion
     app = create_app(Settings(data_dir=tmp_path, database_url=database_url, secret_key=KEY),
                      engines=engines)
     async with app.router.lifespan_context(app):
+        # model-x is also served under an alias; a completion is stored under the name asked.
+        app.state.services.gateway.router.add(engines[0], deployment="x-2", aliases=["x-latest"])
         database = app.state.services.database
         with database.session() as session:
             org = accounts.create_org(session=session, name="acme")
@@ -260,4 +262,10 @@ async def test_a_key_limited_to_a_model_reads_only_that_models_stored_completion
             # The unrestricted key still reaches both: nothing was deleted.
             assert [c.id for c in (await everything.chat.completions.list()).data] == [
                 x.id, y.id]
+            # Asked for by an alias of model-x, a completion is still model-x's.
+            aliased = await limited.chat.completions.create(model="x-latest", messages=ask,
+                                                            store=True)
+            assert (await limited.chat.completions.retrieve(aliased.id)).id == aliased.id
+            assert [c.id for c in (await limited.chat.completions.list()).data] == [
+                x.id, aliased.id]
             assert (await limited.chat.completions.delete(x.id)).deleted is True

@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from serai import stored
 from serai.accounts import KeyInfo
-from serai.api.deps import KeyDep, ServicesDep
+from serai.api.deps import KeyDep, Services, ServicesDep
 from serai.api.errors import json_response
 from serai.crypto import ContentKeys
 from serai.errors import ContentKeyMissing, NotFound
@@ -29,12 +29,26 @@ Limit = Annotated[int, Query(ge=1, le=100)]
 Order = Annotated[Literal["asc", "desc"], Query()]
 
 
+def _readable_models(key: KeyInfo, services: Services) -> list[str] | None:
+    """The model names whose stored completions `key` reaches (None: any): its allowed models
+    by every name they are served under, since a completion is stored under the name it was
+    asked for, which may be an alias."""
+    if key.allowed_models is None:
+        return None
+    router = services.gateway.router
+    served = {name for deployment in router.all() for name in deployment.names}
+    return sorted({*key.allowed_models,
+                   *(name for name in served if key.may_use(name, canonical=router.canonical))})
+
+
 async def _read(services: ServicesDep, key: KeyInfo,
-                work: Callable[[Session, ContentKeys, int], T]) -> T:
+                work: Callable[[Session, ContentKeys, int, list[str] | None], T]) -> T:
+    """Run `work` with the key's organization and the models whose completions it reaches."""
     if key.org_id is None:  # an operator key has no organization, so no completions
         raise NotFound("No stored chat completions: this key belongs to no organization.")
     keys = services.content_keys
     org_id = key.org_id
+    models = _readable_models(key, services)
 
     def run() -> T:
         if keys is None:
@@ -42,7 +56,7 @@ async def _read(services: ServicesDep, key: KeyInfo,
                                     "Its operator must set SERAI_SECRET_KEY or "
                                     "SERAI_SECRET_KEY_FILE.")
         with services.database.session() as session:
-            return work(session, keys, org_id)
+            return work(session, keys, org_id, models)
 
     return await asyncio.to_thread(run)
 
@@ -64,9 +78,9 @@ async def list_chat_completions(
     """Lists the organization's stored chat completions; `metadata[k]=v` filters on metadata."""
     metadata = {name[len("metadata["):-1]: value for name, value in request.query_params.items()
                 if name.startswith("metadata[") and name.endswith("]")}
-    found, has_more = await _read(services, key, lambda s, keys, org: stored.page(
-        session=s, keys=keys, org_id=org, models=key.allowed_models, limit=limit, after=after,
-        model=model, metadata=metadata, order=order))
+    found, has_more = await _read(services, key, lambda s, keys, org, models: stored.page(
+        session=s, keys=keys, org_id=org, models=models, limit=limit, after=after, model=model,
+        metadata=metadata, order=order))
     return json_response(200, _page([_object(c) for c in found], has_more))
 
 
@@ -74,9 +88,8 @@ async def list_chat_completions(
 async def get_chat_completion(completion_id: str, key: KeyDep,
                               services: ServicesDep) -> Response:
     """A stored chat completion, as it was answered, with its metadata."""
-    found = await _read(services, key, lambda s, keys, org: stored.find(
-        session=s, keys=keys, org_id=org, models=key.allowed_models,
-        completion_id=completion_id))
+    found = await _read(services, key, lambda s, keys, org, models: stored.find(
+        session=s, keys=keys, org_id=org, models=models, completion_id=completion_id))
     return json_response(200, _object(found))
 
 
@@ -85,9 +98,8 @@ async def get_chat_completion_messages(completion_id: str, key: KeyDep, services
                                        limit: Limit = 20, after: str | None = None,
                                        order: Order = "asc") -> Response:
     """The request messages of a stored chat completion."""
-    found = await _read(services, key, lambda s, keys, org: stored.find(
-        session=s, keys=keys, org_id=org, models=key.allowed_models,
-        completion_id=completion_id))
+    found = await _read(services, key, lambda s, keys, org, models: stored.find(
+        session=s, keys=keys, org_id=org, models=models, completion_id=completion_id))
     messages = [{"id": f"{completion_id}-{i}", **m} for i, m in enumerate(found.messages)]
     if order == "desc":
         messages.reverse()
@@ -105,11 +117,11 @@ async def delete_chat_completion(completion_id: str, key: KeyDep,
     """Deletes a stored chat completion now, before its retention ends."""
     if key.org_id is None:
         raise NotFound(f"No stored chat completion {completion_id!r}.")
-    org_id = key.org_id
+    org_id, models = key.org_id, _readable_models(key, services)
 
     def remove() -> None:
         with services.database.session() as session:
-            stored.remove(session=session, org_id=org_id, models=key.allowed_models,
+            stored.remove(session=session, org_id=org_id, models=models,
                           completion_id=completion_id)
 
     await asyncio.to_thread(remove)

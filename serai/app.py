@@ -130,7 +130,8 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
         traces.open()
         gateway = Gateway(router=router, ledger=ledger, database=database, limiter=limiter,
                           failover_attempts=settings.failover_attempts, tracing=traces,
-                          max_stream_s=settings.max_stream_s)
+                          max_stream_s=settings.max_stream_s,
+                          counts_per_minute=settings.count_tokens_rpm)
         metrics.watch(router=router, ledger=ledger)
         failed = FailedAuthentications(database)
         app.state.services = Services(settings=settings, database=database, gateway=gateway,

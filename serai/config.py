@@ -233,6 +233,12 @@ class Settings(BaseSettings):
         "Idempotency-Key stops answering 409. The process running a request renews its "
         "reservation every third of this, so a long request is never taken for a crashed one.",
     )
+    count_tokens_rpm: int = Field(
+        600, ge=1, le=1_000_000,
+        description="Token counts (`/v1/messages/count_tokens`) one key may ask for per minute "
+        "in each Serai process (its own `rpm` applies when lower). Counting bills nothing, so it "
+        "has this rate of its own.",
+    )
     max_stream_s: float = Field(
         900, gt=0,
         description="Seconds a streamed answer may take to send, slow readers included: past it "

@@ -139,6 +139,9 @@ class RateLimited(SeraiError):
     status_code = 429
     error_type = "requests"
     code = "rate_limit_exceeded"
+    # Seconds until a per-minute window frees a unit, when that is what refused the request
+    # (None: a refusal that may lift any moment, such as the concurrency cap).
+    window_reset_s: float | None = None
 
 
 class QuotaExceeded(SeraiError):

@@ -12,14 +12,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from serai import audit
 from serai.accounts import KeyInfo
 from serai.engines.base import Engine, Measure
 from serai.engines.router import Router, Ticket
-from serai.errors import EngineOverloaded, EngineUnavailable, RegionUnavailable, SeraiError
+from serai.errors import (
+    EngineOverloaded,
+    EngineUnavailable,
+    RateLimited,
+    RegionUnavailable,
+    SeraiError,
+)
 from serai.idempotency import IdempotentCall
 from serai.ledger import UNMETERED, Admission, LedgerWriter, UsageRecord, UsageStatus, charge
 from serai.limits import DatabaseLimiter, Limiter
@@ -236,11 +243,78 @@ async def _give_back(limiter: Limiter, admission: Admission) -> None:
     await asyncio.to_thread(limiter.release, admission)
 
 
+class CountRate:
+    """Token counts (`/v1/messages/count_tokens`) a key may ask for per minute, in this process.
+    A count bills nothing, so without a rate of its own it would be free tokenizing for anyone
+    with a key. The key's own rpm applies when it is lower. Memory is bounded: past
+    `max_keys` keys in one minute, the table is cleared (a new minute clears it too)."""
+
+    def __init__(self, per_minute: int, *, max_keys: int = 100_000,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.per_minute = per_minute
+        self._max_keys = max_keys
+        self._clock = clock
+        self._minute = 0
+        self._counts: dict[int, int] = {}
+
+    def check(self, key: KeyInfo) -> None:
+        now = self._clock()
+        minute = int(now // 60)
+        if minute != self._minute or len(self._counts) >= self._max_keys:
+            self._minute, self._counts = minute, {}
+        limit = min(self.per_minute, key.rpm) if key.rpm is not None else self.per_minute
+        used = self._counts.get(key.id, 0)
+        if used >= limit:
+            wait = max(1, math.ceil((minute + 1) * 60 - now))
+            raise RateLimited(f"Rate limit reached: this key may count tokens {limit} times per "
+                              f"minute. Retry in {wait}s.", headers={"retry-after": str(wait)})
+        self._counts[key.id] = used + 1
+
+
+class RefusedKeys:
+    """Keys a requests-per-minute window refused, until that window frees a request: their next
+    requests are refused at once, before any tokenizing or grammar work. A key flooding past its
+    rpm then costs the server a dictionary lookup per request instead of a tokenized prompt and
+    an admission transaction. Only request-count refusals are remembered: whether a token
+    window admits a request depends on its size. Bounded: past `max_keys`, the table is
+    cleared (the next refusal of each key fills it again)."""
+
+    def __init__(self, *, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self._until: dict[int, tuple[float, RateLimited]] = {}
+        self._max_keys = max_keys
+        self._clock = clock
+
+    def note(self, key: KeyInfo, error: RateLimited) -> None:
+        if error.window_reset_s is None or error.error_type != "requests":
+            return
+        if len(self._until) >= self._max_keys:
+            self._until.clear()
+        self._until[key.id] = (self._clock() + error.window_reset_s, error)
+
+    def check(self, key: KeyInfo) -> None:
+        found = self._until.get(key.id)
+        if found is None:
+            return
+        until, error = found
+        left = until - self._clock()
+        if left <= 0:
+            del self._until[key.id]
+            return
+        again = RateLimited(error.message, headers={**error.headers,
+                                                     "retry-after": str(max(1, math.ceil(left)))})
+        again.error_type, again.window_reset_s = error.error_type, left
+        raise again
+
+
 class Gateway:
     def __init__(self, *, router: Router, ledger: LedgerWriter, database: Database,
                  limiter: Limiter | None = None, failover_attempts: int = 3,
-                 tracing: Tracing = OFF, max_stream_s: float | None = None) -> None:
+                 tracing: Tracing = OFF, max_stream_s: float | None = None,
+                 counts_per_minute: int = 600) -> None:
         self.router = router
+        self.count_rate = CountRate(counts_per_minute)
+        self.refused = RefusedKeys()
         self.max_stream_s = max_stream_s  # how long a stream may be sent for (None: no bound)
         self.tracing = tracing
         self.failover_attempts = failover_attempts
@@ -279,6 +353,7 @@ class Gateway:
         model = self.router.canonical(request.model)
         self.router.deployments(model)  # UnknownModel (404) before anything else
         key.check_may_use(model, canonical=self.router.canonical)
+        self.refused.check(key)
         return request if model == request.model else dataclasses.replace(request, model=model)
 
     async def measure(self, request: GenerationRequest, *, key: KeyInfo) -> Measure:
@@ -286,6 +361,7 @@ class Gateway:
         running it: nothing is admitted, generated or recorded (token counting endpoints). The
         deployment is held meanwhile, so a reload cannot close its engine mid-count."""
         request = self.admissible(key, request)
+        self.count_rate.check(key)
         ticket = self.router.pick(request.model, regions=key.allowed_regions)
         try:
             return await ticket.deployment.engine.measure(request)
@@ -327,6 +403,8 @@ class Gateway:
                 admission = await finish_or_undo(reserve, give_back)
             except BaseException as error:
                 ticket.done()
+                if isinstance(error, RateLimited):
+                    self.refused.note(key, error)
                 if isinstance(error, SeraiError):
                     admitting.set(outcome="refused", reason=error_code(error))
                 else:  # the client left meanwhile (cancelled), or a bug

@@ -69,22 +69,40 @@ class Stored:
 
 class ResponsesInMemory:
     """Responses of zero-retention calls, for 24 hours at most, in this process only: they never
-    reach the database, a file or Redis. Bounded: past `max_entries` the oldest are dropped (their
-    twins get 409 instead of a replay)."""
+    reach the database, a file or Redis. Bounded in entries and in bytes: past `max_entries` or
+    `max_bytes` the oldest are dropped (their twins get 409 instead of a replay), and a response
+    larger than a tenth of `max_bytes` is not kept at all, so a few huge answers cannot push
+    everyone else's out or fill the process's memory."""
 
-    def __init__(self, *, max_entries: int = 10_000) -> None:
+    def __init__(self, *, max_entries: int = 10_000, max_bytes: int = 64 * 2**20) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._kept: dict[tuple[int, str], tuple[float, Stored]] = {}
+
+    @staticmethod
+    def _size(stored: Stored) -> int:
+        return len(stored.body or b"") + sum(len(k) + len(v) for k, v in stored.headers.items())
 
     def keep(self, key_id: int, idempotency_key: str, stored: Stored) -> None:
         now = time.monotonic()
+        size = self._size(stored)
+        self._drop((key_id, idempotency_key))  # re-inserted last: the newest
+        if size > self.max_bytes // 10:
+            return
         while self._kept:
             oldest = next(iter(self._kept))
-            if len(self._kept) < self.max_entries and self._kept[oldest][0] > now:
+            if (len(self._kept) < self.max_entries and self.bytes + size <= self.max_bytes
+                    and self._kept[oldest][0] > now):
                 break
-            del self._kept[oldest]
-        self._kept.pop((key_id, idempotency_key), None)  # re-inserted last: the newest
+            self._drop(oldest)
         self._kept[(key_id, idempotency_key)] = (now + RETENTION_S, stored)
+        self.bytes += size
+
+    def _drop(self, entry: tuple[int, str]) -> None:
+        found = self._kept.pop(entry, None)
+        if found is not None:
+            self.bytes -= self._size(found[1])
 
     def find(self, key_id: int, idempotency_key: str, request_id: str) -> Stored | None:
         """The response `request_id` sent, if this process served it and still has it."""

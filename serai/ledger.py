@@ -236,6 +236,7 @@ def rate_limited(kind: str, what: str, who: str, reset: float, limit: int) -> Ra
                             f"x-ratelimit-remaining-{kind}": "0",
                             f"x-ratelimit-reset-{kind}": format_wait(reset)})
     error.error_type = kind
+    error.window_reset_s = reset
     return error
 
 

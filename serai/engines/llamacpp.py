@@ -13,6 +13,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import llama_cpp
@@ -30,6 +31,9 @@ log = logging.getLogger("serai.engines.llamacpp")
 
 RETRY_AFTER_S = 1
 MEASURED_KEPT = 1024
+MEASURED_TOKENS_KEPT = 1_000_000  # about 40 MB of token lists
+PREPARE_THREADS = 2  # tokenizing and grammar compiling, apart from the default executor
+PREPARE_WAITING = 64  # requests waiting to be (or being) prepared before more get 503
 GRAMMARS_KEPT = 256  # grammars llama.cpp has parsed: a client sends the same tools each turn
 
 
@@ -83,6 +87,9 @@ class LlamaCppEngine:
         self._info = ModelInfo(name=name, context_length=context_length,
                                created=int(path.stat().st_mtime))
         self._measured: OrderedDict[str, Sequence] = OrderedDict()
+        self._measured_tokens = 0
+        self._preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="serai-prepare")
+        self._preparing_waiting = 0
         self._grammars: OrderedDict[str, None] = OrderedDict()
         self._grammars_lock = threading.Lock()
         self._capacity = parallel + queue_size
@@ -112,14 +119,40 @@ class LlamaCppEngine:
     def _piece(self, token: int) -> bytes:
         return self._vocab_only.detokenize([token])
 
+    async def _prepared(self, request: GenerationRequest) -> Sequence:
+        """`_prepare` on the engine's own preparing threads. Tokenizing a long prompt and
+        compiling a grammar take CPU seconds a hostile request can choose; on the default
+        executor they would hold the threads that authentication and the ledger run on.
+        Requests past the waiting line get 503, so waiting work is bounded too."""
+        if self._preparing_waiting >= PREPARE_WAITING:
+            raise EngineOverloaded(
+                "The model is reading as many prompts as it can hold; retry shortly.",
+                headers={"retry-after": str(RETRY_AFTER_S)})
+        self._preparing_waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._preparing, self._prepare, request, _unset_emit)
+        finally:
+            self._preparing_waiting -= 1
+
     async def measure(self, request: GenerationRequest) -> Measure:
-        sequence = await asyncio.to_thread(self._prepare, request, _unset_emit)
+        sequence = await self._prepared(request)
         # Kept for generate(), so a measured prompt is tokenized once; the oldest are dropped
-        # (a request refused by admission never comes back for it).
+        # (a request refused by admission never comes back for it). Bounded in tokens as well
+        # as entries: a thousand long prompts refused after measuring would hold gigabytes.
+        self._forget_measured(request.request_id)
         self._measured[request.request_id] = sequence
-        while len(self._measured) > MEASURED_KEPT:
-            self._measured.popitem(last=False)
+        self._measured_tokens += len(sequence.tokens)
+        while self._measured and (len(self._measured) > MEASURED_KEPT
+                                  or self._measured_tokens > MEASURED_TOKENS_KEPT):
+            self._forget_measured(next(iter(self._measured)))
         return Measure(len(sequence.tokens), sequence.max_tokens)
+
+    def _forget_measured(self, request_id: str) -> Sequence | None:
+        sequence = self._measured.pop(request_id, None)
+        if sequence is not None:
+            self._measured_tokens -= len(sequence.tokens)
+        return sequence
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if self._closed:
@@ -132,9 +165,9 @@ class LlamaCppEngine:
         try:
             loop = asyncio.get_running_loop()
             out: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
-            sequence = self._measured.pop(request.request_id, None)
+            sequence = self._forget_measured(request.request_id)
             if sequence is None:
-                sequence = await asyncio.to_thread(self._prepare, request, _unset_emit)
+                sequence = await self._prepared(request)
             sequence.emit = lambda item: loop.call_soon_threadsafe(out.put_nowait, item)
             self._scheduler.submit(sequence)
             try:
@@ -221,6 +254,7 @@ class LlamaCppEngine:
 
     async def aclose(self) -> None:
         self._closed = True
+        self._preparing.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self._scheduler.close)
         llama_cpp.llama_model_free(self._model)
         self._vocab_only.close()

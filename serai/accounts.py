@@ -238,8 +238,14 @@ def adjust_balance(*, session: Session, org_id: int, amount_micros: int, kind: s
     held = (select(func.coalesce(func.sum(Reservation.amount_micros), 0))
             .where(Reservation.org_id == org_id).scalar_subquery())
     floor = held if amount_micros < 0 else 0
-    # One conditional UPDATE: it locks the row, so the check and the change see the same
-    # balance and reservations as admissions do.
+    if amount_micros < 0:
+        # The organization's lock first, as admission and settlement take it, then the check in
+        # a statement of its own. In one statement, PostgreSQL (READ COMMITTED) would wait for
+        # a running admission's lock and then re-check the row, but not the reservations: their
+        # sum comes from the snapshot taken before the wait, without the hold just committed.
+        session.execute(update(Organization).where(Organization.id == org_id)
+                        .values(balance_micros=Organization.balance_micros)
+                        .execution_options(synchronize_session=False))
     changed = session.execute(
         update(Organization).where(Organization.id == org_id,
                                    Organization.balance_micros + amount_micros >= floor)

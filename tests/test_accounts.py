@@ -4,6 +4,8 @@ authenticating, revoking; adjustments and codes that never make or take money tw
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -13,6 +15,7 @@ from sqlalchemy import text
 from serai import accounts, ledger, plans
 from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
 from serai.storage.db import Database
+from tests.support.tenants import customer
 
 SECRET = re.compile(r"sk-serai-[A-Za-z0-9_-]{43}")
 
@@ -181,6 +184,46 @@ def test_an_adjustment_cannot_take_money_running_requests_hold(database: Databas
             admission=admission)])
     with database.session() as session:
         assert accounts.find_org(session=session, ref=org.id).balance_micros == 0
+
+
+def test_an_adjustment_racing_an_admission_never_takes_what_it_holds(database: Database) -> None:
+    """The admission commits its hold while the adjustment waits for the organization's lock:
+    the adjustment must see the hold. (On PostgreSQL, READ COMMITTED, a single conditional
+    UPDATE re-checked the row after the wait but summed the reservations from before it.)"""
+    with database.session() as session:
+        made = customer(session, model="m", prices=(1_000_000, 1_000_000), balance=100)
+    admitted, commit = threading.Event(), threading.Event()
+
+    def admission() -> None:
+        with database.session(write=True) as session:
+            ledger.admit(session=session, key=made.key, request_id="r", model="m",
+                         endpoint="chat", prompt_tokens=50, max_tokens=50)
+            admitted.set()
+            commit.wait(10)
+
+    outcome: list[str] = []
+
+    def take_everything() -> None:
+        try:
+            with database.session() as session:
+                accounts.adjust_balance(session=session, org_id=made.org_id,
+                                        amount_micros=-100, kind="adjustment", reason="race")
+            outcome.append("taken")
+        except InvalidRequest as refused:
+            outcome.append(refused.message)
+
+    admitting = threading.Thread(target=admission)
+    admitting.start()
+    assert admitted.wait(10)
+    taking = threading.Thread(target=take_everything)
+    taking.start()
+    time.sleep(0.5)  # the adjustment now waits for the organization's lock
+    commit.set()
+    admitting.join(10)
+    taking.join(10)
+    assert len(outcome) == 1 and "100 of them held by running requests" in outcome[0]
+    with database.session() as session:
+        assert accounts.find_org(session=session, ref=made.org_id).balance_micros == 100
 
 
 def test_a_redemption_code_is_redeemed_once_whoever_tries(database: Database) -> None:

@@ -8,8 +8,11 @@ Typer's runner on the same database.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
+import secrets
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,10 +22,11 @@ from typing import Any
 import openai
 import pytest
 from click.testing import Result
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.exc import OperationalError
 from typer.testing import CliRunner
 
-from serai import accounts, audit
+from serai import accounts, audit, failed_authentications
 from serai.app import create_app
 from serai.cli import app as cli_app
 from serai.config import Settings
@@ -144,19 +148,116 @@ async def test_failed_authentication_is_recorded_by_prefix_and_no_secret_is_stor
     answer = await admin.http.get("/v1/models", headers={"authorization": f"Bearer {wrong}"})
     assert answer.status_code == 401
     key = await admin.ok("POST", "/admin/v1/keys", json={"name": "soon-gone"})
+    mistyped = key["secret"][:-3] + "xyz"  # a real key's prefix, the rest wrong
+    answer = await admin.http.get("/v1/models", headers={"x-api-key": mistyped})
+    assert answer.status_code == 401
     await admin.ok("DELETE", f"/admin/v1/keys/{key['id']}")
     answer = await admin.http.get("/v1/models", headers={"x-api-key": key["secret"]})
     assert answer.status_code == 401
+    assert not [r for r in admin.rows() if r["action"] == "auth.failed"]  # counted, not written
 
+    assert await admin.services.failed_authentications.write() == 2
     failed = [r for r in admin.rows() if r["action"] == "auth.failed"]
-    assert [(r["actor"], r["target"]) for r in failed] == [
-        (_prefix(wrong), f"key:{_prefix(wrong)}"),
-        (_prefix(key["secret"]), f"key:{_prefix(key['secret'])}")]
-    assert "revoked" in str(failed[1]["details"])
+    # A prefix no key has is the sender's own text: it counts as `unknown`, shown as a sample.
+    minute = _details(failed[0])["minute"]
+    assert {r["target"]: (r["actor"], _details(r)) for r in failed} == {
+        "key:unknown": ("unknown", {"count": 1, "network": "127.0.0.0/24", "minute": minute,
+                                    "reasons": {"unknown": 1}, "prefixes": [_prefix(wrong)]}),
+        f"key:{_prefix(key['secret'])}": (_prefix(key["secret"]), {
+            "count": 2, "network": "127.0.0.0/24", "minute": minute,
+            "reasons": {"revoked": 1, "wrong_secret": 1}})}
     stored = repr(admin.rows())
     for secret in (wrong, key["secret"], admin.operator):
         assert secret[:accounts.PREFIX_LENGTH] in stored
         assert secret[:accounts.PREFIX_LENGTH + 1] not in stored
+    assert admin.serai("audit", "verify").exit_code == 0
+
+
+def _details(row: dict[str, Any]) -> dict[str, Any]:
+    details = row["details"]
+    return json.loads(details) if isinstance(details, str) else dict(details)
+
+
+async def test_random_invalid_keys_write_a_handful_of_counted_entries_and_nothing_per_request(
+        admin: Audited) -> None:
+    """RELIABILITY.md row 23: 2,000 refused keys (the model API, the admin API and the
+    console's sign-in) write nothing while they are refused, then a few entries whose counts
+    add up to 2,000, and the chain still verifies."""
+    writes: list[str] = []
+
+    def spy(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().split(" ", 1)[0].upper() in ("INSERT", "UPDATE", "DELETE"):
+            writes.append(statement)
+
+    before = len(admin.rows())
+    event.listen(admin.services.database.engine, "before_cursor_execute", spy)
+    try:
+        async def refused(n: int) -> None:
+            secret = accounts.KEY_SCHEME + secrets.token_urlsafe(32) if n % 4 else \
+                secrets.token_urlsafe(24)  # some are not even shaped like a key
+            path = "/admin/v1/organizations" if n % 2 else "/v1/models"
+            answer = await admin.http.get(path, headers={"authorization": f"Bearer {secret}"})
+            assert answer.status_code == 401
+
+        for start in range(0, 1980, 60):
+            await asyncio.gather(*(refused(n) for n in range(start, min(start + 60, 1980))))
+        page = await admin.http.get("/console/login")
+        for _ in range(20):  # each refused sign-in renders the form again, with a new token
+            token = re.search(r'name="login_token" value="([^"]+)"', page.text)
+            assert token is not None
+            page = await admin.http.post("/console/login", data={
+                "key": accounts.KEY_SCHEME + secrets.token_urlsafe(32), "login_token": token[1]})
+            assert page.status_code == 401
+        # Nothing per request: no audit entry, and no write but the periodic sweeper's.
+        assert len(admin.rows()) == before and not [w for w in writes if "audit_log" in w]
+        assert len(writes) < 20, writes
+        assert admin.services.failed_authentications.pending == 2000
+    finally:
+        event.remove(admin.services.database.engine, "before_cursor_execute", spy)
+
+    await admin.services.failed_authentications.write()
+    failed = [r for r in admin.rows() if r["action"] == "auth.failed"]
+    assert 1 <= len(failed) <= 2  # one per minute: the run may straddle two
+    assert sum(_details(r)["count"] for r in failed) == 2000
+    assert {r["target"] for r in failed} == {"key:unknown"}
+    assert all(len(_details(r)["prefixes"]) <= failed_authentications.SAMPLE for r in failed)
+    assert admin.services.failed_authentications.pending == 0
+    assert admin.serai("audit", "verify").exit_code == 0
+
+
+def test_groups_held_are_bounded_and_a_failed_write_keeps_the_counts(tmp_path: Path) -> None:
+    """One client with a network per failure (IPv6 /64s are cheap) cannot grow what is held in
+    memory past `max_groups`: the rest counts in one `other` group. A write that fails (here:
+    a database without its tables) keeps every count for the next one."""
+    database = Database(f"sqlite:///{tmp_path / 'serai.db'}")
+    try:
+        failed = failed_authentications.FailedAuthentications(database, max_groups=10,
+                                                              clock=lambda: 1_800_000_000.0)
+        for n in range(5000):
+            failed.count(prefix=f"{accounts.KEY_SCHEME}abc{n % 7}…", reason="unknown",
+                         client=f"2001:db8:{n:x}::1")
+        assert len(failed._groups) == 11 and failed.pending == 5000
+        with pytest.raises(OperationalError):
+            asyncio.run(failed.write())
+        assert failed.pending == 5000
+        database.upgrade()
+        assert asyncio.run(failed.write()) == 11
+        with database.session() as session:
+            entries = list(audit.export(session=session))
+            assert audit.verify(session=session).ok
+        assert sum(e["details"]["count"] for e in entries) == 5000
+        [other] = [e for e in entries if e["target"] == "key:other"]
+        assert other["details"]["count"] == 4990 and other["details"]["network"] == "other"
+    finally:
+        database.dispose()
+
+
+def test_clients_count_by_network() -> None:
+    network_of = failed_authentications.network_of
+    assert network_of("203.0.113.77") == "203.0.113.0/24"
+    assert network_of("::ffff:203.0.113.77") == "203.0.113.0/24"
+    assert network_of("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+    assert network_of(None) == network_of("testclient") == "unknown"
 
 
 async def test_redemption_codes_are_recorded_without_the_codes(admin: Audited) -> None:

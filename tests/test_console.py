@@ -37,6 +37,7 @@ async def test_a_wrong_key_or_a_model_key_cannot_sign_in(admin: Admin) -> None:
     assert wrong.status_code == 401
     assert "Incorrect API key provided: sk-serai-xxxxxx…" in wrong.text
     assert "serai_console=" not in wrong.headers.get("set-cookie", "")
+    await admin.services.failed_authentications.write()  # counted, then written each minute
     with admin.services.database.session() as session:
         assert audit.entries(session=session, limit=5)[0][0]["action"] == "auth.failed"
     model = await sign_in(admin, model_key)

@@ -9,11 +9,12 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from serai import accounts, audit
+from serai import accounts
 from serai.accounts import KeyInfo
 from serai.config import Settings
 from serai.crypto import ContentKeys
 from serai.errors import AuthenticationFailed, NotFound, PermissionDenied
+from serai.failed_authentications import FailedAuthentications
 from serai.fleet import Fleet
 from serai.gateway import Gateway
 from serai.idempotency import IdempotentCall, check_key
@@ -29,6 +30,8 @@ class Services:
     settings: Settings  # as at start-up: a reload changes the deployments, not these
     database: Database
     gateway: Gateway
+    # Refused keys, counted here and written to the audit log once a minute.
+    failed_authentications: FailedAuthentications
     fleet: Fleet | None = None  # the declared deployments, for reloads
     content_keys: ContentKeys | None = None  # None: stored completions are refused
     metrics: Metrics | None = None  # what /metrics shows
@@ -103,12 +106,12 @@ def check_network(request: Request, key: KeyInfo) -> None:
 
 async def record_failed_authentication(request: Request, services: Services, secret: str,
                                        error: AuthenticationFailed) -> None:
-    # Only the prefix the error message shows is kept: a mistyped key is still a secret.
-    shown = accounts.shown_prefix(secret)
-    client = client_address(request)
-    await asyncio.to_thread(audit.record_alone, services.database, action="auth.failed",
-                            actor=shown, target=f"key:{shown}",
-                            details={"reason": error.message, "client": client})
+    """Count a refused key; the counts reach the audit log once a minute, so a failure writes
+    nothing to the database (serai.failed_authentications). Only the prefix the error message
+    shows is kept: a mistyped key is still a secret."""
+    reason = error.reason if isinstance(error, accounts.KeyRefused) else "unknown"
+    services.failed_authentications.count(prefix=accounts.shown_prefix(secret), reason=reason,
+                                          client=client_address(request))
 
 
 async def admin_key(key: Annotated[KeyInfo, Depends(current_key)]) -> KeyInfo:

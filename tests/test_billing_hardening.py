@@ -104,15 +104,21 @@ async def test_usage_above_the_estimate_is_charged_in_full(
         tmp_path: Path, servers: dict[str, MockServer]) -> None:
     # The upstream counts far more prompt tokens than the estimate held (still fewer than the
     # bytes sent, so believable): the excess is charged, not forgiven.
+    # The balance covers the hold (8 estimated prompt tokens and 8 completion tokens, 56
+    # micro-units) and not the real cost: the balance goes below zero by the excess, and the
+    # organization is refused until it tops up.
     servers["a"].mock.config.prompt_tokens = 40
-    async with serai(tmp_path, [_upstream(servers["a"], "a")], tenant=PRICED) as api:
-        before = _balance(api)
+    async with serai(tmp_path, [_upstream(servers["a"], "a")],
+                     tenant={**PRICED, "balance": 60}) as api:
         answer = await api.client.chat.completions.create(model=MODEL, messages=CHAT,
                                                           max_tokens=8)
         assert answer.usage is not None and answer.usage.prompt_tokens == 40
         [row] = await api.usage_rows()
-        assert row.cost_micros == _cost(40, answer.usage.completion_tokens)
-        assert before - _balance(api) == row.cost_micros
+        assert row.cost_micros == _cost(40, answer.usage.completion_tokens) > 60
+        assert _balance(api) == 60 - row.cost_micros < 0
+        with pytest.raises(openai.RateLimitError) as refused:
+            await api.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8)
+        assert refused.value.code == "insufficient_quota"
 
 
 @pytest.mark.parametrize("text", ["東京は日本の首都です。" * 20, "กรุงเทพมหานครเป็นเมืองหลวง" * 20,

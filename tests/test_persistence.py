@@ -74,16 +74,17 @@ async def test_ledger_write_failure_is_retried_not_dropped(
     database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ledger, "RETRY_DELAY_S", 0.01)
-    writer = LedgerWriter(DatabaseLimiter(database))
-    real_insert = writer._insert
+    limiter = DatabaseLimiter(database)
+    writer = LedgerWriter(limiter)
+    real_settle = limiter.settle
     failures = iter([True, True])
 
     def flaky(batch: list[UsageRecord]) -> None:
         if next(failures, False):
             raise ConnectionError("database went away")
-        real_insert(batch)
+        real_settle(batch)
 
-    monkeypatch.setattr(writer, "_insert", flaky)
+    monkeypatch.setattr(limiter, "settle", flaky)
     writer.start()
     writer.record(usage("kept"))
     await writer.aclose()

@@ -9,7 +9,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
-    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -44,6 +43,8 @@ class Organization(Base):
     plan_id: Mapped[int | None] = mapped_column(ForeignKey("plans.id"), nullable=True)
     price_book_id: Mapped[int | None] = mapped_column(ForeignKey("price_books.id"), nullable=True)
     # Settled money only; what running requests hold is in `reservations`.
+    # Below zero only by usage charged beyond what its request held (serai.ledger.charge):
+    # admission and adjustments never take it below what running requests hold.
     balance_micros: Mapped[int] = mapped_column(Money, default=0)
     rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
     tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -55,9 +56,6 @@ class Organization(Base):
     # retention_days.
     retention: Mapped[str] = mapped_column(String(8), default="zero", server_default="zero")
     retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
-
-    __table_args__ = (CheckConstraint("balance_micros >= 0",
-                                      name="ck_organizations_balance_not_negative"),)
 
 
 class Plan(Base):

@@ -122,6 +122,7 @@ def serve(
     """Serve the API (prepares the bundled model and the database on first start)."""
     import uvicorn
 
+    from serai.api.request_heads import bounded_head_protocol
     from serai.app import create_app
     from serai.engines.upstream import read_api_key
     from serai.models import admit_model
@@ -174,7 +175,10 @@ def serve(
 
     config = uvicorn.Config(app,
                             host=settings.host, port=settings.port, loop="uvloop",
-                            http="httptools", log_config=None, access_log=False,
+                            http=bounded_head_protocol(
+                                header_timeout_s=settings.header_timeout_s,
+                                max_header_bytes=settings.max_header_bytes),
+                            log_config=None, access_log=False,
                             log_level=settings.log_level, timeout_graceful_shutdown=10,
                             ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
     server = uvicorn.Server(config)

@@ -347,8 +347,15 @@ class Settings(BaseSettings):
         None, description="Address the admin port listens on (with `admin_port`; for instance "
         "127.0.0.1 or an internal interface). Unset: `host`.")
     max_header_bytes: int = Field(
-        32 * 1024, ge=1024, description="Largest total size of a request's headers; larger "
-        "ones get 431."
+        32 * 1024, ge=1024, description="Largest request head (the request line and headers); "
+        "a larger one gets 431 and its connection is closed, `serai serve` cutting it as it "
+        "arrives."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds a client has to send a request's head, from the "
+        "connection opening (or its first byte, for later requests on a kept-alive connection) "
+        "to the end of its headers; a slower one gets 408 and its connection is closed, so "
+        "clients sending headers byte by byte cannot hold connections open."
     )
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."

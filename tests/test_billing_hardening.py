@@ -128,3 +128,27 @@ def test_the_upstream_estimate_errs_high_for_every_script(text: str) -> None:
     letters: more than these models' tokenizers use (the estimate counted characters / 4)."""
     request = GenerationRequest("r", MODEL, messages=(Message("user", text),))
     assert estimate_prompt_tokens(request) >= len(text) // 2 + 1
+
+
+@pytest.mark.parametrize("max_tokens", [10**12, 2**63 + 1])
+async def test_a_max_tokens_past_the_context_is_refused_before_anything_is_held(
+        tmp_path: Path, servers: dict[str, MockServer], postgres_url: str, redis_url: str,
+        redis_prefix: str, max_tokens: int) -> None:
+    # The upstream engine took any max_tokens as the request's worst case: Redis's script set
+    # the hold and then failed to add 10**12 tokens' cost to a counter, leaving the hold.
+    import redis
+
+    async with serai(tmp_path, [_upstream(servers["a"], "a")], tenant=PRICED,
+                     database_url=postgres_url, redis_url=redis_url,
+                     redis_prefix=redis_prefix) as api:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await api.client.chat.completions.create(model=MODEL, messages=CHAT,
+                                                     max_tokens=max_tokens)
+        assert refused.value.status_code == 400 and "max_tokens" in str(refused.value.message)
+        assert api.reservations() == 0 and await api.usage_rows() == []
+        held = redis.Redis.from_url(redis_url)
+        try:
+            assert [k for k in held.scan_iter(match=f"{redis_prefix}:*holds*")] == []
+        finally:
+            held.close()
+        await api.client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8)

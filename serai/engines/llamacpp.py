@@ -8,9 +8,9 @@ consumer that stops reading cancels its sequence, which leaves the batch at the 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
-import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +21,7 @@ import llama_cpp
 from serai.engines import tool_calls
 from serai.engines.base import EngineStats, Measure, ModelInfo
 from serai.engines.batching import BatchScheduler, Sequence
+from serai.engines.grammar import KnownGrammars
 from serai.engines.prompts import PromptFormat, choose_prompt_format
 from serai.errors import ContextLengthExceeded, EngineOverloaded, EngineUnavailable, InvalidRequest
 from serai.models import check_gguf
@@ -35,6 +36,14 @@ MEASURED_TOKENS_KEPT = 1_000_000  # about 40 MB of token lists
 PREPARE_THREADS = 2  # tokenizing and grammar compiling, apart from the default executor
 PREPARE_WAITING = 64  # requests waiting to be (or being) prepared before more get 503
 GRAMMARS_KEPT = 256  # grammars llama.cpp has parsed: a client sends the same tools each turn
+GRAMMAR_BYTES_KEPT = 8 * 1024 * 1024  # ... and their size: one may be half a megabyte
+
+
+def _longest_token(vocab: llama_cpp.llama_vocab_p) -> int:
+    """Bytes of the vocabulary's longest token (48 for Gemma 3's 262,144; 0.3 s to find)."""
+    piece = (ctypes.c_char * 256)()
+    return max(1, max(llama_cpp.llama_token_to_piece(vocab, token, piece, len(piece), 0, True)
+                      for token in range(llama_cpp.llama_vocab_n_tokens(vocab))))
 
 
 def _unset_emit(item: object) -> None:
@@ -76,6 +85,7 @@ class LlamaCppEngine:
         if not self._model:
             raise EngineUnavailable(f"llama.cpp could not load {path}")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._longest_token = _longest_token(self._vocab)
         self._format: PromptFormat = choose_prompt_format(
             prompt_format,  # type: ignore[arg-type]
             self._vocab_only.metadata,
@@ -90,8 +100,7 @@ class LlamaCppEngine:
         self._measured_tokens = 0
         self._preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="serai-prepare")
         self._preparing_waiting = 0
-        self._grammars: OrderedDict[str, None] = OrderedDict()
-        self._grammars_lock = threading.Lock()
+        self._grammars = KnownGrammars(most=GRAMMARS_KEPT, most_bytes=GRAMMAR_BYTES_KEPT)
         self._capacity = parallel + queue_size
         self._admitted = 0
         self._closed = False
@@ -205,7 +214,8 @@ class LlamaCppEngine:
             if grammar is not None:
                 self._check_grammar(grammar)
             prompt = self._format.render(tool_calls.prompt_messages(request))
-            tokens = llm.tokenize(prompt.text.encode(), add_bos=not prompt.has_special_tokens,
+            text = self._fits(prompt.text.encode(), "messages")
+            tokens = llm.tokenize(text, add_bos=not prompt.has_special_tokens,
                                   special=prompt.has_special_tokens)
             stops = stops + prompt.stops
             strip = prompt.strip_leading_space
@@ -215,7 +225,8 @@ class LlamaCppEngine:
             if request.tools or request.response_format is not None:
                 raise InvalidRequest("Tools and response_format need messages, not a prompt.",
                                      param="prompt")
-            tokens = llm.tokenize(request.prompt.encode(), add_bos=True, special=False)
+            tokens = llm.tokenize(self._fits(request.prompt.encode(), "prompt"), add_bos=True,
+                                  special=False)
             where = "prompt"
         n_ctx = self._info.context_length
         room = n_ctx - len(tokens)
@@ -236,21 +247,29 @@ class LlamaCppEngine:
                         sampling=request.sampling, stops=stops, strip_leading_space=strip,
                         emit=emit, grammar=grammar)
 
+    def _fits(self, text: bytes, where: str) -> bytes:
+        """`text`, unless it is surely too long for the context: no token is longer than the
+        vocabulary's longest, so a text of more bytes than the context holds of those is
+        refused without tokenizing it (4 MB took the tokenizer 4 s of CPU)."""
+        n_ctx = self._info.context_length
+        if len(text) > n_ctx * self._longest_token:
+            at_least = len(text) // self._longest_token
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {n_ctx} tokens. However, the {where} "
+                f"holds at least {at_least} tokens ({len(text)} bytes). Please reduce the length "
+                f"of the {where}.", param=where)
+        return text
+
     def _check_grammar(self, grammar: str) -> None:
         """Refuse a grammar llama.cpp cannot parse before the request is admitted."""
-        with self._grammars_lock:
-            if grammar in self._grammars:
-                self._grammars.move_to_end(grammar)
-                return
+        if self._grammars.seen(grammar):
+            return
         sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
         if not sampler:
             raise InvalidRequest("The tools or response_format schema cannot be turned into a "
                                  "grammar for this model.", param="tools")
         llama_cpp.llama_sampler_free(sampler)
-        with self._grammars_lock:  # _prepare runs on worker threads
-            self._grammars[grammar] = None
-            while len(self._grammars) > GRAMMARS_KEPT:
-                self._grammars.popitem(last=False)
+        self._grammars.add(grammar)  # _prepare runs on worker threads: KnownGrammars locks
 
     async def aclose(self) -> None:
         self._closed = True

@@ -25,7 +25,7 @@ import orjson
 
 from serai.config import UpstreamSettings
 from serai.engines.base import Measure, ModelInfo
-from serai.errors import EngineUnavailable, InvalidRequest
+from serai.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest
 from serai.types import Chunk, FinishReason, GenerationRequest, Message, ToolCall, Usage
 
 log = logging.getLogger("serai.engines.upstream")
@@ -240,6 +240,15 @@ class UpstreamEngine:
             wanted = min(self._config.default_max_tokens, room)
         elif request.sampling.clamp_max_tokens:
             wanted = min(wanted, room)
+        elif wanted > self._info.context_length:
+            # More than the whole context can never be generated: refused here, before a
+            # reservation of that size (a number no column or Redis counter can hold) is made.
+            # The prompt is only estimated, so a max_tokens that fits the context with the
+            # estimate's error is left for the upstream to judge.
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self._info.context_length} tokens. "
+                f"However, you requested {wanted} tokens in the completion. Please reduce "
+                "max_tokens.", param="max_tokens")
         return Measure(prompt, wanted)
 
     def _redact(self, text: str) -> str:

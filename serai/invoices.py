@@ -64,10 +64,17 @@ def _totals(session: Session, org_id: int, start_ms: int, end_ms: int,
 
 
 DEFAULT_DAYS = 30
+# The days usage can be asked for: the ledger's clock starts at the epoch, and a range ends
+# the day after its last (which the calendar must still hold).
+FIRST_DAY, LAST_DAY = EPOCH, date.max - timedelta(days=1)
 
 
 def date_range(start: date | None, end: date | None) -> tuple[date, date]:
     """The days asked for: up to today (UTC), the last 30 days when no start is given."""
+    for param, day in (("start_date", start), ("end_date", end)):
+        if day is not None and not FIRST_DAY <= day <= LAST_DAY:
+            raise InvalidRequest(f"Invalid '{param}': usage is kept by UTC days from "
+                                 f"{FIRST_DAY} to {LAST_DAY}, not {day}.", param=param)
     end = end or datetime.now(UTC).date()
     return (start or end - timedelta(days=DEFAULT_DAYS - 1)), end
 
@@ -162,6 +169,10 @@ def month_bounds(month: str) -> tuple[date, date]:
         raise InvalidRequest(f"A month is written YYYY-MM, like 2026-11; not {month!r}.",
                              param="month")
     year, number = int(match.group(1)), int(match.group(2))
+    if not (FIRST_DAY.year, 1) <= (year, number) < (date.max.year, 12):
+        raise InvalidRequest(f"Invalid 'month': invoices cover the months from "
+                             f"{FIRST_DAY:%Y-%m} to {date.max.year}-11, not {month!r}.",
+                             param="month")
     first = date(year, number, 1)
     following = date(year + number // 12, number % 12 + 1, 1)
     return first, following

@@ -25,6 +25,7 @@ from starlette.responses import Response
 from serai import accounts, audit, invoices, plans, quota, traffic
 from serai import retention as retention_policy
 from serai.accounts import CodeInfo, KeyInfo, OrgInfo
+from serai.api.bounds import MAX_MULTIPLIER, Moment, PositiveInt, RowId
 from serai.api.deps import AdminScope, ScopeDep, ServicesDep
 from serai.api.errors import json_response
 from serai.engines.router import Deployment
@@ -37,7 +38,6 @@ router = APIRouter(prefix="/admin/v1", tags=["Admin"])
 
 T = TypeVar("T")
 
-PositiveInt = Annotated[int, Field(ge=1)]
 DateParam = Annotated[date | None, Query(description="A UTC day, YYYY-MM-DD.")]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 
@@ -78,8 +78,8 @@ def _set_fields(body: BaseModel) -> dict[str, Any]:
 
 class OrgCreate(_Strict):
     name: Name
-    plan_id: int | None = None
-    price_book_id: int | None = None
+    plan_id: RowId | None = None
+    price_book_id: RowId | None = None
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
     max_concurrency: PositiveInt | None = None
@@ -91,8 +91,8 @@ Region = Annotated[str, Field(min_length=1, max_length=64)]
 class OrgUpdate(_Strict):
     name: Name | None = None
     disabled: bool | None = None
-    plan_id: int | None = None
-    price_book_id: int | None = None
+    plan_id: RowId | None = None
+    price_book_id: RowId | None = None
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
     max_concurrency: PositiveInt | None = None
@@ -150,13 +150,13 @@ async def list_organizations(scope: ScopeDep, services: ServicesDep) -> Response
 
 
 @router.get("/organizations/{org_id}")
-async def get_organization(org_id: int, scope: ScopeDep, services: ServicesDep) -> Response:
+async def get_organization(org_id: RowId, scope: ScopeDep, services: ServicesDep) -> Response:
     org = await in_session(services, scope, lambda s: _visible_org(s, scope, org_id))
     return json_response(200, _org_object(org))
 
 
 @router.patch("/organizations/{org_id}")
-async def update_organization(org_id: int, body: OrgUpdate, scope: ScopeDep,
+async def update_organization(org_id: RowId, body: OrgUpdate, scope: ScopeDep,
                               services: ServicesDep) -> Response:
     """Renames, disables, or changes an organization's plan, price book or limits (platform
     operators only); `null` clears a plan, price book or limit."""
@@ -185,7 +185,7 @@ class BalanceChange(_Strict):
 
 
 @router.get("/organizations/{org_id}/balance")
-async def get_balance(org_id: int, scope: ScopeDep, services: ServicesDep) -> Response:
+async def get_balance(org_id: RowId, scope: ScopeDep, services: ServicesDep) -> Response:
     """The balance, what running requests hold of it, and its latest entries."""
 
     def read(session: Session) -> dict[str, Any]:
@@ -203,7 +203,7 @@ async def get_balance(org_id: int, scope: ScopeDep, services: ServicesDep) -> Re
 
 
 @router.get("/organizations/{org_id}/windows")
-async def get_windows(org_id: int, scope: ScopeDep, services: ServicesDep) -> Response:
+async def get_windows(org_id: RowId, scope: ScopeDep, services: ServicesDep) -> Response:
     """The organization's plan windows now: each one's limit, what is used (including running
     requests), what remains, and when the oldest counted request leaves it."""
     await services.gateway.ledger.flush()
@@ -221,7 +221,7 @@ async def get_windows(org_id: int, scope: ScopeDep, services: ServicesDep) -> Re
 
 
 @router.post("/organizations/{org_id}/balance")
-async def change_balance(org_id: int, body: BalanceChange, scope: ScopeDep,
+async def change_balance(org_id: RowId, body: BalanceChange, scope: ScopeDep,
                          services: ServicesDep) -> Response:
     """Tops up or adjusts a balance with a reason (platform operators only)."""
     scope.see(org_id, f"organization {org_id}")
@@ -243,7 +243,7 @@ class Redemption(_Strict):
 
 
 @router.post("/organizations/{org_id}/redeem")
-async def redeem(org_id: int, body: Redemption, scope: ScopeDep,
+async def redeem(org_id: RowId, body: Redemption, scope: ScopeDep,
                  services: ServicesDep) -> Response:
     """Redeems a code into the organization's balance (owner or admin of it)."""
     scope.change(org_id, f"organization {org_id}")
@@ -256,7 +256,7 @@ class CodeBatch(_Strict):
     count: Annotated[int, Field(ge=1, le=accounts.MAX_CODES_PER_BATCH)]
     amount_micros: Annotated[Micros, Field(gt=0)]
     batch: Annotated[str, Field(min_length=1, max_length=100)]
-    expires_at: datetime | None = None
+    expires_at: Moment | None = None
 
 
 def _code_object(code: CodeInfo) -> dict[str, Any]:
@@ -307,11 +307,11 @@ class KeyCreate(_Strict):
     name: Name
     # Kept for old callers: an admin key with no role and no org is a platform operator.
     admin: bool = False
-    org_id: int | None = None
+    org_id: RowId | None = None
     role: Literal["operator", "owner", "admin", "viewer"] | None = None
     allowed_models: list[str] | None = None
     allowed_cidrs: list[str] | None = None
-    expires_at: datetime | None = None
+    expires_at: Moment | None = None
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
 
@@ -320,7 +320,7 @@ class KeyUpdate(_Strict):
     name: Name | None = None
     allowed_models: list[str] | None = None
     allowed_cidrs: list[str] | None = None
-    expires_at: datetime | None = None
+    expires_at: Moment | None = None
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
     retention: retention_policy.Policy | None = Field(
@@ -420,7 +420,7 @@ async def create_key(body: KeyCreate, scope: ScopeDep, services: ServicesDep) ->
 
 @router.get("/keys")
 async def list_keys(scope: ScopeDep, services: ServicesDep,
-                    org_id: int | None = None) -> Response:
+                    org_id: RowId | None = None) -> Response:
     """Lists keys (prefixes only, never secrets) of this key's organization, or of `org_id`."""
     if org_id is not None:
         scope.see(org_id, f"organization {org_id}")
@@ -472,32 +472,39 @@ async def revoke_key(ref: str, scope: ScopeDep, services: ServicesDep) -> Respon
 # -- plans and price books (the platform's catalogue) -----------------------------------------
 
 
+# A per-model multiplier (1.0 = 1x), and a price ratio or a peak period's multiplier in
+# thousandths (1000 = 1x).
+Multiplier = Annotated[float, Field(ge=0, le=MAX_MULTIPLIER)]
+MilliMultiplier = Annotated[int, Field(ge=0, le=MAX_MULTIPLIER * plans.MILLI)]
+
+
 class WindowBody(_Strict):
     metric: Literal["requests", "tokens", "credits"]
-    limit: Annotated[int, Field(ge=0)]
+    # A credits window's limit is an amount; so many requests or tokens is no limit at all.
+    limit: Annotated[int, Field(ge=0, le=invoices.MAX_MONEY_MICROS)]
     seconds: PositiveInt
 
 
 class PlanCreate(_Strict):
     name: Name
     windows: list[WindowBody] = []
-    model_multipliers: dict[str, Annotated[float, Field(ge=0)]] = {}
+    model_multipliers: dict[str, Multiplier] = {}
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
     max_concurrency: PositiveInt | None = None
     draws_balance: bool = True
-    price_ratio_milli: Annotated[int, Field(ge=0)] = plans.MILLI
+    price_ratio_milli: MilliMultiplier = plans.MILLI
 
 
 class PlanUpdate(_Strict):
     name: Name | None = None
     windows: list[WindowBody] | None = None
-    model_multipliers: dict[str, Annotated[float, Field(ge=0)]] | None = None
+    model_multipliers: dict[str, Multiplier] | None = None
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
     max_concurrency: PositiveInt | None = None
     draws_balance: bool | None = None
-    price_ratio_milli: Annotated[int, Field(ge=0)] | None = None
+    price_ratio_milli: MilliMultiplier | None = None
     disabled: bool | None = None
 
 
@@ -536,7 +543,7 @@ async def list_plans(scope: ScopeDep, services: ServicesDep) -> Response:
 
 
 @router.get("/plans/{plan_id}")
-async def get_plan(plan_id: int, scope: ScopeDep, services: ServicesDep) -> Response:
+async def get_plan(plan_id: RowId, scope: ScopeDep, services: ServicesDep) -> Response:
     def read(session: Session) -> Plan:
         if not _own_org_uses(session, scope, plan_id=plan_id):
             raise NotFound(f"No plan {plan_id}.", param="plan")
@@ -546,7 +553,7 @@ async def get_plan(plan_id: int, scope: ScopeDep, services: ServicesDep) -> Resp
 
 
 @router.patch("/plans/{plan_id}")
-async def update_plan(plan_id: int, body: PlanUpdate, scope: ScopeDep,
+async def update_plan(plan_id: RowId, body: PlanUpdate, scope: ScopeDep,
                       services: ServicesDep) -> Response:
     scope.operate("change plans")
     fields = body.model_dump(include=body.model_fields_set)
@@ -558,7 +565,7 @@ async def update_plan(plan_id: int, body: PlanUpdate, scope: ScopeDep,
 class PeakPeriod(_Strict):
     start_hour: Annotated[int, Field(ge=0, le=23)]
     end_hour: Annotated[int, Field(ge=0, le=24)]
-    multiplier_milli: Annotated[int, Field(ge=0)]
+    multiplier_milli: MilliMultiplier
 
 
 class PriceBookCreate(_Strict):
@@ -608,7 +615,7 @@ async def list_price_books(scope: ScopeDep, services: ServicesDep) -> Response:
 
 
 @router.get("/price_books/{book_id}")
-async def get_price_book(book_id: int, scope: ScopeDep, services: ServicesDep) -> Response:
+async def get_price_book(book_id: RowId, scope: ScopeDep, services: ServicesDep) -> Response:
     def read(session: Session) -> dict[str, Any]:
         if not _own_org_uses(session, scope, price_book_id=book_id):
             raise NotFound(f"No price book {book_id}.", param="price_book")
@@ -618,7 +625,7 @@ async def get_price_book(book_id: int, scope: ScopeDep, services: ServicesDep) -
 
 
 @router.patch("/price_books/{book_id}")
-async def update_price_book(book_id: int, body: PriceBookUpdate, scope: ScopeDep,
+async def update_price_book(book_id: RowId, body: PriceBookUpdate, scope: ScopeDep,
                             services: ServicesDep) -> Response:
     scope.operate("change price books")
     fields = body.model_dump(include=body.model_fields_set)
@@ -628,7 +635,7 @@ async def update_price_book(book_id: int, body: PriceBookUpdate, scope: ScopeDep
 
 
 @router.put("/price_books/{book_id}/prices")
-async def set_price(book_id: int, body: PriceSet, scope: ScopeDep,
+async def set_price(book_id: RowId, body: PriceSet, scope: ScopeDep,
                     services: ServicesDep) -> Response:
     """Sets one model's prices (per million tokens, in micro-units of the book's currency)."""
     scope.operate("set prices")
@@ -642,7 +649,7 @@ async def set_price(book_id: int, body: PriceSet, scope: ScopeDep,
 
 
 @router.delete("/price_books/{book_id}/prices")
-async def remove_price(book_id: int, scope: ScopeDep, services: ServicesDep,
+async def remove_price(book_id: RowId, scope: ScopeDep, services: ServicesDep,
                        model: Annotated[str, Query(min_length=1)]) -> Response:
     """Removes a model's prices: requests for it are free under this book from now on."""
     scope.operate("remove prices")
@@ -676,7 +683,7 @@ def invoice_response(invoice: invoices.Invoice, format: str) -> Response:
 
 
 @router.get("/organizations/{org_id}/usage")
-async def organization_usage(org_id: int, scope: ScopeDep, services: ServicesDep,
+async def organization_usage(org_id: RowId, scope: ScopeDep, services: ServicesDep,
                              start_date: DateParam = None,
                              end_date: DateParam = None) -> Response:
     """Usage by day and model (UTC days; the last 30 by default)."""
@@ -691,7 +698,7 @@ async def organization_usage(org_id: int, scope: ScopeDep, services: ServicesDep
 
 
 @router.get("/organizations/{org_id}/invoices/{month}")
-async def organization_invoice(org_id: int, month: str, scope: ScopeDep, services: ServicesDep,
+async def organization_invoice(org_id: RowId, month: str, scope: ScopeDep, services: ServicesDep,
                                format: Literal["json", "csv"] = "json") -> Response:
     """The invoice of one month (YYYY-MM, UTC) as JSON or CSV."""
     await services.gateway.ledger.flush()
@@ -767,8 +774,8 @@ async def platform_traffic(scope: ScopeDep, services: ServicesDep) -> Response:
 
 @router.get("/audit")
 async def list_audit(scope: ScopeDep, services: ServicesDep,
-                     org_id: int | None = None,
-                     after: Annotated[int | None, Query(
+                     org_id: RowId | None = None,
+                     after: Annotated[RowId | None, Query(
                          description="An entry id: list the entries older than it (the "
                          "previous page's last_id).")] = None,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:

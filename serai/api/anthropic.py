@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from serai.api.bounds import INT32_MAX, TokenCount
 from serai.api.deps import IdempotencyDep, KeyDep, ServicesDep
 from serai.api.errors import anthropic_error_body, anthropic_status, json_response
 from serai.api.serving import Answer, serve
@@ -115,11 +116,11 @@ class _Conversation(_Lenient):
 
 
 class MessagesRequest(_Conversation):
-    max_tokens: Annotated[int, Field(ge=1)]
+    max_tokens: TokenCount
     stop_sequences: list[str] | None = None
     temperature: Annotated[float, Field(ge=0, le=1)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
     stream: bool | None = False
 
     @property

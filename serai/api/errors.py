@@ -73,7 +73,9 @@ def error_response(error: SeraiError, path: str = "") -> Response:
 
 def _describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # The first part says where the value was (the body, the query, the path): the name is
+    # what a client recognizes.
+    loc = [str(part) for part in first.get("loc", ())][1:]
     # Union members show up as a loc part like 'str' or 'list[...]'; drop them from the path.
     loc = [part for part in loc if not part.startswith(("str", "list[", "function-", "tagged-"))]
     param = ".".join(loc) or None

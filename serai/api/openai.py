@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from serai import stored
 from serai.accounts import KeyInfo
+from serai.api.bounds import INT32_MAX, Seed, TokenCount
 from serai.api.deps import IdempotencyDep, KeyDep, Services, ServicesDep
 from serai.api.errors import json_response, openai_error_body
 from serai.api.serving import serve
@@ -96,15 +97,15 @@ class StreamOptions(_Lenient):
 
 class _SamplingFields(_Lenient):
     model: str
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: TokenCount | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     # Not OpenAI's, but what vLLM and llama.cpp servers accept; -1 turns top_k off there.
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=2)] | None = None
     n: int | None = None
@@ -150,7 +151,7 @@ class _SamplingFields(_Lenient):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: TokenCount | None = None
     tools: list[ToolDefinition] | None = None
     tool_choice: str | dict[str, Any] | None = None
     # Accepted either way: Serai makes at most one call per answer.
@@ -166,7 +167,8 @@ class ChatCompletionRequest(_SamplingFields):
             if extras.get(legacy) is not None:
                 raise InvalidRequest(f"'{legacy}' is the deprecated form of function calling; "
                                      "use 'tools' and 'tool_choice'.", param=legacy)
-        self._refuse_unsupported(("logprobs", "top_logprobs", "audio", "prediction"))
+        self._refuse_unsupported(("logprobs", "top_logprobs", "logit_bias", "audio",
+                                  "prediction"))
         messages = tuple(_neutral_message(i, m) for i, m in enumerate(self.messages))
         max_tokens = self.max_completion_tokens or self.max_tokens
         tools = _tools(self.tools or [])
@@ -250,10 +252,10 @@ def _response_format(value: dict[str, Any] | None) -> ResponseFormat | None:
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str]
     # The legacy completions API answers with 16 tokens unless told otherwise.
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: TokenCount | None = 16
 
     def to_generation(self, request_id: str) -> GenerationRequest:
-        self._refuse_unsupported(("echo", "logprobs", "suffix"))
+        self._refuse_unsupported(("echo", "logprobs", "logit_bias", "suffix"))
         if (self.model_extra or {}).get("best_of") not in (None, 1):
             raise InvalidRequest("best_of must be 1.", param="best_of")
         if isinstance(self.prompt, list):

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from serai import __version__, console, idempotency, redaction, stored, tracing
 from serai.api import admin, anthropic, openai, scrape, stored_completions, usage
 from serai.api.deps import Services, ServicesDep
-from serai.api.errors import install_error_handlers, json_response
+from serai.api.errors import OpenAIError, documented_errors, install_error_handlers, json_response
 from serai.api.middleware import (
     IdempotentReplays,
     JsonBodies,
@@ -164,6 +164,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
 
     redaction.install()
     app = FastAPI(title="Serai", version=__version__, lifespan=lifespan, **_NO_NATIVE_TELEMETRY,
+                  responses=documented_errors(OpenAIError),
                   description="Open-weight models behind OpenAI- and Anthropic-compatible APIs.")
     install_error_handlers(app)
     app.include_router(openai.router)

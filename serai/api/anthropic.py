@@ -21,9 +21,15 @@ from starlette.responses import Response
 
 from serai.api.bounds import INT32_MAX, TokenCount
 from serai.api.deps import IdempotencyDep, KeyDep, ServicesDep
-from serai.api.errors import anthropic_error_body, anthropic_status, json_response
+from serai.api.errors import (
+    AnthropicError,
+    anthropic_error_body,
+    anthropic_status,
+    documented_errors,
+    json_response,
+)
 from serai.api.serving import Answer, serve
-from serai.api.sse import sse_event
+from serai.api.sse import STREAMS, sse_event
 from serai.errors import InvalidRequest, SeraiError
 from serai.gateway import Run
 from serai.types import (
@@ -38,10 +44,13 @@ from serai.types import (
     Usage,
 )
 
-router = APIRouter(tags=["Anthropic"])
+router = APIRouter(tags=["Anthropic"], responses=documented_errors(AnthropicError))
 log = logging.getLogger("serai.api.anthropic")
 
 MAX_STOP_SEQUENCES = 32
+# Text that may begin a stop is held back from the stream, and each stop is compiled for the
+# request: no sensible stop needs more.
+MAX_STOP_CHARS = 256
 TEXT_ONLY = ("This model reads text only: '{kind}' content blocks are not supported. Send the "
              "content as text blocks.")
 
@@ -128,6 +137,10 @@ class MessagesRequest(_Conversation):
         stops = tuple(s for s in self.stop_sequences or () if s)
         if len(stops) > MAX_STOP_SEQUENCES:
             raise InvalidRequest(f"stop_sequences: at most {MAX_STOP_SEQUENCES} are accepted.")
+        for i, stop in enumerate(self.stop_sequences or ()):
+            if len(stop) > MAX_STOP_CHARS:
+                raise InvalidRequest(f"stop_sequences.{i}: a stop sequence may be at most "
+                                     f"{MAX_STOP_CHARS} characters long.")
         return stops
 
     def to_generation(self, request_id: str) -> GenerationRequest:
@@ -349,7 +362,7 @@ async def _events(run: Run, render: Rendering) -> AsyncIterator[bytes]:
     yield _event("message_stop", {})
 
 
-@router.post("/v1/messages")
+@router.post("/v1/messages", responses=STREAMS)
 async def create_message(
     body: MessagesRequest, request: Request, key: KeyDep, services: ServicesDep,
     idempotency: IdempotencyDep,

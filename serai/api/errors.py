@@ -9,11 +9,12 @@ else is a bug, logged with its request id and answered with a generic 500.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -26,6 +27,39 @@ def openai_error_body(
     message: str, *, type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error envelope, which every path but Anthropic's answers an error with."""
+
+    error: OpenAIErrorDetail
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicError(BaseModel):
+    """Anthropic's error envelope, on the Anthropic paths."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+def documented_errors(envelope: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The error responses /openapi.json states for a route: any 4xx, in `envelope`. Stating
+    them also keeps FastAPI from documenting its own 422 body, which Serai never sends (its
+    validation errors are 400s in the wire protocol's envelope)."""
+    return {"4XX": {"model": envelope, "description": "The request cannot be served as sent "
+                    "(invalid, unauthenticated, refused, not found, limited)."}}
 
 
 ANTHROPIC_PATHS = ("/v1/messages",)

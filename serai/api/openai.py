@@ -27,6 +27,7 @@ from serai.api.errors import json_response, openai_error_body
 from serai.api.serving import serve
 from serai.api.sse import (
     SSE_DONE,
+    STREAMS,
     sse_event,
 )
 from serai.engines.base import ModelInfo
@@ -49,6 +50,9 @@ router = APIRouter(tags=["OpenAI"])
 log = logging.getLogger("serai.openai")
 
 MAX_STOP_SEQUENCES = 4
+# Text that may begin a stop is held back from the stream, and each stop is compiled for the
+# request: no sensible stop needs more.
+MAX_STOP_CHARS = 256
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
@@ -128,6 +132,9 @@ class _SamplingFields(_Lenient):
         if len(stops) > MAX_STOP_SEQUENCES:
             raise InvalidRequest(f"'stop' takes at most {MAX_STOP_SEQUENCES} sequences.",
                                  param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise InvalidRequest(f"Each 'stop' sequence may be at most {MAX_STOP_CHARS} "
+                                 "characters long.", param="stop")
         return tuple(s for s in stops if s)
 
     def _sampling(self, max_tokens: int | None) -> SamplingParams:
@@ -462,7 +469,7 @@ def _storing(body: ChatCompletionRequest, key: KeyInfo,
     return keeper
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=STREAMS)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, key: KeyDep, services: ServicesDep,
     idempotency: IdempotencyDep,
@@ -479,7 +486,7 @@ async def create_chat_completion(
     )
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=STREAMS)
 async def create_completion(
     body: CompletionRequest, request: Request, key: KeyDep, services: ServicesDep,
     idempotency: IdempotencyDep,

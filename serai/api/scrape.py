@@ -7,7 +7,7 @@ import hmac
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from serai.api.deps import ServicesDep, bearer_token
 from serai.api.errors import json_response, openai_error_body
@@ -17,7 +17,8 @@ router = APIRouter(tags=["Operations"])
 PATH = "/metrics"
 
 
-@router.get(PATH)
+# Documented as the text it is (the Prometheus exposition format), not the JSON of the API.
+@router.get(PATH, response_class=PlainTextResponse)
 async def metrics(request: Request, services: ServicesDep) -> Response:
     """Prometheus metrics (see docs/metrics.md)."""
     token = services.settings.metrics_token

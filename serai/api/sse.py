@@ -21,6 +21,11 @@ T = TypeVar("T")
 
 log = logging.getLogger("serai.api")
 
+# How /openapi.json states the answer of a route that may stream: JSON, or events with `stream`.
+STREAMS: dict[int | str, dict[str, Any]] = {200: {
+    "description": "The answer: JSON, or server-sent events when `stream` is true.",
+    "content": {"text/event-stream": {}}}}
+
 
 class ClientDisconnected(Exception):
     """The client closed the connection before the answer was complete."""

@@ -280,11 +280,23 @@ def _tool_use(call: ToolCall, input: dict[str, Any]) -> dict[str, Any]:
     return {"type": "tool_use", "id": call.id, "name": call.name, "input": input}
 
 
+def _event(kind: str, payload: dict[str, Any]) -> bytes:
+    return sse_event({"type": kind, **payload}, event=kind)
+
+
 @dataclass(frozen=True, slots=True)
-class Rendering:
+class MessageRenderer:
+    """How /v1/messages answers a run (serai.api.serving.Renderer): Anthropic's stream of
+    events, or one message."""
+
     id: str
-    model: str
+    model: str  # the name the client asked for, an alias included
     stops: tuple[str, ...]
+
+    @classmethod
+    def of(cls, generation: GenerationRequest) -> MessageRenderer:
+        return cls(id="msg_" + generation.request_id.removeprefix("req_"),
+                   model=generation.model, stops=generation.sampling.stop)
 
     def stop_reason(self, last: Chunk | None) -> tuple[str | None, str | None]:
         """(stop_reason, stop_sequence). Only the request's own stop sequences are a
@@ -306,60 +318,61 @@ class Rendering:
                 "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence,
                 "usage": _usage(usage)}
 
+    async def stream(self, run: Run) -> AsyncIterator[bytes]:
+        """Anthropic's stream: message_start, then per content block content_block_start, its
+        deltas and content_block_stop (a ping after the first start), message_delta,
+        message_stop."""
+        yield _event("message_start", {"message": self.message(
+            [], None, Usage(run.usage.prompt_tokens, 0, run.usage.cached_tokens))})
+        index, text_open, pinged = -1, False, False
+        last: Chunk | None = None
 
-def _event(kind: str, payload: dict[str, Any]) -> bytes:
-    return sse_event({"type": kind, **payload}, event=kind)
+        def start(block: dict[str, Any]) -> list[bytes]:
+            nonlocal index, pinged
+            index += 1
+            events = [_event("content_block_start", {"index": index, "content_block": block})]
+            if not pinged:
+                pinged = True
+                events.append(_event("ping", {}))
+            return events
 
-
-async def _events(run: Run, render: Rendering) -> AsyncIterator[bytes]:
-    """Anthropic's stream: message_start, then per content block content_block_start, its
-    deltas and content_block_stop (a ping after the first start), message_delta, message_stop."""
-    yield _event("message_start", {"message": render.message(
-        [], None, Usage(run.usage.prompt_tokens, 0, run.usage.cached_tokens))})
-    index, text_open, pinged = -1, False, False
-    last: Chunk | None = None
-
-    def start(block: dict[str, Any]) -> list[bytes]:
-        nonlocal index, pinged
-        index += 1
-        events = [_event("content_block_start", {"index": index, "content_block": block})]
-        if not pinged:
-            pinged = True
-            events.append(_event("ping", {}))
-        return events
-
-    try:
-        async for chunk in run:
-            if chunk.text:
-                if not text_open:
-                    text_open = True
-                    for event in start({"type": "text", "text": ""}):
+        try:
+            async for chunk in run:
+                if chunk.text:
+                    if not text_open:
+                        text_open = True
+                        for event in start({"type": "text", "text": ""}):
+                            yield event
+                    yield _event("content_block_delta", {
+                        "index": index, "delta": {"type": "text_delta", "text": chunk.text}})
+                for call in chunk.tool_calls:
+                    if text_open:
+                        text_open = False
+                        yield _event("content_block_stop", {"index": index})
+                    for event in start(_tool_use(call, {})):
                         yield event
-                yield _event("content_block_delta", {
-                    "index": index, "delta": {"type": "text_delta", "text": chunk.text}})
-            for call in chunk.tool_calls:
-                if text_open:
-                    text_open = False
+                    yield _event("content_block_delta", {"index": index, "delta": {
+                        "type": "input_json_delta", "partial_json": json.dumps(_tool_input(call))}})
                     yield _event("content_block_stop", {"index": index})
-                for event in start(_tool_use(call, {})):
-                    yield event
-                yield _event("content_block_delta", {"index": index, "delta": {
-                    "type": "input_json_delta", "partial_json": json.dumps(_tool_input(call))}})
-                yield _event("content_block_stop", {"index": index})
-            if chunk.finish_reason is not None:
-                last = chunk
-    except SeraiError as exc:
-        yield _event("error", anthropic_error_body(exc.message, status=anthropic_status(exc)))
-        return
-    if text_open:
-        yield _event("content_block_stop", {"index": index})
-    if not pinged:
-        yield _event("ping", {})
-    stop_reason, stop_sequence = render.stop_reason(last)
-    yield _event("message_delta", {"delta": {"stop_reason": stop_reason,
-                                             "stop_sequence": stop_sequence},
-                                   "usage": _usage(run.usage)})
-    yield _event("message_stop", {})
+                if chunk.finish_reason is not None:
+                    last = chunk
+        except SeraiError as exc:
+            yield _event("error", anthropic_error_body(exc.message, status=anthropic_status(exc)))
+            return
+        if text_open:
+            yield _event("content_block_stop", {"index": index})
+        if not pinged:
+            yield _event("ping", {})
+        stop_reason, stop_sequence = self.stop_reason(last)
+        yield _event("message_delta", {"delta": {"stop_reason": stop_reason,
+                                                 "stop_sequence": stop_sequence},
+                                       "usage": _usage(run.usage)})
+        yield _event("message_stop", {})
+
+    async def whole(self, run: Run, answer: Answer) -> dict[str, Any]:
+        content = [{"type": "text", "text": answer.text}] if answer.text else []
+        content += [_tool_use(call, _tool_input(call)) for call in answer.tool_calls]
+        return self.message(content, answer.last, run.usage)
 
 
 @router.post("/v1/messages", responses=STREAMS)
@@ -369,18 +382,9 @@ async def create_message(
 ) -> Response:
     """Creates a model response for the given conversation (Anthropic Messages API)."""
     generation = body.to_generation(request.state.request_id)
-    render = Rendering(id="msg_" + generation.request_id.removeprefix("req_"),
-                       model=generation.model, stops=generation.sampling.stop)
-
-    def message(run: Run, answer: Answer) -> dict[str, Any]:
-        content = [{"type": "text", "text": answer.text}] if answer.text else []
-        content += [_tool_use(call, _tool_input(call)) for call in answer.tool_calls]
-        return render.message(content, answer.last, run.usage)
-
     return await serve(request, services.gateway, key=key, generation=generation,
-                       endpoint="messages", idempotency=idempotency,
-                       events=(lambda run: _events(run, render)) if body.stream else None,
-                       body=message)
+                       endpoint="messages", renderer=MessageRenderer.of(generation),
+                       stream=bool(body.stream), idempotency=idempotency)
 
 
 @router.post("/v1/messages/count_tokens")

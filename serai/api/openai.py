@@ -12,8 +12,10 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, Literal
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,16 +26,17 @@ from serai.accounts import KeyInfo
 from serai.api.bounds import INT32_MAX, Seed, TokenCount
 from serai.api.deps import IdempotencyDep, KeyDep, Services, ServicesDep
 from serai.api.errors import json_response, openai_error_body
-from serai.api.serving import serve
+from serai.api.serving import Answer, serve
 from serai.api.sse import (
     SSE_DONE,
     STREAMS,
     sse_event,
 )
+from serai.crypto import ContentKeys
 from serai.engines.base import ModelInfo
 from serai.errors import ContentKeyMissing, InvalidRequest, SeraiError, UnknownModel
 from serai.gateway import Run
-from serai.idempotency import IdempotentCall
+from serai.storage.db import Database
 from serai.types import (
     Chunk,
     GenerationRequest,
@@ -308,17 +311,74 @@ def _usage(usage: Usage) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
 
 
-class _Rendering:
-    """How one endpoint renders results: the whole answer, and each streamed chunk."""
+class _Renderer(ABC):
+    """How one OpenAI endpoint answers a run (serai.api.serving.Renderer): streamed chunk by
+    chunk, or whole. The subclasses say what a chunk and a whole answer look like."""
 
-    def __init__(self, *, id: str, model: str, object: str, chunk_object: str) -> None:
-        self.id, self.model = id, model
-        self.object, self.chunk_object = object, chunk_object
+    id_prefix: ClassVar[str]
+    object: ClassVar[str]
+    chunk_object: ClassVar[str]
+
+    def __init__(self, generation: GenerationRequest, *, include_usage: bool,
+                 store: StoredCompletion | None = None) -> None:
+        self.id = self.id_prefix + generation.request_id
+        self.model = generation.model  # the name the client asked for, an alias included
         self.created = int(time.time())
+        self.include_usage = include_usage
+        self.store = store  # where the whole answer is kept, when it asked to be
 
     def head(self, object: str) -> dict[str, Any]:
         return {"id": self.id, "object": object, "created": self.created, "model": self.model,
                 "system_fingerprint": None}
+
+    @abstractmethod
+    def answer(self, text: str, finish: str | None, usage: Usage,
+               calls: tuple[ToolCall, ...] = ()) -> dict[str, Any]:
+        """The whole answer's body."""
+
+    @abstractmethod
+    def start(self) -> dict[str, Any] | None:
+        """The choice a stream opens with, if it opens with one."""
+
+    @abstractmethod
+    def pieces(self, chunk: Chunk) -> list[dict[str, Any]]:
+        """The choices one chunk is streamed as."""
+
+    async def stream(self, run: Run) -> AsyncIterator[bytes]:
+        def event(choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
+            payload = {**self.head(self.chunk_object), "choices": choices}
+            if self.include_usage:
+                payload["usage"] = None if usage is None else _usage(usage)
+            return sse_event(payload)
+
+        start = self.start()
+        if start is not None:
+            yield event([start])
+        texts: list[str] = []
+        calls: tuple[ToolCall, ...] = ()
+        try:
+            async for chunk in run:
+                if self.store is not None:
+                    texts.append(chunk.text)
+                    calls += chunk.tool_calls
+                if chunk.text or chunk.finish_reason:
+                    for piece in self.pieces(chunk):
+                        yield event([piece])
+        except SeraiError as exc:
+            yield sse_event(openai_error_body(exc.message, type=exc.error_type, code=exc.code))
+            return
+        if self.store is not None:  # the whole answer, stored before the stream says it is done
+            await self.store.keep(self.id, self.answer("".join(texts), run.finish_reason,
+                                                       run.usage, calls))
+        if self.include_usage:
+            yield event([], run.usage)
+        yield SSE_DONE
+
+    async def whole(self, run: Run, answer: Answer) -> dict[str, Any]:
+        body = self.answer(answer.text, run.finish_reason, run.usage, answer.tool_calls)
+        if self.store is not None:
+            await self.store.keep(self.id, body)
+        return body
 
 
 def _call_object(call: ToolCall) -> dict[str, Any]:
@@ -326,7 +386,11 @@ def _call_object(call: ToolCall) -> dict[str, Any]:
             "function": {"name": call.name, "arguments": call.arguments}}
 
 
-class ChatRendering(_Rendering):
+class ChatRenderer(_Renderer):
+    id_prefix = "chatcmpl-"
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
     def answer(self, text: str, finish: str | None, usage: Usage,
                calls: tuple[ToolCall, ...] = ()) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
@@ -359,7 +423,11 @@ class ChatRendering(_Rendering):
         return out
 
 
-class CompletionRendering(_Rendering):
+class CompletionRenderer(_Renderer):
+    id_prefix = "cmpl-"
+    object = "text_completion"
+    chunk_object = "text_completion"
+
     def answer(self, text: str, finish: str | None, usage: Usage,
                calls: tuple[ToolCall, ...] = ()) -> dict[str, Any]:
         return {**self.head(self.object), "choices": [{
@@ -374,63 +442,42 @@ class CompletionRendering(_Rendering):
                  "finish_reason": chunk.finish_reason}]
 
 
-Keep = Callable[[dict[str, Any]], Awaitable[None]]
+@dataclass(frozen=True, slots=True)
+class StoredCompletion:
+    """Where a chat completion that asked to be stored is kept once it is whole: sealed, in
+    its organization, for its retention's days (serai.stored)."""
+
+    database: Database
+    keys: ContentKeys
+    org_id: int
+    key_id: int
+    model: str
+    metadata: dict[str, str]
+    messages: list[dict[str, Any]]
+    days: int
+
+    async def keep(self, completion_id: str, response: dict[str, Any]) -> None:
+        """Save the answer. A failure is logged (never the content) and the answer is still
+        sent: it was generated and billed."""
+        def save() -> None:
+            with self.database.session() as session:
+                stored.save(session=session, keys=self.keys, org_id=self.org_id,
+                            key_id=self.key_id, completion_id=completion_id, model=self.model,
+                            metadata=self.metadata, messages=self.messages, response=response,
+                            days=self.days)
+
+        try:
+            await asyncio.shield(asyncio.to_thread(save))
+        except Exception as exc:
+            log.error("could not store completion %s: %s", completion_id, type(exc).__name__)
 
 
-async def _events(run: Run, rendering: ChatRendering | CompletionRendering,
-                  include_usage: bool, keep: Keep | None = None) -> AsyncIterator[bytes]:
-    def event(choices: list[dict[str, Any]], usage: Usage | None = None) -> bytes:
-        payload = {**rendering.head(rendering.chunk_object), "choices": choices}
-        if include_usage:
-            payload["usage"] = None if usage is None else _usage(usage)
-        return sse_event(payload)
-
-    start = rendering.start()
-    if start is not None:
-        yield event([start])
-    texts: list[str] = []
-    calls: tuple[ToolCall, ...] = ()
-    try:
-        async for chunk in run:
-            if keep is not None:
-                texts.append(chunk.text)
-                calls += chunk.tool_calls
-            if chunk.text or chunk.finish_reason:
-                for piece in rendering.pieces(chunk):
-                    yield event([piece])
-    except SeraiError as exc:
-        yield sse_event(openai_error_body(exc.message, type=exc.error_type, code=exc.code))
-        return
-    if keep is not None:  # the whole answer, stored before the stream says it is done
-        await keep(rendering.answer("".join(texts), run.finish_reason, run.usage, calls))
-    if include_usage:
-        yield event([], run.usage)
-    yield SSE_DONE
-
-
-async def _serve(
-    request: Request, services: ServicesDep, key: KeyDep, generation: GenerationRequest, *,
-    endpoint: str, stream: bool, include_usage: bool, idempotency: IdempotentCall | None,
-    rendering: Callable[[str, str], ChatRendering | CompletionRendering],
-    keep: Callable[[str], Keep] | None = None,
-) -> Response:
-    render = rendering(generation.request_id, generation.model)
-    keeper = None if keep is None else keep(render.id)
-    return await serve(
-        request, services.gateway, key=key, generation=generation, endpoint=endpoint,
-        idempotency=idempotency,
-        events=(lambda run: _events(run, render, include_usage, keeper)) if stream else None,
-        body=lambda run, answer: render.answer(answer.text, run.finish_reason, run.usage,
-                                               answer.tool_calls), keep=keeper)
-
-
-def _storing(body: ChatCompletionRequest, key: KeyInfo,
-             services: Services) -> Callable[[str], Keep] | None:
-    """What keeps this completion, when it asks to be stored and its policy allows it.
+def _stored_completion(body: ChatCompletionRequest, key: KeyInfo,
+                       services: Services) -> StoredCompletion | None:
+    """Where this completion is kept, when it asks to be stored and its policy allows it.
 
     Refused before anything runs: `store: true` under zero retention (400), or with no key to
-    encrypt it with (503). A failure to store is logged (never the content) and the answer is
-    still sent: it was generated and billed."""
+    encrypt it with (503)."""
     if not body.store:
         return None
     retention = key.effective_retention
@@ -445,28 +492,11 @@ def _storing(body: ChatCompletionRequest, key: KeyInfo,
             "This server cannot store completions: it has no key to encrypt them with. Its "
             "operator must set SERAI_SECRET_KEY or SERAI_SECRET_KEY_FILE.", param="store")
     metadata = stored.check_metadata(body.metadata)
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    org_id, days = key.org_id, retention.days
-    assert org_id is not None  # a key under a store policy belongs to an organization
-
-    def keeper(completion_id: str) -> Keep:
-        async def keep(response: dict[str, Any]) -> None:
-            def save() -> None:
-                with services.database.session() as session:
-                    stored.save(session=session, keys=keys, org_id=org_id, key_id=key.id,
-                                completion_id=completion_id, model=body.model,
-                                metadata=metadata, messages=messages, response=response,
-                                days=days)
-
-            try:
-                await asyncio.shield(asyncio.to_thread(save))
-            except Exception as exc:
-                log.error("could not store completion %s: %s", completion_id,
-                          type(exc).__name__)
-
-        return keep
-
-    return keeper
+    assert key.org_id is not None  # a key under a store policy belongs to an organization
+    return StoredCompletion(
+        database=services.database, keys=keys, org_id=key.org_id, key_id=key.id,
+        model=body.model, metadata=metadata,
+        messages=[m.model_dump(exclude_none=True) for m in body.messages], days=retention.days)
 
 
 @router.post("/v1/chat/completions", responses=STREAMS)
@@ -476,14 +506,11 @@ async def create_chat_completion(
 ) -> Response:
     """Creates a model response for the given chat conversation (OpenAI-compatible)."""
     generation = body.to_generation(request.state.request_id)
-    keep = _storing(body, key, services)
-    return await _serve(
-        request, services, key, generation, endpoint="chat.completions",
-        stream=bool(body.stream), include_usage=body.include_usage, idempotency=idempotency,
-        rendering=lambda rid, model: ChatRendering(
-            id=f"chatcmpl-{rid}", model=model, object="chat.completion",
-            chunk_object="chat.completion.chunk"), keep=keep,
-    )
+    renderer = ChatRenderer(generation, include_usage=body.include_usage,
+                            store=_stored_completion(body, key, services))
+    return await serve(request, services.gateway, key=key, generation=generation,
+                       endpoint="chat.completions", renderer=renderer,
+                       stream=bool(body.stream), idempotency=idempotency)
 
 
 @router.post("/v1/completions", responses=STREAMS)
@@ -493,13 +520,10 @@ async def create_completion(
 ) -> Response:
     """Creates a completion for the provided prompt (OpenAI's legacy completions API)."""
     generation = body.to_generation(request.state.request_id)
-    return await _serve(
-        request, services, key, generation, endpoint="completions",
-        stream=bool(body.stream), include_usage=body.include_usage, idempotency=idempotency,
-        rendering=lambda rid, model: CompletionRendering(
-            id=f"cmpl-{rid}", model=model, object="text_completion",
-            chunk_object="text_completion"),
-    )
+    renderer = CompletionRenderer(generation, include_usage=body.include_usage)
+    return await serve(request, services.gateway, key=key, generation=generation,
+                       endpoint="completions", renderer=renderer, stream=bool(body.stream),
+                       idempotency=idempotency)
 
 
 def _model_object(info: ModelInfo) -> dict[str, Any]:

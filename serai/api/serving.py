@@ -1,17 +1,19 @@
 """Running one model request for a wire protocol: start it, then stream it or answer it whole.
 
-Both surfaces (OpenAI's and Anthropic's) do the same around their own rendering: the request is
-started through the gateway while `receive()` is watched (a client that leaves gets no run), a
-stream is handed to an EventStreamResponse that closes the run when it ends, and a whole answer
-is collected under the same watch and its run closed however collecting ends. The request's
-record (serai.request_log) learns the model, and once the run is closed its tokens and timings.
+Each wire format brings a `Renderer`, which names the two ways an answer leaves: as a stream of
+server-sent events, or whole as one JSON body. Around it every surface does the same: the
+request is started through the gateway while `receive()` is watched (a client that leaves gets
+no run), a stream is handed to an EventStreamResponse that closes the run when it ends, and a
+whole answer is collected under the same watch and its run closed however collecting ends. The
+request's record (serai.request_log) learns the model, and once the run is closed its tokens
+and timings.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import Request
 from starlette.responses import Response
@@ -35,6 +37,20 @@ class Answer:
     last: Chunk | None
 
 
+class Renderer(Protocol):
+    """How one wire format answers a run: the two ways an answer leaves."""
+
+    def stream(self, run: Run) -> AsyncIterator[bytes]:
+        """The run as server-sent events, sent as it generates. An error after the first
+        event is an event of the stream: the response has already begun."""
+        ...
+
+    async def whole(self, run: Run, answer: Answer) -> dict[str, Any]:
+        """The finished run as one JSON body. Whatever must happen before the client has it
+        (a stored completion is kept) is done here."""
+        ...
+
+
 async def collect(run: Run) -> Answer:
     texts: list[str] = []
     calls: tuple[ToolCall, ...] = ()
@@ -49,14 +65,11 @@ async def collect(run: Run) -> Answer:
 
 async def serve(
     request: Request, gateway: Gateway, *, key: KeyInfo, generation: GenerationRequest,
-    endpoint: str, idempotency: IdempotentCall | None,
-    events: Callable[[Run], AsyncIterator[bytes]] | None,
-    body: Callable[[Run, Answer], Any],
-    keep: Callable[[Any], Awaitable[None]] | None = None,
+    endpoint: str, renderer: Renderer, stream: bool, idempotency: IdempotentCall | None,
 ) -> Response:
-    """Run `generation`: as the stream `events` renders when given, else as the JSON `body`
-    renders from the whole answer (handed to `keep` before it is sent, when given: stored
-    completions). A client gone before the answer is ready gets a 499."""
+    """Run `generation` and answer as `renderer` renders it: a stream of events when `stream`,
+    else one JSON body once the answer is whole. A client gone before the answer is ready gets
+    a 499."""
     record: RequestRecord = request.state.record
     # Only a name this server serves becomes a label or a log field.
     record.model = generation.model if gateway.router.serves(generation.model) else None
@@ -77,8 +90,8 @@ async def serve(
             _note(record, run)
 
     headers = run.admission.headers or None
-    if events is not None:
-        return EventStreamResponse(events(run), on_close=close, headers=headers,
+    if stream:
+        return EventStreamResponse(renderer.stream(run), on_close=close, headers=headers,
                                    deadline_s=gateway.max_stream_s)
     try:
         answer = await until_disconnect(request.receive, collect(run))
@@ -86,10 +99,7 @@ async def serve(
         return Response(status_code=499)
     finally:
         await close()
-    rendered = body(run, answer)
-    if keep is not None:
-        await keep(rendered)
-    return json_response(200, rendered, headers=headers)
+    return json_response(200, await renderer.whole(run, answer), headers=headers)
 
 
 def _note(record: RequestRecord, run: Run) -> None:

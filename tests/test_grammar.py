@@ -1,22 +1,44 @@
 """JSON Schema to GBNF: real-world tool schemas never fail, and llama.cpp parses every grammar.
+Whatever a client sends as a schema, converting it is bounded work: a grammar within the budget,
+or a SchemaError (a 400 naming the field), and never anything else.
 
 What the grammars accept is checked on the real model in tests/test_structured_output.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import httpx
+import httpx2
 import llama_cpp
+import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from serai import accounts
+from serai.app import create_app
+from serai.config import Settings
 from serai.engines import grammar
-from serai.engines.grammar import SchemaError, json_object_grammar, schema_grammar
+from serai.engines.grammar import (
+    Budget,
+    KnownGrammars,
+    SchemaError,
+    SchemaTooLarge,
+    json_object_grammar,
+    schema_grammar,
+)
+from serai.engines.llamacpp import LlamaCppEngine
 from serai.engines.tool_calls import MARKER, answer_grammar, parse_call, prompt_messages
 from serai.errors import InvalidRequest
-from serai.types import GenerationRequest, Message, Tool, ToolCall, ToolChoice
+from serai.types import GenerationRequest, Message, ResponseFormat, Tool, ToolCall, ToolChoice
+from tests.support.admin_api import sdk as openai_sdk
 
 DRAFT7 = "http://json-schema.org/draft-07/schema#"
 
@@ -238,3 +260,322 @@ def test_only_a_whole_call_of_an_offered_tool_is_read() -> None:
 def request(**fields: Any) -> GenerationRequest:
     fields.setdefault("messages", (Message("user", "hi"),))
     return GenerationRequest("r", "m", **fields)
+
+
+# --- hostile schemas: bounded work, then a grammar or a refusal -------------------------------
+
+def fan_out(n: int) -> dict[str, Any]:
+    """Definitions a0..an, each an object whose two members are the next: 2**n paths."""
+    defs: dict[str, Any] = {f"a{i}": {"type": "object", "properties": {
+        "left": {"$ref": f"#/$defs/a{i + 1}"}, "right": {"$ref": f"#/$defs/a{i + 1}"}}}
+        for i in range(n)}
+    defs[f"a{n}"] = {"type": "string"}
+    return {"$defs": defs, "$ref": "#/$defs/a0"}
+
+
+def nested(levels: int, leaf: Any = None) -> Any:
+    schema = leaf if leaf is not None else {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"x": schema}, "required": ["x"]}
+    return schema
+
+
+def deep_list(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def within_budget(gbnf: str, budget: Budget | None = None) -> None:
+    limits = (budget or Budget()).limits
+    assert len(gbnf.encode()) <= limits["grammar_bytes"]
+    assert gbnf.count("\n") <= limits["rules"] + 1  # and the root
+
+
+# Each of these hung, blew up or escaped as another exception before the converter had a
+# budget. Built when the test runs (some are large), so a failure report does not print them.
+HOSTILE: dict[str, tuple[Callable[[], Any], type[SchemaError] | None]] = {
+    "self-ref-in-allOf": (lambda: {"$defs": {"a": {"$ref": "#/$defs/a"}},
+                                   "allOf": [{"$ref": "#/$defs/a"}]}, SchemaError),
+    "ref-cycle-through-allOf": (lambda: {"$defs": {"a": {"$ref": "#/$defs/b"},
+                                                   "b": {"allOf": [{"$ref": "#/$defs/a"}]}},
+                                         "$ref": "#/$defs/a"}, SchemaTooLarge),
+    "fan-out-a0..a30": (lambda: fan_out(30), SchemaTooLarge),
+    "nested-2000": (lambda: nested(2000), SchemaTooLarge),
+    "anyOf-nested-5000": (lambda: _wrapped("anyOf", 5000), SchemaTooLarge),
+    "wide-100k-properties": (lambda: {"type": "object", "properties": {
+        f"p{i}": {"type": "string"} for i in range(100_000)}}, SchemaTooLarge),
+    "maxLength-1e9": (lambda: {"type": "string", "maxLength": 10**9}, None),
+    "maxItems-1e300": (lambda: {"type": "array", "maxItems": 10**300}, None),
+    "minLength-1e300": (lambda: {"type": "string", "minLength": 10**300}, SchemaTooLarge),
+    "minItems-1e9": (lambda: {"type": "array", "items": {"type": "integer"},
+                              "minItems": 10**9}, SchemaTooLarge),
+    "minItems-float-1e300": (lambda: {"type": "array", "minItems": 1e300}, SchemaTooLarge),
+    "maxLength-Infinity": (lambda: {"type": "string", "maxLength": math.inf}, None),
+    "minLength-NaN": (lambda: {"type": "string", "minLength": math.nan}, None),
+    "minLength-Infinity": (lambda: {"type": "string", "minLength": math.inf}, SchemaError),
+    "enum-of-a-million": (lambda: {"enum": list(range(1_000_000))}, SchemaTooLarge),
+    "integer-range-0..1e300": (lambda: {"type": "integer", "minimum": 0, "maximum": 10**300},
+                               None),
+    "minimum-1e400": (lambda: {"type": "integer", "minimum": 10**400}, SchemaError),
+    "const-of-5000-digits": (lambda: {"const": 10**5000}, SchemaError),
+    "const-nested-100k": (lambda: {"const": deep_list(100_000)}, SchemaTooLarge),
+    "ref-not-a-string": (lambda: {"$ref": {}}, SchemaError),
+    "type-not-a-string": (lambda: {"type": [{}]}, SchemaError),
+    "allOf-properties-not-an-object": (lambda: {"allOf": [{"properties": [1]},
+                                                          {"properties": {"a": {}}}]}, None),
+    "allOf-of-empty-types": (lambda: {"allOf": [{"type": []}, {"type": []}]}, SchemaError),
+    "ref-index-of-5000-digits": (lambda: {"$defs": [{}], "$ref": "#/$defs/" + "0" * 5000},
+                                 SchemaError),
+    "allOf-ref-to-true": (lambda: {"$defs": {"t": True},
+                                   "allOf": [{"$ref": "#/$defs/t", "type": "string"}]}, None),
+    "property-name-of-1MB": (lambda: {"type": "object", "properties": {"x" * 1_000_000: {}}},
+                             SchemaTooLarge),
+    "lone-surrogate-name": (lambda: {"type": "object", "properties": {"\ud800": {}},
+                                     "required": ["\ud800"]}, None),
+}
+
+
+def _wrapped(keyword: str, levels: int) -> Any:
+    schema: Any = {"type": "string"}
+    for _ in range(levels):
+        schema = {keyword: [schema]}
+    return schema
+
+
+@pytest.mark.timeout(20)  # a hang fails instead of stalling the suite
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_schema_becomes_a_grammar_within_budget_or_is_refused(
+    vocab: llama_cpp.llama_vocab_p, case: str
+) -> None:
+    build, refusal = HOSTILE[case]
+    schema = build()
+    if refusal is not None:
+        with pytest.raises(refusal):
+            schema_grammar(schema)
+        return
+    gbnf = schema_grammar(schema)
+    within_budget(gbnf)
+    assert parses(vocab, gbnf)
+
+
+@pytest.mark.timeout(20)
+def test_every_ref_followed_counts_so_an_exponential_fan_out_is_refused() -> None:
+    budget = Budget()
+    schema_grammar(fan_out(8), budget)
+    assert budget.spent["ref_expansions"] == 1 + 2 + 4 + 8 + 16 + 32 + 64 + 128 + 256
+    with pytest.raises(SchemaTooLarge, match=r"1024 \$ref expansions"):
+        schema_grammar(fan_out(30))
+
+
+def test_a_huge_integer_range_writes_no_longer_integers_than_the_grammar_does() -> None:
+    gbnf = schema_grammar({"type": "integer", "minimum": 0, "maximum": 10**300})
+    # No digit class repeats past MAX_DIGITS (llama.cpp spells out x{n} n times).
+    counts = [int(n) for n in re.findall(r"\{(\d+)\}", gbnf)]
+    assert max(counts, default=0) < grammar.MAX_DIGITS
+
+
+def test_a_large_bound_is_lowered_and_a_large_minimum_refused_with_its_keyword() -> None:
+    rules = dict(line.split(" ::= ", 1)
+                 for line in schema_grammar({"type": "string", "maxLength": 10**9}).splitlines())
+    assert rules[f"chars-{grammar.MAX_COUNTED}"] == '"\\""'  # the chain stops at the cap
+    with pytest.raises(SchemaTooLarge, match="minItems"):
+        schema_grammar({"type": "array", "minItems": grammar.MAX_COUNTED + 1})
+
+
+def test_a_lone_surrogate_is_written_as_its_json_escape() -> None:
+    gbnf = schema_grammar({"const": "\ud800"})
+    gbnf.encode()  # llama.cpp takes UTF-8
+    assert '"\\"\\\\ud800\\""' in gbnf  # the JSON text "\ud800", quotes escaped
+
+
+# Numbers a client can send for any bound: JSON's, Python's json's NaN and Infinity, and huge.
+NUMBERS = st.one_of(
+    st.integers(), st.floats(),
+    st.sampled_from([0, -1, 2.5, 10**9, 10**300, -10**300, 2**63, 1e308, -1e308, 10**400,
+                     math.inf, -math.inf, math.nan]))
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | NUMBERS | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                 max_size=3),
+    max_leaves=8)
+ANYTHING = st.one_of(st.integers(), st.text(max_size=3), st.none(), st.lists(st.integers()))
+
+
+def mostly(valid: st.SearchStrategy[Any], junk: st.SearchStrategy[Any] = ANYTHING
+           ) -> st.SearchStrategy[Any]:
+    """`valid` three times in four: junk anywhere refuses the whole schema, so it stays rarer
+    than schemas that convert."""
+    return st.one_of(valid, valid, valid, junk)
+
+
+DEFS = ["a", "b", "c", "d"]
+REFS = mostly(st.sampled_from(DEFS).map(lambda name: f"#/$defs/{name}"),
+              st.sampled_from(["#", "#/$defs", "#/nowhere", "#/$defs/a/properties/x",
+                               "https://x/s.json", "#/$defs/0", 5, None, {}]))
+TYPES = mostly(
+    st.sampled_from(["object", "array", "string", "integer", "number", "boolean", "null"])
+    | st.lists(st.sampled_from(["string", "null", "integer", "object"]), max_size=3),
+    st.sampled_from(["strin", 5, [{}], [], {}]))
+NAMES = st.text(max_size=4)
+
+
+def _keywords(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
+    bound = mostly(NUMBERS, ANYTHING | st.booleans())
+    return st.fixed_dictionaries({}, optional={
+        "type": TYPES, "$ref": REFS, "nullable": st.booleans(),
+        "properties": mostly(st.dictionaries(NAMES, inner, max_size=4)),
+        "required": mostly(st.lists(NAMES, max_size=4)),
+        "additionalProperties": inner, "items": inner | st.lists(inner, max_size=3),
+        "prefixItems": mostly(st.lists(inner, max_size=3)), "additionalItems": inner,
+        "anyOf": mostly(st.lists(inner, max_size=3)), "oneOf": st.lists(inner, max_size=3),
+        "allOf": mostly(st.lists(inner, max_size=3)),
+        "enum": mostly(st.lists(JSON_VALUES, max_size=4)), "const": JSON_VALUES,
+        "format": st.sampled_from(["date", "time", "date-time", "uuid", "email", 5]),
+        "minLength": bound, "maxLength": bound, "minItems": bound, "maxItems": bound,
+        "minimum": bound, "maximum": bound, "exclusiveMinimum": bound,
+        "exclusiveMaximum": bound,
+    })
+
+
+LEAVES = mostly(st.booleans() | st.just({}) | TYPES.map(lambda t: {"type": t})
+                | REFS.map(lambda r: {"$ref": r}))
+SCHEMAS = st.recursive(LEAVES, _keywords, max_leaves=12)
+
+
+def _deep(schema: Any, levels: int, keyword: str) -> Any:
+    for _ in range(levels):
+        schema = {"items": schema} if keyword == "items" else \
+            {"properties": {"x": schema}} if keyword == "properties" else {keyword: [schema]}
+    return schema
+
+
+def _wide(schema: Any, width: int, shape: str) -> Any:
+    if shape == "properties":
+        return {"type": "object", "properties": {f"p{i}": schema for i in range(width)},
+                "required": [f"p{i}" for i in range(0, width, 2)]}
+    if shape == "enum":
+        return {"enum": [f"v{i}" for i in range(width)]}
+    if shape == "tuple":
+        return {"type": "array", "prefixItems": [schema] * width, "maxItems": width}
+    return {shape: [schema] * width}
+
+
+# Random $ref graphs (each definition may use any other, itself included), made deep, wide or
+# both, with every bound drawn from the hostile numbers.
+HOSTILE_SCHEMAS = st.builds(
+    lambda root, defs: {**root, "$defs": defs} if isinstance(root, dict) else root,
+    st.one_of(
+        SCHEMAS,
+        st.builds(_deep, SCHEMAS, st.integers(0, 300),
+                  st.sampled_from(["items", "properties", "anyOf", "allOf"])),
+        st.builds(_wide, SCHEMAS, st.integers(0, 20_000),
+                  st.sampled_from(["properties", "enum", "tuple", "anyOf", "allOf"])),
+        st.integers(0, 40).map(lambda n: fan_out(n))),
+    st.dictionaries(st.sampled_from(DEFS), SCHEMAS, max_size=4))
+BUDGETS = st.one_of(
+    st.builds(Budget),
+    st.builds(Budget, rules=st.integers(1, 400), grammar_bytes=st.integers(1, 20_000),
+              ref_expansions=st.integers(0, 20), steps=st.integers(1, 4_000)))
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(schema=HOSTILE_SCHEMAS, budget=BUDGETS)
+def test_any_schema_becomes_a_grammar_within_budget_or_is_refused(
+    vocab: llama_cpp.llama_vocab_p, schema: Any, budget: Budget
+) -> None:
+    try:
+        gbnf = schema_grammar(schema, budget)
+    except SchemaError:
+        pass  # a refusal: the only exception there may be
+    else:
+        within_budget(gbnf, budget)
+        assert parses(vocab, gbnf)
+    assert all(budget.spent[what] <= limit for what, limit in budget.limits.items())
+
+
+def test_one_budget_for_all_of_a_requests_schemas_and_the_field_is_named() -> None:
+    # Each tool alone fits; together they need more rules than one grammar may hold.
+    tools = tuple(Tool(f"t{i}", "", {"type": "object", "properties": {
+        f"t{i}-{j}": {"type": "string"} for j in range(1000)}}) for i in range(4))
+    assert all(answer_grammar(request(tools=(tool,))) is not None for tool in tools)
+    with pytest.raises(InvalidRequest) as together:
+        answer_grammar(request(tools=tools))
+    assert together.value.param is not None and together.value.param.startswith("tools.[")
+    assert "the most one request's grammar may use" in together.value.message
+
+    small = (Tool("a", "", {"type": "object"}),) * 3
+    huge = Tool("d", "", {"type": "object", "properties": {"s": {"minLength": 10**9}}})
+    with pytest.raises(InvalidRequest) as fourth:
+        answer_grammar(request(tools=(*small, huge)))
+    assert fourth.value.param == "tools.[3]" and "minLength" in fourth.value.message
+    with pytest.raises(InvalidRequest) as answer:
+        answer_grammar(request(response_format=ResponseFormat("json_schema", nested(100))))
+    assert answer.value.param == "response_format" and "deeper" in answer.value.message
+
+
+def test_known_grammars_are_bounded_in_bytes_as_well_as_in_number() -> None:
+    known = KnownGrammars(most=3, most_bytes=100)
+    for text in ("a" * 40, "b" * 40, "c" * 40):
+        known.add(text)
+    assert len(known) == 2 and known.size == 80  # the oldest made room
+    assert not known.seen("a" * 40) and known.seen("b" * 40)
+    known.add("d" * 40)  # "c" is now the least recently used
+    assert known.seen("b" * 40) and known.seen("d" * 40) and not known.seen("c" * 40)
+    known.add("e" * 101)  # larger than the whole cache: not kept, nothing evicted
+    assert len(known) == 2 and known.size == 80
+    for text in "fghij":
+        known.add(text)
+    assert len(known) == 3  # and never more than `most`
+
+
+# --- through the front door: the client's own error envelope ----------------------------------
+
+async def test_a_schema_over_budget_is_a_400_in_each_wire_format(
+    bundled_gguf: Path, tmp_path: Path
+) -> None:
+    engine = LlamaCppEngine(bundled_gguf, name="m", context_length=512, parallel=1,
+                            queue_size=1)  # closed with the app
+    app = create_app(Settings(data_dir=tmp_path), engines=[engine])
+    over = {"type": "object", "properties": {"s": {"type": "string", "minLength": 10**9}}}
+    small = {"type": "object", "properties": {"x": {"type": "string"}}}
+    ask = [{"role": "user", "content": "Hi"}]
+    async with app.router.lifespan_context(app):
+        with app.state.services.database.session() as session:
+            _, key = accounts.create_key(session=session, name="user")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serai") as http:
+            sdk = openai_sdk(http, key)
+            tools: Any = [{"type": "function", "function": {"name": f"f{i}", "parameters": s}}
+                          for i, s in enumerate([small, small, small, over])]
+            with pytest.raises(openai.BadRequestError) as tool:
+                await sdk.chat.completions.create(model="m", messages=ask, tools=tools)
+            assert tool.value.body["param"] == "tools.[3]"  # type: ignore[index]
+            assert "minLength" in tool.value.body["message"]  # type: ignore[index]
+            with pytest.raises(openai.BadRequestError) as answer:
+                await sdk.chat.completions.create(
+                    model="m", messages=ask, response_format={"type": "json_schema",
+                    "json_schema": {"name": "x", "schema": nested(100)}})
+            assert answer.value.body["param"] == "response_format"  # type: ignore[index]
+
+        async with httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app),
+                                      base_url="http://serai") as sdk_http:
+            claude = anthropic.AsyncAnthropic(base_url="http://serai", api_key=key,
+                                              http_client=sdk_http, max_retries=0)
+            asks: list[tuple[dict[str, Any], str]] = [
+                ({"tools": [{"name": f"f{i}", "input_schema": s}
+                            for i, s in enumerate([small, small, small, over])]},
+                 "tools.3.input_schema: "),
+                ({"extra_body": {"output_config": {"format": {
+                    "type": "json_schema", "schema": nested(100)}}}},
+                 "output_config.format.schema: ")]
+            for fields, field in asks:
+                with pytest.raises(anthropic.BadRequestError) as refused:
+                    await claude.messages.create(model="m", max_tokens=10, messages=ask,
+                                                 **fields)
+                error: Any = refused.value.body
+                assert error["type"] == "error"
+                assert error["error"]["type"] == "invalid_request_error"
+                assert error["error"]["message"].startswith(field)

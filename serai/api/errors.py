@@ -9,6 +9,7 @@ else is a bug, logged with its request id and answered with a generic 500.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Literal
 
 import orjson
@@ -80,6 +81,19 @@ def anthropic_error_body(message: str, *, status: int) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
+_TOOL_SCHEMA = re.compile(r"tools\.\[(\d+)\]")
+
+
+def anthropic_field(param: str | None) -> str | None:
+    """The field of an Anthropic request that an engine's `param` names, for the schemas an
+    engine refuses (it names them as the neutral request does: response_format, tools.[i])."""
+    if param == "response_format":
+        return "output_config.format.schema"
+    if param is not None and (tool := _TOOL_SCHEMA.fullmatch(param)):
+        return f"tools.{tool[1]}.input_schema"
+    return None
+
+
 def anthropic_status(error: SeraiError) -> int:
     """A full engine is Anthropic's 529 overloaded_error; other statuses are shared."""
     return ANTHROPIC_OVERLOADED if isinstance(error, EngineOverloaded) else error.status_code
@@ -89,7 +103,9 @@ def error_body(path: str, status: int, message: str, *, type: str, param: str | 
                code: str | None = None) -> dict[str, Any]:
     """The error envelope of the wire protocol that serves `path`."""
     if is_anthropic(path):
-        return anthropic_error_body(message, status=status)
+        # No param in Anthropic's envelope: its messages begin with the field instead.
+        field = anthropic_field(param)
+        return anthropic_error_body(f"{field}: {message}" if field else message, status=status)
     return openai_error_body(message, type=type, param=param, code=code)
 
 

@@ -11,21 +11,33 @@ truncated JSON behind. So the grammars are bounded: a string without maxLength h
 MAX_STRING_CHARS characters, an array without maxItems at most MAX_ARRAY_ITEMS items, free-form
 JSON (`{}`, json_object) nests at most FREE_DEPTH levels and has at most MAX_FREE_MEMBERS members
 per object. Bounds the schema asks for win when they are tighter; a minLength or minItems above a
-cap raises the cap to it.
+cap raises the cap to it. A maxLength or maxItems above MAX_COUNTED is lowered to it (what the
+grammar accepts stays valid); a minLength or minItems above it is refused.
 
 Loosened (the grammar ignores them, so an answer may break them): pattern, multipleOf,
 uniqueItems, minProperties/maxProperties, not, if/then/else, dependencies, patternProperties,
 contains, the exclusivity of oneOf, and string formats other than date, time, date-time and uuid
 (unchecked by JSON Schema validators by default). Integer and number ranges are kept, but a wide
 range offers only part of its values (the WINDOW nearest its lower bound, and those of other digit
-counts that surely fit). A recursive `$ref` is expanded MAX_REF_DEPTH times, then becomes free JSON.
+counts that surely fit); no integer has more than MAX_DIGITS digits, so a range that holds only
+longer ones is refused. A recursive `$ref` is expanded MAX_REF_DEPTH times, then becomes free JSON.
+
+The schema is the client's, so the work of converting it is bounded whatever it holds: one
+request's grammar (its response format and all its tools together) spends at most a Budget of
+rules, bytes, `$ref` expansions and steps, and nests at most MAX_NESTING levels. Past any limit
+the schema is refused with SchemaTooLarge; no other exception leaves the converter. Every `$ref`
+followed is counted, so definitions that each use the next twice (a document of 2**n parts) are
+refused after MAX_REF_EXPANSIONS of them, not expanded for ever.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Any
+import reprlib
+import threading
+from collections import OrderedDict
+from typing import Any, Literal
 
 MAX_STRING_CHARS = 256
 MAX_ARRAY_ITEMS = 16
@@ -34,6 +46,20 @@ FREE_DEPTH = 3
 MAX_REF_DEPTH = 3
 WINDOW = 128  # integers spelled out (as a digit trie) for a range the digit rules cannot express
 MAX_DIGITS = 16
+# A counting chain costs a rule per character or item: 2048 is about 80 KB of grammar.
+MAX_COUNTED = 2048
+
+# One grammar's budget. All of Claude Code's tools at once take about 35 KB, 640 rules and
+# 1,400 steps; these leave room for more than ten times that, and the worst schema within them
+# still converts in about a quarter of a second on one core (a step is a few microseconds).
+MAX_GRAMMAR_BYTES = 512 * 1024
+MAX_RULES = 8192
+MAX_REF_EXPANSIONS = 1024
+MAX_STEPS = 100_000
+# Each level is a few Python frames; 64 is far deeper than any real schema and far from the
+# interpreter's recursion limit.
+MAX_NESTING = 64
+_HINT_CHARS = 120  # of a rule-name hint, more than a name (60 characters) can show
 
 _TYPES = {"object", "array", "string", "integer", "number", "boolean", "null"}
 
@@ -52,40 +78,110 @@ _BASE_RULES = {
 QUOTE = '"\\""'
 _FORMATS = {"date": "date", "time": "time", "date-time": 'date "T" time', "uuid": "uuid"}
 
+class _Short(reprlib.Repr):
+    """Values quoted in messages: short, and safe on deep nesting and on huge integers (whose
+    repr raises past 4300 digits)."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        return f"<an integer of {x.bit_length()} bits>" if x.bit_length() > 256 else repr(x)
+
+
+_shown = _Short()
+_shown.maxstring = _shown.maxother = 60
+
 
 class SchemaError(ValueError):
     """The schema is not a JSON Schema this module can read; `path` says where."""
 
     def __init__(self, message: str, path: str = "") -> None:
-        super().__init__(f"{message} (at {path or 'the schema root'})")
+        where = path if len(path) <= 200 else "…" + path[-200:]
+        super().__init__(f"{message} (at {where or 'the schema root'})")
         self.path = path
+
+
+class SchemaTooLarge(SchemaError):
+    """Converting the schema would spend more than a grammar's Budget allows."""
+
+
+Spending = Literal["rules", "grammar_bytes", "ref_expansions", "steps"]
+
+_SPENT_ON = {
+    "rules": ("grammar rules", "fewer properties, enums or alternatives, lower bounds"),
+    "grammar_bytes": ("bytes of grammar", "fewer or shorter names, enums and constants"),
+    "ref_expansions": ("$ref expansions", "fewer uses of definitions that use each other"),
+    "steps": ("steps", "fewer keywords, values and definitions"),
+}
+
+
+class Budget:
+    """What building one grammar may spend. Each rule, byte, `$ref` followed and step (a schema
+    read, a rule composed, an enum value, a key copied by a merge) is charged when it happens,
+    so the limits bound the work itself, not only the grammar that comes out."""
+
+    def __init__(self, *, rules: int = MAX_RULES, grammar_bytes: int = MAX_GRAMMAR_BYTES,
+                 ref_expansions: int = MAX_REF_EXPANSIONS, steps: int = MAX_STEPS) -> None:
+        self.limits: dict[Spending, int] = {"rules": rules, "grammar_bytes": grammar_bytes,
+                                            "ref_expansions": ref_expansions, "steps": steps}
+        self.spent: dict[Spending, int] = {what: 0 for what in self.limits}
+
+    def afford(self, what: Spending, amount: int, path: str = "") -> None:
+        """Refuse, without spending, if `amount` more of `what` is over the limit."""
+        if self.spent[what] + amount > self.limits[what]:
+            words, advice = _SPENT_ON[what]
+            raise SchemaTooLarge(f"converting the schema would take more than {self.limits[what]} "
+                                 f"{words}, the most one request's grammar may use; send a "
+                                 f"simpler schema ({advice})", path)
+
+    def charge(self, what: Spending, amount: int = 1, path: str = "") -> None:
+        self.afford(what, amount, path)
+        self.spent[what] += amount
+
+
+def _escapes() -> dict[int, str]:
+    table = {ord('"'): '\\"', ord("\\"): "\\\\", 0x7F: "\\x7F"}
+    table.update({c: f"\\x{c:02X}" for c in range(0x20)})
+    # A lone surrogate (JSON allows "\ud800") cannot be encoded to UTF-8 for llama.cpp; as an
+    # escape it parses, and matches nothing a model can write.
+    table.update({c: f"\\u{c:04X}" for c in range(0xD800, 0xE000)})
+    return table
+
+
+_LITERAL_ESCAPES = _escapes()
 
 
 def literal(text: str) -> str:
     """A GBNF string literal matching `text` exactly."""
-    out = []
-    for c in text:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif ord(c) < 0x20 or ord(c) == 0x7F:
-            out.append(f"\\x{ord(c):02X}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
+    return '"' + text.translate(_LITERAL_ESCAPES) + '"'
+
+
+def json_text(value: Any) -> str:
+    """The compact JSON spelling of `value`, a lone surrogate written as its JSON escape."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def json_literal(value: Any) -> str:
     """A GBNF literal matching the compact JSON spelling of `value`."""
-    return literal(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+    return literal(json_text(value))
 
 
 class Grammar:
-    """A GBNF grammar under construction: named rules, identical bodies shared."""
+    """A GBNF grammar under construction: named rules, identical bodies shared, and the Budget
+    every rule added to it is charged to."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: Budget | None = None) -> None:
+        self.budget = budget or Budget()
         self._rules: dict[str, str] = {}
         self._by_body: dict[str, str] = {}
         self._used_base: set[str] = set()
+        self._next_number: dict[str, int] = {}  # per name stem, so a new name is found at once
+        self._chains: dict[tuple[str, int, int, str, str], str] = {}  # repeat's, by arguments
+        self.free_rules: dict[int, str] = {}  # SchemaConverter.free, built once per depth
+
+    def _add(self, name: str, body: str) -> None:
+        self.budget.charge("rules")
+        self.budget.charge("grammar_bytes", len(name) + len(body.encode()) + len(" ::= \n"))
+        self._rules[name] = body
 
     def base(self, name: str) -> str:
         """One of the shared primitive rules (string, integer, ...), with what it needs."""
@@ -103,7 +199,7 @@ class Grammar:
                         f'([eE] [-+]? {self.digits(1, 3)})?')
             else:
                 body = _BASE_RULES[name]
-            self._rules[name] = body
+            self._add(name, body)
         return name
 
     def repeat(self, item: str, low: int, high: int, *, sep: str = "", close: str = "",
@@ -116,6 +212,10 @@ class Grammar:
         the grammar holds one short stack whatever the count.
         """
         assert high >= max(low, 1) or close
+        # Many members share one bound (every maxLength 2000 string): the chain is built once.
+        chain = (item, low, high, sep, close)
+        if chain in self._chains:
+            return self._chains[chain]
         after = ""
         for k in range(high, -1, -1):
             lead = f"{sep} " if sep and k > 0 else ""
@@ -130,6 +230,7 @@ class Grammar:
             else:
                 body = more
             after = self.rule(body, f"{hint}-{k}")
+        self._chains[chain] = after
         return after
 
     def digits(self, low: int, high: int) -> str:
@@ -138,35 +239,55 @@ class Grammar:
 
     def rule(self, body: str, hint: str = "r") -> str:
         """A rule with this body; the name of an existing one when the body is the same."""
+        self.budget.charge("steps")
         if body in self._by_body:
             return self._by_body[body]
-        stem = "".join(c if c.isascii() and c.isalnum() else "-" for c in hint).lower()
-        stem = "-".join(part for part in stem.split("-") if part)[:60] or "r"
-        name, n = stem, 1
+        stem = "".join(c if c.isascii() and c.isalnum() else "-" for c in hint[:_HINT_CHARS])
+        stem = "-".join(part for part in stem.lower().split("-") if part)[:60] or "r"
+        name, n = stem, self._next_number.get(stem, 1)
         while name in self._rules or name in _BASE_RULES or name == "root":
             n += 1
             name = f"{stem}-{n}"
-        self._rules[name] = body
+        self._next_number[stem] = n
+        self._add(name, body)
         self._by_body[body] = name
         return name
 
     def render(self, root: str) -> str:
         self.base("ws")
+        self.budget.charge("grammar_bytes", len(root.encode()) + len("root ::= \n"))
         lines = [f"root ::= {root}"]
         lines += [f"{name} ::= {body}" for name, body in self._rules.items()]
         return "\n".join(lines) + "\n"
 
 
+def _hint(hint: str, part: object) -> str:
+    return f"{hint}-{part}"[:_HINT_CHARS]
+
+
 class SchemaConverter:
-    """Turns one JSON Schema (with its $defs) into rules of a Grammar."""
+    """Turns one JSON Schema (with its $defs) into rules of a Grammar, within its Budget."""
 
     def __init__(self, grammar: Grammar, schema: Any) -> None:
         self.g = grammar
         self._root = schema
-        self._ref_depth: dict[str, int] = {}
+        self._ref_depth: dict[str, int] = {}  # expansions of each $ref on the current path
+        self._refs: dict[str, tuple[Any, str]] = {}  # $ref -> (its target, its rule hint)
+        self._nesting = 0
 
     def convert(self, schema: Any, path: str = "", hint: str = "value") -> str:
         """The name of a rule matching JSON valid against `schema` (bounded, see the module)."""
+        # A schema's keys are read (copied, merged) as it is converted: charged by their number.
+        self.g.budget.charge("steps", max(len(schema), 1) if isinstance(schema, dict) else 1, path)
+        if self._nesting >= MAX_NESTING:
+            raise SchemaTooLarge(f"the schema nests deeper than {MAX_NESTING} levels", path)
+        self._nesting += 1
+        try:
+            return self._convert(schema, path, hint)
+        finally:
+            self._nesting -= 1
+
+    def _convert(self, schema: Any, path: str, hint: str) -> str:
         g = self.g
         if schema is True or schema == {}:
             return self.free(FREE_DEPTH)
@@ -177,19 +298,19 @@ class SchemaConverter:
         if "$ref" in schema:
             return self._ref(schema, path, hint)
         if "const" in schema:
-            return g.rule(json_literal(schema["const"]), hint)
+            return g.rule(self._literals([schema["const"]], path), hint)
         if "enum" in schema:
             values = schema["enum"]
             if not isinstance(values, list) or not values:
                 raise SchemaError("enum must be a non-empty array", path)
-            return g.rule(" | ".join(json_literal(v) for v in values), hint)
+            return g.rule(self._literals(values, path), hint)
         for key in ("anyOf", "oneOf"):
             if key in schema:
                 options = schema[key]
                 if not isinstance(options, list) or not options:
                     raise SchemaError(f"{key} must be a non-empty array", path)
                 rest = {k: v for k, v in schema.items() if k not in ("anyOf", "oneOf")}
-                names = [self.convert(_merge(rest, o) if _constrains(rest) else o,
+                names = [self.convert(self._merge(rest, o, path) if _constrains(rest) else o,
                                       f"{path}/{key}/{i}", hint)
                          for i, o in enumerate(options)]
                 return g.rule(" | ".join(dict.fromkeys(names)), hint)
@@ -199,7 +320,9 @@ class SchemaConverter:
                 raise SchemaError("allOf must be an array", path)
             merged = {k: v for k, v in schema.items() if k != "allOf"}
             for i, part in enumerate(parts):
-                merged = _merge(merged, self._deref(part, f"{path}/allOf/{i}"))
+                where = f"{path}/allOf/{i}"
+                g.budget.charge("steps", 1, where)
+                merged = self._merge(merged, self._deref(part, where), where)
             return self.convert(merged, path, hint)
         kinds = schema.get("type")
         if kinds is None:
@@ -209,12 +332,32 @@ class SchemaConverter:
         if not isinstance(kinds, list) or not kinds:
             raise SchemaError("type must be a type name or a list of them", path)
         for kind in kinds:
-            if kind not in _TYPES:
-                raise SchemaError(f"unknown type {kind!r}", path)
+            if not isinstance(kind, str) or kind not in _TYPES:
+                raise SchemaError(f"unknown type {_shown.repr(kind)}", path)
         if schema.get("nullable") is True and "null" not in kinds:
             kinds = [*kinds, "null"]
         names = [self._typed(kind, schema, path, hint) for kind in dict.fromkeys(kinds)]
         return names[0] if len(names) == 1 else g.rule(" | ".join(names), hint)
+
+    def _literals(self, values: list[Any], path: str) -> str:
+        """Alternatives matching the JSON spelling of each value (a const, an enum)."""
+        budget = self.g.budget
+        budget.charge("steps", len(values), path)
+        spelled: dict[str, None] = {}
+        size = 0
+        for value in values:
+            try:
+                text = json_text(value)
+            except RecursionError:
+                raise SchemaTooLarge(f"a const or enum value nests deeper than this server "
+                                     f"reads ({_shown.repr(value)})", path) from None
+            except (TypeError, ValueError):  # NaN, Infinity, an integer too long to print
+                raise SchemaError(f"a const or enum value is not JSON this server can write "
+                                  f"({_shown.repr(value)})", path) from None
+            size += len(text) + len(" | ")
+            budget.afford("grammar_bytes", size, path)  # before spelling it out
+            spelled[literal(text)] = None
+        return " | ".join(spelled)
 
     def _typed(self, kind: str, schema: dict[str, Any], path: str, hint: str) -> str:
         g = self.g
@@ -223,14 +366,14 @@ class SchemaConverter:
         if kind == "array":
             return self._array(schema, path, hint)
         if kind == "string":
-            return self._string(schema, hint)
+            return self._string(schema, path, hint)
         if kind == "integer":
-            return self._integer(schema, hint, integer_only=True)
+            return self._integer(schema, path, hint, integer_only=True)
         if kind == "number":
-            return self._integer(schema, hint, integer_only=False)
+            return self._integer(schema, path, hint, integer_only=False)
         return g.base(kind)  # boolean, null
 
-    def _string(self, schema: dict[str, Any], hint: str) -> str:
+    def _string(self, schema: dict[str, Any], path: str, hint: str) -> str:
         g = self.g
         fmt = schema.get("format")
         if isinstance(fmt, str) and fmt in _FORMATS and "maxLength" not in schema:
@@ -238,17 +381,15 @@ class SchemaConverter:
                 if dep in _FORMATS[fmt].split():
                     g.base(dep)
             return g.rule(f'"\\"" {_FORMATS[fmt]} "\\""', f"{fmt}-string")
-        low = _int(schema.get("minLength"), 0)
-        high = _int(schema.get("maxLength"), None)
-        low = max(low, 0)
-        high = max(low, MAX_STRING_CHARS) if high is None else max(high, low)
+        low, high = _counts(schema, "minLength", "maxLength", MAX_STRING_CHARS, path)
         if low == 0 and high == MAX_STRING_CHARS:
             return g.base("string")
         g.base("char")
         return g.rule(f'"\\"" {g.repeat("char", low, high, close=QUOTE, hint="chars")}',
                       f"{hint}-string")
 
-    def _integer(self, schema: dict[str, Any], hint: str, *, integer_only: bool) -> str:
+    def _integer(self, schema: dict[str, Any], path: str, hint: str, *,
+                 integer_only: bool) -> str:
         g = self.g
         low, high = _bounds(schema)
         if low is None and high is None:
@@ -256,7 +397,14 @@ class SchemaConverter:
         lo = None if low is None else math.ceil(low)
         hi = None if high is None else math.floor(high)
         if lo is not None and hi is not None and lo > hi:
-            raise SchemaError("minimum is above maximum", hint)
+            raise SchemaError("minimum is above maximum", path)
+        longest = 10 ** MAX_DIGITS
+        if (lo is not None and lo >= longest) or (hi is not None and hi <= -longest):
+            raise SchemaError(f"the range holds only integers longer than the {MAX_DIGITS} "
+                              "digits a grammar here writes", path)
+        # Beyond MAX_DIGITS digits a bound excludes nothing the grammar can write.
+        lo = None if lo is not None and lo <= -longest else lo
+        hi = None if hi is not None and hi >= longest else hi
         return g.rule(_int_range(g, lo, hi), f"{hint}-int")
 
     def _array(self, schema: dict[str, Any], path: str, hint: str) -> str:
@@ -266,18 +414,18 @@ class SchemaConverter:
         if isinstance(items, list):  # draft 4-7 tuple form
             prefix, items = items, schema.get("additionalItems", True)
         prefix = prefix if isinstance(prefix, list) else []
-        low = max(_int(schema.get("minItems"), 0), 0)
-        high = _int(schema.get("maxItems"), None)
-        high = max(low, MAX_ARRAY_ITEMS) if high is None else max(high, low)
-        parts = [self.convert(s, f"{path}/prefixItems/{i}", f"{hint}-{i}")
+        low, high = _counts(schema, "minItems", "maxItems", MAX_ARRAY_ITEMS, path)
+        parts = [self.convert(s, f"{path}/prefixItems/{i}", _hint(hint, i))
                  for i, s in enumerate(prefix[:high])]
-        item = None if items is False else self.convert(items, f"{path}/items", f"{hint}-item")
+        item = None if items is False else self.convert(items, f"{path}/items",
+                                                        _hint(hint, "item"))
         most = high if item is not None else min(high, len(parts))
         least = min(low, most)
         sep = '"," ws'
         if not parts and item is not None:
-            items_rule = g.repeat(item, least, most, sep=sep, close='"]"', hint=f"{hint}-items")
-            return g.rule(f'"[" ws {items_rule}', f"{hint}-array")
+            items_rule = g.repeat(item, least, most, sep=sep, close='"]"',
+                                  hint=_hint(hint, "items"))
+            return g.rule(f'"[" ws {items_rule}', _hint(hint, "array"))
         if most == 0:
             return g.rule('"[" ws "]"', "empty-array")
 
@@ -286,15 +434,16 @@ class SchemaConverter:
 
         fixed = " ".join(element(i) if i == 0 else f"{sep} {element(i)}" for i in range(least))
         # After the fixed elements: the rest of the tuple, each optional in turn, then up to
-        # `repeat` more uniform items.
+        # `repeat` more uniform items. Each optional element is a rule naming the next, so a
+        # long tuple costs its length (nesting them in one body cost its square).
         start = max(least, len(parts))
         repeat = most - start if item is not None else 0
-        tail = g.repeat(f"{sep} {item}", 0, repeat, hint=f"{hint}-more") if repeat > 0 else ""
+        tail = g.repeat(f"{sep} {item}", 0, repeat, hint=_hint(hint, "more")) if repeat > 0 else ""
         for i in reversed(range(least, min(len(parts), most))):
             lead = f"{sep} " if i > 0 else ""
-            tail = f"({lead}{element(i)} {tail})?".replace(" )", ")")
+            tail = g.rule(f"({lead}{element(i)} {tail})?".replace(" )", ")"), _hint(hint, "rest"))
         body = " ".join(x for x in ('"[" ws', fixed, tail, '"]"') if x)
-        return g.rule(body, f"{hint}-array")
+        return g.rule(body, _hint(hint, "array"))
 
     def _object(self, schema: dict[str, Any], path: str, hint: str) -> str:
         g = self.g
@@ -302,7 +451,10 @@ class SchemaConverter:
         if not isinstance(props, dict):
             raise SchemaError("properties must be an object", path)
         required = schema.get("required", [])
-        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        if not isinstance(required, list):
+            raise SchemaError("required must be an array of names", path)
+        g.budget.charge("steps", len(required), path)
+        if not all(isinstance(r, str) for r in required):
             raise SchemaError("required must be an array of names", path)
         extra = schema.get("additionalProperties", True)
         if not props:
@@ -312,89 +464,137 @@ class SchemaConverter:
                 props = {name: True for name in required}
             else:
                 value = self.free(FREE_DEPTH - 1) if extra is True or extra == {} else \
-                    self.convert(extra, f"{path}/additionalProperties", f"{hint}-value")
+                    self.convert(extra, f"{path}/additionalProperties", _hint(hint, "value"))
                 return self._free_object(value, hint)
-        names = list(props)
         # Required members may appear in any order in a schema; the grammar writes them in
         # the declared order, which every validator accepts.
-        for name in required:
-            if name not in props:
-                names.append(name)
+        names = list(dict.fromkeys([*props, *required]))
+        required_names = set(required)
         kvs = {}
         for name in names:
             value = self.convert(props.get(name, True), f"{path}/properties/{name}",
-                                 f"{hint}-{name}")
-            kvs[name] = g.rule(f'{literal(json.dumps(name, ensure_ascii=False))} ws ":" ws {value}',
-                               f"{hint}-{name}-kv")
+                                 _hint(hint, name))
+            key = literal(json_text(name))
+            kvs[name] = g.rule(f'{key} ws ":" ws {value}', _hint(_hint(hint, name), "kv"))
         # rest[i][first]: members i.. given whether none has been written yet.
         after, first = "", ""
         for name in reversed(names):
             kv = kvs[name]
-            if name in required:
+            if name in required_names:
                 new_after = f'"," ws {kv} {after}'.strip()
                 new_first = f"{kv} {after}".strip()
             else:
                 new_after = f'("," ws {kv})? {after}'.strip()
                 alt = f"{kv} {after}".strip()
                 new_first = f"({alt} | {first})" if first else f"({alt})?"
-            after = g.rule(new_after, f"{hint}-after") if new_after else ""
-            first = g.rule(new_first, f"{hint}-members") if new_first else ""
-        return g.rule(f'"{{" ws {first} "}}"', f"{hint}-object")
+            after = g.rule(new_after, _hint(hint, "after")) if new_after else ""
+            first = g.rule(new_first, _hint(hint, "members")) if new_first else ""
+        return g.rule(f'"{{" ws {first} "}}"', _hint(hint, "object"))
 
     def _free_object(self, value: str, hint: str) -> str:
         g = self.g
-        kv = g.rule(f'{g.base("string")} ws ":" ws {value}', f"{hint}-entry")
-        entries = g.repeat(kv, 0, MAX_FREE_MEMBERS, sep='"," ws', close='"}"', hint=f"{hint}-entries")
+        kv = g.rule(f'{g.base("string")} ws ":" ws {value}', _hint(hint, "entry"))
+        entries = g.repeat(kv, 0, MAX_FREE_MEMBERS, sep='"," ws', close='"}"',
+                           hint=_hint(hint, "entries"))
         body = f'"{{" ws {entries}'
-        return g.rule(body, f"{hint}-map")
+        return g.rule(body, _hint(hint, "map"))
 
     def free(self, depth: int) -> str:
         """Any JSON value nested at most `depth` levels (objects and arrays bounded too)."""
         g = self.g
+        if depth in g.free_rules:
+            return g.free_rules[depth]
         scalars = [g.base(k) for k in ("string", "number", "boolean", "null")]
         if depth <= 0:
-            return g.rule(" | ".join(scalars), "scalar")
-        inner = self.free(depth - 1)
-        obj = self._free_object(inner, f"json{depth}")
-        items = g.repeat(inner, 0, MAX_ARRAY_ITEMS, sep='"," ws', close='"]"',
-                         hint=f"json{depth}-items")
-        arr = g.rule(f'"[" ws {items}', f"json{depth}-array")
-        return g.rule(" | ".join([obj, arr, *scalars]), f"json{depth}")
+            name = g.rule(" | ".join(scalars), "scalar")
+        else:
+            inner = self.free(depth - 1)
+            obj = self._free_object(inner, f"json{depth}")
+            items = g.repeat(inner, 0, MAX_ARRAY_ITEMS, sep='"," ws', close='"]"',
+                             hint=f"json{depth}-items")
+            arr = g.rule(f'"[" ws {items}', f"json{depth}-array")
+            name = g.rule(" | ".join([obj, arr, *scalars]), f"json{depth}")
+        g.free_rules[depth] = name
+        return name
 
     def _deref(self, schema: Any, path: str) -> Any:
+        """`schema` with its `$ref`s followed (for allOf, which merges what they point to)."""
+        seen: set[str] = set()
         while isinstance(schema, dict) and "$ref" in schema:
-            schema = {**_resolve(self._root, schema["$ref"], path),
-                      **{k: v for k, v in schema.items() if k != "$ref"}}
+            ref = schema["$ref"]
+            target, _ = self._resolve(ref, path)
+            if ref in seen:
+                raise SchemaError(f"$ref {_shown.repr(ref)} leads back to itself", path)
+            seen.add(ref)
+            self.g.budget.charge("ref_expansions", 1, path)
+            rest = {k: v for k, v in schema.items() if k != "$ref"}
+            schema = {**target, **rest} if isinstance(target, dict) else (rest or target)
         return schema
 
     def _ref(self, schema: dict[str, Any], path: str, hint: str) -> str:
         ref = schema["$ref"]
+        target, name = self._resolve(ref, path)
         depth = self._ref_depth.get(ref, 0)
         if depth >= MAX_REF_DEPTH:
             return self.free(1)
-        target = _resolve(self._root, ref, path)
+        # Every $ref followed counts, the same definition's too: definitions that each use the
+        # next twice are a document of 2**n parts, refused once the count passes the budget.
+        self.g.budget.charge("ref_expansions", 1, path)
         rest = {k: v for k, v in schema.items() if k != "$ref"}
         self._ref_depth[ref] = depth + 1
         try:
-            name = ref.rsplit("/", 1)[-1] or hint
-            return self.convert(_merge(target, rest) if _constrains(rest) else target, path, name)
+            return self.convert(self._merge(target, rest, path) if _constrains(rest) else target,
+                                path, name or hint)
         finally:
             self._ref_depth[ref] = depth
 
+    def _resolve(self, ref: Any, path: str) -> tuple[Any, str]:
+        """What a local `$ref` points to, and the rule hint its last segment gives."""
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise SchemaError(f"only local $ref (#/...) is supported, not {_shown.repr(ref)}",
+                              path)
+        if ref in self._refs:
+            return self._refs[ref]
+        target = self._root
+        for raw in ref[1:].split("/")[1:] if ref != "#" else []:
+            self.g.budget.charge("steps", 1, path)
+            key = raw.replace("~1", "/").replace("~0", "~")
+            if isinstance(target, dict) and key in target:
+                target = target[key]
+            elif (isinstance(target, list) and key.isascii() and key.isdigit() and len(key) < 10
+                  and int(key) < len(target)):
+                target = target[int(key)]
+            else:
+                raise SchemaError(f"$ref {_shown.repr(ref)} points nowhere", path)
+        self._refs[ref] = target, ref.rsplit("/", 1)[-1][:_HINT_CHARS]
+        return self._refs[ref]
 
-def _resolve(root: Any, ref: Any, path: str) -> Any:
-    if not isinstance(ref, str) or not ref.startswith("#"):
-        raise SchemaError(f"only local $ref (#/...) is supported, not {ref!r}", path)
-    target = root
-    for raw in ref[1:].split("/")[1:] if ref != "#" else []:
-        key = raw.replace("~1", "/").replace("~0", "~")
-        if isinstance(target, dict) and key in target:
-            target = target[key]
-        elif isinstance(target, list) and key.isdigit() and int(key) < len(target):
-            target = target[int(key)]
-        else:
-            raise SchemaError(f"$ref {ref!r} points nowhere", path)
-    return target
+    def _merge(self, a: Any, b: Any, path: str, depth: int = 0) -> Any:
+        """Both schemas at once, as far as the grammar needs (allOf, $ref siblings)."""
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            return b if isinstance(b, dict) else a
+        if depth >= MAX_NESTING:
+            raise SchemaTooLarge(f"the schema nests deeper than {MAX_NESTING} levels", path)
+        self.g.budget.charge("steps", len(a) + len(b), path)
+        merged = {**a, **b}
+        props_a, props_b = a.get("properties"), b.get("properties")
+        if isinstance(props_a, dict) and isinstance(props_b, dict):
+            self.g.budget.charge("steps", len(props_a) + len(props_b), path)
+            props = dict(props_a)
+            for k, v in props_b.items():
+                props[k] = self._merge(props[k], v, path, depth + 1) if k in props else v
+            merged["properties"] = props
+        required_a, required_b = a.get("required"), b.get("required")
+        if isinstance(required_a, list) and isinstance(required_b, list):
+            both_required = [*required_a, *required_b]
+            if all(isinstance(r, str) for r in both_required):
+                merged["required"] = list(dict.fromkeys(both_required))
+        if "type" in a and "type" in b:
+            ta = a["type"] if isinstance(a["type"], list) else [a["type"]]
+            tb = b["type"] if isinstance(b["type"], list) else [b["type"]]
+            both = [t for t in ta if t in tb] or (["integer"] if "integer" in ta + tb else tb)
+            merged["type"] = both[0] if len(both) == 1 else both
+        return merged
 
 
 _ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment",
@@ -403,26 +603,6 @@ _ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id",
 
 def _constrains(schema: dict[str, Any]) -> bool:
     return any(k not in _ANNOTATIONS for k in schema)
-
-
-def _merge(a: Any, b: Any) -> Any:
-    """Both schemas at once, as far as the grammar needs (allOf, $ref siblings)."""
-    if not isinstance(a, dict) or not isinstance(b, dict):
-        return b if isinstance(b, dict) else a
-    merged = {**a, **b}
-    if "properties" in a and "properties" in b:
-        props = dict(a["properties"])
-        for k, v in b["properties"].items():
-            props[k] = _merge(props[k], v) if k in props else v
-        merged["properties"] = props
-    if "required" in a and "required" in b:
-        merged["required"] = list(dict.fromkeys([*a["required"], *b["required"]]))
-    if "type" in a and "type" in b:
-        ta = a["type"] if isinstance(a["type"], list) else [a["type"]]
-        tb = b["type"] if isinstance(b["type"], list) else [b["type"]]
-        both = [t for t in ta if t in tb] or (["integer"] if "integer" in ta + tb else tb)
-        merged["type"] = both if len(both) > 1 else both[0]
-    return merged
 
 
 def _implied_type(schema: dict[str, Any]) -> list[str]:
@@ -437,19 +617,44 @@ def _implied_type(schema: dict[str, Any]) -> list[str]:
     return ["object", "array", "string", "number", "boolean", "null"]
 
 
-def _int(value: Any, default: int | None) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return default
-    return int(value)
+def _counts(schema: dict[str, Any], least: str, most: str, cap: int, path: str
+            ) -> tuple[int, int]:
+    """(low, high) of a minLength/maxLength or minItems/maxItems pair, as the grammar counts
+    them out: `cap` when there is no maximum, never more than MAX_COUNTED."""
+    low, high = _count(schema.get(least), least, path), _count(schema.get(most), most, path)
+    low = low or 0
+    if low > MAX_COUNTED:
+        raise SchemaTooLarge(f"{least} asks for more than the {MAX_COUNTED} a grammar here "
+                             "counts out", path)
+    if high is None:
+        return low, max(low, cap)
+    return low, min(max(high, low), MAX_COUNTED)
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+def _count(value: Any, keyword: str, path: str) -> int | None:
+    """A length or item count as a whole number (None: not given, or not a number at all)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         return None
-    return float(value) if not math.isinf(value) else None
+    lower = keyword.startswith("min")
+    if value == math.inf:
+        if lower:
+            raise SchemaError(f"{keyword} is infinite: nothing satisfies it", path)
+        return None
+    if value < 0:
+        return 0
+    return math.ceil(value) if lower else math.floor(value)
 
 
-def _bounds(schema: dict[str, Any]) -> tuple[float | None, float | None]:
+def _number(value: Any) -> int | float | None:
+    """A finite bound, or None; an integer stays one (a float would lose or overflow it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    return value
+
+
+def _bounds(schema: dict[str, Any]) -> tuple[int | float | None, int | float | None]:
     low, high = _number(schema.get("minimum")), _number(schema.get("maximum"))
     ex_low, ex_high = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
     if ex_low is True and low is not None:  # draft 4: a flag on minimum
@@ -464,7 +669,10 @@ def _bounds(schema: dict[str, Any]) -> tuple[float | None, float | None]:
 
 
 def _int_range(g: Grammar, lo: int | None, hi: int | None) -> str:
-    """A rule body for integers in [lo, hi] (None: unbounded); all it accepts are in range."""
+    """A rule body for integers in [lo, hi] (None: unbounded); all it accepts are in range.
+    Both bounds are below 10**MAX_DIGITS in size, so no spelled number is longer than that."""
+    if lo is None and hi is None:
+        return g.base("integer")
     if lo is not None and hi is not None and hi - lo <= WINDOW:
         return _spelled(range(lo, hi + 1))
     if lo is not None and hi is not None:
@@ -537,14 +745,53 @@ def _digits_below(g: Grammar, digits: int) -> str:
     return f"[0-9] | [1-9] {g.digits(1, digits - 2)}"
 
 
+class KnownGrammars:
+    """Grammar texts already known to parse, most recently used last (clients send the same
+    tools every turn). Bounded in bytes as well as in number: one grammar may be as large as
+    MAX_GRAMMAR_BYTES. Safe to share between threads."""
+
+    def __init__(self, *, most: int, most_bytes: int) -> None:
+        self._most, self._most_bytes = most, most_bytes
+        self._texts: OrderedDict[str, int] = OrderedDict()  # text -> its size in bytes
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    @property
+    def size(self) -> int:
+        """Bytes of all the grammars kept."""
+        return self._bytes
+
+    def seen(self, grammar: str) -> bool:
+        """Whether `grammar` is known (and now the most recently used)."""
+        with self._lock:
+            if grammar not in self._texts:
+                return False
+            self._texts.move_to_end(grammar)
+            return True
+
+    def add(self, grammar: str) -> None:
+        size = len(grammar.encode())
+        with self._lock:
+            if grammar in self._texts or size > self._most_bytes:
+                return
+            self._texts[grammar] = size
+            self._bytes += size
+            while len(self._texts) > self._most or self._bytes > self._most_bytes:
+                self._bytes -= self._texts.popitem(last=False)[1]
+
+
 def schema_rule(grammar: Grammar, schema: Any, hint: str = "value") -> str:
-    """Add the rules for `schema` to `grammar`; returns the name of its top rule."""
+    """Add the rules for `schema` to `grammar` (spending its budget); returns the name of its
+    top rule. Raises SchemaError, or SchemaTooLarge past the budget, and nothing else."""
     return SchemaConverter(grammar, schema).convert(schema, "", hint)
 
 
-def schema_grammar(schema: Any) -> str:
+def schema_grammar(schema: Any, budget: Budget | None = None) -> str:
     """GBNF accepting exactly (up to the caps) the JSON texts valid against `schema`."""
-    g = Grammar()
+    g = Grammar(budget)
     return g.render(schema_rule(g, schema))
 
 

@@ -108,7 +108,8 @@ def prompt_messages(request: GenerationRequest) -> tuple[Message, ...]:
 
 def answer_grammar(request: GenerationRequest) -> str | None:
     """GBNF for the answer, or None when it is free text. Raises InvalidRequest for a schema
-    that cannot be read or a tool_choice naming no tool."""
+    that cannot be read or is too large (all the request's schemas share one grammar Budget),
+    and for a tool_choice naming no tool."""
     tools = _offered(request)
     fmt = request.response_format
     called = any(m.tool_calls for m in request.messages or ())
@@ -124,8 +125,8 @@ def answer_grammar(request: GenerationRequest) -> str | None:
                 structured = converter._free_object(converter.free(FREE_DEPTH - 1), "json")
             else:
                 structured = schema_rule(g, fmt.schema if fmt.schema is not None else {}, "answer")
-        except (SchemaError, RecursionError) as exc:
-            raise InvalidRequest(f"response_format has a schema this server cannot use: {exc}",
+        except SchemaError as exc:
+            raise InvalidRequest(f"The schema of the response format cannot be used: {exc}",
                                  param="response_format") from None
     if not tools:
         assert structured is not None
@@ -134,9 +135,9 @@ def answer_grammar(request: GenerationRequest) -> str | None:
     for i, tool in enumerate(tools):
         try:
             args = schema_rule(g, arguments_schema(tool), f"{tool.name}-args")
-        except (SchemaError, RecursionError) as exc:
-            raise InvalidRequest(f"The parameters of tool {tool.name!r} are not a schema this "
-                                 f"server can use: {exc}", param=f"tools.[{i}]") from None
+        except SchemaError as exc:
+            raise InvalidRequest(f"The schema of the parameters of tool {tool.name!r} cannot be "
+                                 f"used: {exc}", param=f"tools.[{i}]") from None
         name = literal(json.dumps(tool.name))
         calls.append(f'{name} ws "," ws "\\"arguments\\"" ws ":" ws {args}')
     call = g.rule(f'{literal(MARKER)} ws "{{" ws "\\"name\\"" ws ":" ws ({" | ".join(calls)}) '

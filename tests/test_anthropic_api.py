@@ -318,6 +318,10 @@ async def test_x_api_key_and_bearer_both_authenticate(api: Api) -> None:
       "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice"),
     ({"model": FAKE, "max_tokens": 5, "messages": JAPAN,
       "tools": [WEATHER_TOOL, WEATHER_TOOL]}, "unique"),
+    ({"model": FAKE, "max_tokens": 5, "messages": JAPAN, "stop_sequences": ["x"] * 33},
+     "stop_sequences: at most 32"),
+    ({"model": FAKE, "max_tokens": 5, "messages": JAPAN, "stop_sequences": ["ok", "x" * 257]},
+     "stop_sequences.1: a stop sequence may be at most 256 characters"),
 ])
 async def test_invalid_requests_are_400s_in_anthropics_envelope(
         api: Api, body: dict[str, Any], words: str) -> None:

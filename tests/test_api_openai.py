@@ -191,6 +191,8 @@ async def test_a_key_limited_to_other_models_neither_lists_nor_uses_this_one(api
         ({"model": MODEL, "messages": CHAT, "max_tokens": 0}, "max_tokens"),
         ({"model": MODEL, "messages": CHAT, "n": 2}, "n"),
         ({"model": MODEL, "messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": MODEL, "messages": CHAT, "stop": "x" * 257}, "stop"),
+        ({"model": MODEL, "messages": CHAT, "stop": ["ok", "x" * 257]}, "stop"),
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"model": MODEL, "messages": [{"role": "user"}]}, "messages.[0].content"),
         ({"model": MODEL, "messages": [{"role": "user", "content": [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -157,3 +158,64 @@ def test_nested_stops_cut_the_same_whatever_the_split() -> None:
     whole = "".join(stream(TextAssembler(stops), [raw]))
     byte_by_byte = "".join(stream(TextAssembler(stops), [raw[i : i + 1] for i in range(len(raw))]))
     assert whole == byte_by_byte
+
+
+# --- bounded work: linear in the text, whatever the stops ----------------------------------------
+
+def fed(stops: list[str], text: str, piece: int) -> tuple[StopMatcher, str]:
+    """The matcher after `text` arrived `piece` characters at a time, and what it released;
+    at every step it holds back less than the longest stop."""
+    matcher = StopMatcher(stops)
+    longest = max(map(len, stops))
+    sent = ""
+    for i in range(0, len(text), piece):
+        sent += matcher.feed(text[i : i + piece])
+        assert matcher.held < longest
+        assert len(text[: i + piece]) == len(sent) + matcher.held or matcher.stopped
+    return matcher, sent + matcher.flush()
+
+
+# Many stops sharing prefixes, against a text that keeps almost matching them: the worst case
+# for searching each stop in the text again at every step.
+SHARED_PREFIXES = ["a" * n + "b" for n in range(1, 300)] + ["a" * 255 + "c", "b" * 256]
+
+
+def test_matching_work_grows_with_the_text_not_with_the_stops() -> None:
+    short, short_sent = fed(SHARED_PREFIXES, "a" * 1_000, piece=3)
+    long, long_sent = fed(SHARED_PREFIXES, "a" * 10_000, piece=3)
+    assert (short_sent, long_sent) == ("a" * 1_000, "a" * 10_000)  # no stop: all of it, at last
+    # Each character is one transition, plus failure links its own arrival paid for.
+    assert short.work <= 2 * 1_000 and long.work <= 2 * 10_000
+    assert long.work - short.work <= 2 * 9_000  # the extra 9,000 characters, two steps each
+    one, _ = fed(["a" * 255 + "c"], "a" * 10_000, piece=3)
+    assert long.work <= one.work + 300  # three hundred stops cost what one does
+
+
+@pytest.mark.timeout(30)  # searching every stop again at every step took minutes here
+def test_long_stops_fed_a_character_at_a_time_cost_one_step_each() -> None:
+    stops = ["b" * 20_000, "a" * 20_000 + "c"]
+    matcher, sent = fed(stops, "a" * 30_000 + "c" + "a" * 20_000 + "c", piece=1)
+    assert matcher.stopped and matcher.matched == stops[1]
+    assert sent == "a" * 10_000
+    assert matcher.work <= 2 * (30_001 + 20_001)
+
+
+def test_a_stop_split_across_pieces_behind_many_near_misses_is_found() -> None:
+    stops = ["abcabd", "bcx", "cab", "abcabc"]
+    text = "zabcab" + "cab" + "d tail"  # "abcabc" starts before "cab" completes
+    for piece in range(1, len(text) + 1):
+        matcher, sent = fed(stops, text, piece)
+        assert sent == first_stop(text, stops) == "z"
+        assert matcher.matched == "abcabc"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text("ab", max_size=60), st.lists(st.text("ab", min_size=1, max_size=6), min_size=1,
+                                             max_size=8), st.integers(1, 7))
+def test_the_cut_and_the_held_text_over_a_small_alphabet(text: str, stops: list[str],
+                                                         piece: int) -> None:
+    # Two letters make stops overlap, share prefixes and nest as often as they can.
+    matcher, sent = fed(stops, text, piece)
+    assert sent == first_stop(text, stops)
+    assert matcher.stopped == any(s in text for s in stops)
+    assert matcher.work <= 2 * len(text)

@@ -27,7 +27,6 @@ from serai.errors import (
     RegionUnavailable,
     SeraiError,
 )
-from serai.idempotency import IdempotentCall
 from serai.ledger import UNMETERED, Admission, LedgerWriter, UsageRecord, UsageStatus, charge
 from serai.limits import DatabaseLimiter, Limiter
 from serai.storage.db import Database
@@ -322,28 +321,11 @@ class Gateway:
         self.database = database
         self.limiter = limiter if limiter is not None else DatabaseLimiter(database)
 
-    async def start(self, *, key: KeyInfo, request: GenerationRequest, endpoint: str,
-                    idempotency: IdempotentCall | None = None) -> Run:
-        """Start a run (see `_start`), under its Idempotency-Key if it has one.
-
-        The key is claimed before admission: a twin still running, another payload under the
-        same key, or a finished twin to replay stop the request here. A request refused before
-        it ran frees the key again.
-        """
+    async def start(self, *, key: KeyInfo, request: GenerationRequest, endpoint: str) -> Run:
+        """Start a run of `request` once it is `admissible` (see `_start`)."""
         request = self.admissible(key, request)
         self.tracing.annotate(model=request.model, org_id=key.org_id)
-        if idempotency is None:
-            return await self._start(key=key, request=request, endpoint=endpoint)
-        await idempotency.claim(database=self.database, key_id=key.id,
-                                request_id=request.request_id,
-                                in_memory=not key.effective_retention.stores)
-        try:
-            run = await self._start(key=key, request=request, endpoint=endpoint)
-        except BaseException:
-            await idempotency.release()
-            raise
-        idempotency.ran(run)
-        return run
+        return await self._start(key=key, request=request, endpoint=endpoint)
 
     def admissible(self, key: KeyInfo, request: GenerationRequest) -> GenerationRequest:
         """`request` under its model's canonical name, once the checks that need no engine

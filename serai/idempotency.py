@@ -1,9 +1,10 @@
 """Idempotency-Key on model calls: the same key and payload within 24 hours gets the first call's
 response again, without running the engine or billing a second time.
 
-A call claims its key (scoped to the API key) in the gateway, once it is authenticated and
-parsed and before it is admitted; the unique (key_id, idempotency_key) row is the lock, so twins
-in other processes cannot both run. Following Stripe, only a call that started executing keeps
+A call claims its key (scoped to the API key) in serving (serai.api.serving), once it is
+authenticated and parsed and before it is admitted; the unique (key_id, idempotency_key) row is
+the lock, so twins in other processes cannot both run. The gateway never sees the key: it runs
+what serving starts. Following Stripe, only a call that started executing keeps
 a result: one refused before its engine produced anything (admission, a full queue, a prompt
 too long) deletes its claim, and so does one whose client left before the response was
 complete, so the client may retry with the same key. The response is stored as the exact bytes
@@ -31,6 +32,7 @@ import orjson
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from starlette.responses import Response
 
 from serai.crypto import ContentKeyError, ContentKeys, Sealed
 from serai.errors import (
@@ -112,12 +114,16 @@ class ResponsesInMemory:
         return stored
 
 
-class Replayed(Exception):  # noqa: N818 (control flow, not an error: the answer is ready)
-    """The key holds a finished call with this payload: send `stored` instead of running."""
+class ReplayedResponse(Response):
+    """A finished twin's response sent again as it was, marked `idempotent-replayed: true` with
+    the `original-request-id` of the call that ran."""
 
     def __init__(self, stored: Stored) -> None:
-        super().__init__(stored.request_id)
-        self.stored = stored
+        super().__init__(stored.body or b"", status_code=stored.status_code)
+        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1"))
+                            for k, v in stored.headers.items()]
+        self.raw_headers += [(b"idempotent-replayed", b"true"),
+                             (b"original-request-id", stored.request_id.encode())]
 
 
 def check_key(value: str) -> str:
@@ -233,9 +239,10 @@ class _Claim:
 class IdempotentCall:
     """One request's use of an Idempotency-Key, from its claim to its stored response.
 
-    The HTTP layer makes it from the raw request; the gateway claims it (`claim`, then `ran` or
-    `release`); the HTTP layer hands it the response as it goes out (`finish`), and `close`s it
-    when the request is over.
+    The HTTP layer makes it from the raw request; serving claims it (`claim`, then `ran` or
+    `release`) and sends a finished twin's response instead of running when the claim returns
+    one; the HTTP layer hands it the response as it goes out (`finish`), and `close`s it when the
+    request is over.
     """
 
     def __init__(self, *, idempotency_key: str, request_hash: str,
@@ -251,11 +258,13 @@ class IdempotentCall:
         self._in_memory = False
 
     async def claim(self, *, database: Database, key_id: int, request_id: str,
-                    in_memory: bool = False) -> None:
-        """Hold the key for this call, or raise Replayed / IdempotencyKeyInUse /
-        IdempotencyKeyReused / IdempotencyResponseNotRetained. With `in_memory` (zero
-        retention) the response will be kept in this process only; without, sealed in the
-        database (in memory too when the server has no content keys)."""
+                    in_memory: bool = False) -> Stored | None:
+        """Hold the key for this call and return None (run it), or return the response of the
+        finished twin with this payload (send it again instead of running). Raises
+        IdempotencyKeyInUse while the twin runs, IdempotencyKeyReused for another payload and
+        IdempotencyResponseNotRetained for a twin whose response is gone. With `in_memory`
+        (zero retention) the response will be kept in this process only; without, sealed in
+        the database (in memory too when the server has no content keys)."""
         key = check_key(self.idempotency_key)
 
         def claim_key() -> Stored | None:
@@ -281,9 +290,11 @@ class IdempotentCall:
                     "it, which no longer has it. Use a new key to run the request again.",
                     param=HEADER)
         if stored is not None:
-            raise Replayed(stored)
+            log.info("replaying the response of %s", stored.request_id)
+            return stored
         self._claim = _Claim(database, key_id, request_id)
         self._in_memory = in_memory
+        return None
 
     def _context(self, key_id: int, request_id: str) -> bytes:
         return f"idempotent response {key_id} {self.idempotency_key} {request_id}".encode()

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serai import request_log
 from serai.api.errors import error_body
 from serai.crypto import ContentKeys
-from serai.idempotency import IdempotentCall, Replayed, ResponsesInMemory, Stored, request_hash
+from serai.idempotency import IdempotentCall, ResponsesInMemory, request_hash
 from serai.metrics import Metrics
 from serai.request_log import RequestRecord
 
@@ -160,12 +160,11 @@ class JsonBodies:
 
 
 class IdempotentReplays:
-    """Keeps what a model call with an `Idempotency-Key` sent, and replays it to its twins.
+    """Keeps what a model call with an `Idempotency-Key` sent, for its twins to be sent again.
 
-    Which calls run, replay or conflict is decided by the gateway, which claims the key once the
+    Which calls run, replay or conflict is decided in serving, which claims the key once the
     request is authenticated and parsed (serai.idempotency); this layer only sees bytes, so it
-    serves every wire protocol and streaming and plain answers alike. A replay carries
-    `idempotent-replayed: true` and the `original-request-id` of the call that ran.
+    serves every wire protocol and streaming and plain answers alike.
     """
 
     def __init__(self, app: ASGIApp, *, abandoned_after_s: float,
@@ -218,8 +217,6 @@ class IdempotentReplays:
 
         try:
             await self.app(scope, receive, keep)
-        except Replayed as replay:
-            await _send_replay(send, replay.stored)
         finally:
             await call.close()
 
@@ -246,15 +243,6 @@ async def _buffer_body(receive: Receive) -> tuple[bytes | None, Receive]:
         return await receive()
 
     return body, replay
-
-
-async def _send_replay(send: Send, stored: Stored) -> None:
-    log.info("replaying the response of %s", stored.request_id)
-    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in stored.headers.items()]
-    headers += [(b"idempotent-replayed", b"true"),
-                (b"original-request-id", stored.request_id.encode())]
-    await send({"type": "http.response.start", "status": stored.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": stored.body or b""})
 
 
 class PortListener:

@@ -7,6 +7,9 @@ no run), a stream is handed to an EventStreamResponse that closes the run when i
 whole answer is collected under the same watch and its run closed however collecting ends. The
 request's record (serai.request_log) learns the model, and once the run is closed its tokens
 and timings.
+
+A request with an Idempotency-Key claims it here, before its run starts (serai.idempotency): a
+finished twin's response is sent again instead of running, and the gateway never sees the key.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from serai.api.errors import json_response
 from serai.api.sse import ClientDisconnected, EventStreamResponse, until_disconnect
 from serai.errors import SeraiError
 from serai.gateway import Gateway, Run
-from serai.idempotency import IdempotentCall
+from serai.idempotency import IdempotentCall, ReplayedResponse, Stored
 from serai.request_log import RequestRecord
 from serai.types import Chunk, GenerationRequest, ToolCall
 
@@ -68,19 +71,23 @@ async def serve(
     endpoint: str, renderer: Renderer, stream: bool, idempotency: IdempotentCall | None,
 ) -> Response:
     """Run `generation` and answer as `renderer` renders it: a stream of events when `stream`,
-    else one JSON body once the answer is whole. A client gone before the answer is ready gets
-    a 499."""
+    else one JSON body once the answer is whole; or, under an Idempotency-Key a finished twin
+    holds, send the twin's response again. A client gone before the answer is ready gets a
+    499."""
     record: RequestRecord = request.state.record
     # Only a name this server serves becomes a label or a log field.
     record.model = generation.model if gateway.router.serves(generation.model) else None
     try:
-        run = await until_disconnect(request.receive, gateway.start(
-            key=key, request=generation, endpoint=endpoint, idempotency=idempotency))
+        started = await until_disconnect(request.receive, _start(
+            gateway, key=key, generation=generation, endpoint=endpoint, idempotency=idempotency))
     except ClientDisconnected:
         return Response(status_code=499)
     except SeraiError as error:
         record.error = error.code
         raise
+    if isinstance(started, Stored):
+        return ReplayedResponse(started)
+    run = started
     record.ran = True
 
     async def close() -> None:
@@ -100,6 +107,32 @@ async def serve(
     finally:
         await close()
     return json_response(200, await renderer.whole(run, answer), headers=headers)
+
+
+async def _start(gateway: Gateway, *, key: KeyInfo, generation: GenerationRequest,
+                 endpoint: str, idempotency: IdempotentCall | None) -> Run | Stored:
+    """The started run of `generation`, or the response to send again instead of running it.
+
+    The Idempotency-Key is claimed once the checks that need no engine have passed (a refusal
+    that costs nothing holds no key; the gateway repeats them, they are lookups) and before
+    admission. A twin still running or another payload under the key is refused here, and a
+    run refused before it started frees the key for a retry.
+    """
+    if idempotency is None:
+        return await gateway.start(key=key, request=generation, endpoint=endpoint)
+    generation = gateway.admissible(key, generation)
+    replay = await idempotency.claim(database=gateway.database, key_id=key.id,
+                                     request_id=generation.request_id,
+                                     in_memory=not key.effective_retention.stores)
+    if replay is not None:
+        return replay
+    try:
+        run = await gateway.start(key=key, request=generation, endpoint=endpoint)
+    except BaseException:
+        await idempotency.release()
+        raise
+    idempotency.ran(run)
+    return run
 
 
 def _note(record: RequestRecord, run: Run) -> None:

@@ -1,4 +1,6 @@
-"""What a model key's organization used and owes: GET /v1/usage and GET /v1/invoices/{month}.
+"""What a model key's organization used and owes: GET /v1/usage and GET /v1/invoices/{month},
+and how usage lines and invoices are answered (JSON, or an invoice's CSV) wherever they are
+asked for: here, under /admin/v1 and in the console.
 
 Any key of the organization may read these, so an application can show its own spending. The
 ledger writer is flushed first, so the answer includes the caller's latest request.
@@ -6,17 +8,38 @@ ledger writer is flushed first, so the answer includes the caller's latest reque
 
 from __future__ import annotations
 
-from typing import Literal
+from datetime import date
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from starlette.responses import Response
 
 from serai import invoices
-from serai.api.admin import DateParam, in_session, invoice_response, usage_object
+from serai.api.administration import in_session
 from serai.api.deps import KeyDep, ServicesDep
+from serai.api.errors import json_response
 from serai.errors import InvalidRequest
 
 router = APIRouter(tags=["Usage"])
+
+DateParam = Annotated[date | None, Query(description="A UTC day, YYYY-MM-DD.")]
+
+
+def usage_object(lines: list[invoices.UsageLine], org_id: int) -> Response:
+    return json_response(200, {"object": "list", "org_id": org_id,
+            "data": [{"date": line.period, "model": line.model, "requests": line.requests,
+                      "input_tokens": line.input_tokens,
+                      "cached_input_tokens": line.cached_input_tokens,
+                      "output_tokens": line.output_tokens, "cost_micros": line.cost_micros,
+                      "charged_micros": line.charged_micros} for line in lines]})
+
+
+def invoice_response(invoice: invoices.Invoice, format: str) -> Response:
+    if format == "csv":
+        return Response(invoice.as_csv(), media_type="text/csv", headers={
+            "content-disposition":
+                f'attachment; filename="invoice-{invoice.org_id}-{invoice.month}.csv"'})
+    return json_response(200, invoice.as_dict())
 
 
 def _org_of(key_org: int | None) -> int:

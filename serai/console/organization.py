@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from serai.api import admin
+from serai.api import admin, administration
 from serai.api.deps import ServicesDep
 from serai.console.web import (
     REFUSALS,
@@ -104,7 +104,7 @@ async def _keys_page(request: Request, org_id: int, user: Any, services: Any, *,
     models = services.gateway.router.models(regions=org["allowed_regions"])
     return render(request, "keys.html", user, status=status, org=org, keys=Page.of(keys, page),
                   can_change=scope_of(user).may_change,
-                  kinds=[role or "model" for role in admin.GRANTS.get(user.key.role or "", ())],
+                  kinds=[role or "model" for role in administration.GRANTS.get(user.key.role or "", ())],
                   api_base=f"{str(request.base_url).rstrip('/')}/v1",
                   first_model=models[0].name if models else None, **context)
 

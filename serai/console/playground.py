@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from serai import invoices
-from serai.api.admin import in_session
+from serai.api.administration import in_session
 from serai.api.deps import ServicesDep
 from serai.api.errors import json_response
 from serai.console.web import UserDep, render, scope_of

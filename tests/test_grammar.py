@@ -28,13 +28,12 @@ from serai.config import Settings
 from serai.engines import grammar
 from serai.engines.grammar import (
     Budget,
-    KnownGrammars,
     SchemaError,
     SchemaTooLarge,
     json_object_grammar,
     schema_grammar,
 )
-from serai.engines.llamacpp import LlamaCppEngine
+from serai.engines.llamacpp import KnownGrammars, LlamaCppEngine
 from serai.engines.tool_calls import MARKER, answer_grammar, parse_call, prompt_messages
 from serai.errors import InvalidRequest
 from serai.types import GenerationRequest, Message, ResponseFormat, Tool, ToolCall, ToolChoice
@@ -332,6 +331,13 @@ HOSTILE: dict[str, tuple[Callable[[], Any], type[SchemaError] | None]] = {
                                    "allOf": [{"$ref": "#/$defs/t", "type": "string"}]}, None),
     "property-name-of-1MB": (lambda: {"type": "object", "properties": {"x" * 1_000_000: {}}},
                              SchemaTooLarge),
+    "10k-same-wide-integer-ranges": (lambda: {"type": "object", "properties": {
+        f"p{i}": {"type": "integer", "minimum": -10**15, "maximum": 10**15}
+        for i in range(10_000)}}, SchemaTooLarge),
+    "400KB-name-in-a-definition-used-2048-times": (lambda: {
+        "$defs": {"x": {"type": "object", "properties": {"n" * 400_000: {}}}},
+        "type": "array", "maxItems": 2048, "prefixItems": [{"$ref": "#/$defs/x"}] * 2048},
+        SchemaTooLarge),
     "lone-surrogate-name": (lambda: {"type": "object", "properties": {"\ud800": {}},
                                      "required": ["\ud800"]}, None),
 }

@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import reprlib
-import threading
-from collections import OrderedDict
 from typing import Any, Literal
 
 MAX_STRING_CHARS = 256
@@ -137,21 +136,21 @@ class Budget:
         self.spent[what] += amount
 
 
-def _escapes() -> dict[int, str]:
-    table = {ord('"'): '\\"', ord("\\"): "\\\\", 0x7F: "\\x7F"}
-    table.update({c: f"\\x{c:02X}" for c in range(0x20)})
-    # A lone surrogate (JSON allows "\ud800") cannot be encoded to UTF-8 for llama.cpp; as an
-    # escape it parses, and matches nothing a model can write.
-    table.update({c: f"\\u{c:04X}" for c in range(0xD800, 0xE000)})
-    return table
-
-
-_LITERAL_ESCAPES = _escapes()
+# Escaped as hex: control characters, and a lone surrogate (JSON allows "\ud800"), which cannot
+# be encoded to UTF-8 for llama.cpp; as an escape it parses, and matches nothing a model writes.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+_HEX_ESCAPES = {c: f"\\x{c:02X}" for c in [*range(0x20), 0x7F]}
+_HEX_ESCAPES.update({c: f"\\u{c:04X}" for c in range(0xD800, 0xE000)})
 
 
 def literal(text: str) -> str:
     """A GBNF string literal matching `text` exactly."""
-    return '"' + text.translate(_LITERAL_ESCAPES) + '"'
+    # replace() runs at memory speed; translate() leaves its fast path at the first escape that
+    # is longer than a character, so it only runs on the rare text that needs it.
+    text = text.replace("\\", "\\\\").replace('"', '\\"')
+    if _UNPRINTABLE.search(text):
+        text = text.translate(_HEX_ESCAPES)
+    return f'"{text}"'
 
 
 def json_text(value: Any) -> str:
@@ -176,6 +175,7 @@ class Grammar:
         self._used_base: set[str] = set()
         self._next_number: dict[str, int] = {}  # per name stem, so a new name is found at once
         self._chains: dict[tuple[str, int, int, str, str], str] = {}  # repeat's, by arguments
+        self.ranges: dict[tuple[int | None, int | None], str] = {}  # _int_range's, by bounds
         self.free_rules: dict[int, str] = {}  # SchemaConverter.free, built once per depth
 
     def _add(self, name: str, body: str) -> None:
@@ -239,7 +239,9 @@ class Grammar:
 
     def rule(self, body: str, hint: str = "r") -> str:
         """A rule with this body; the name of an existing one when the body is the same."""
-        self.budget.charge("steps")
+        # Charged by size even when it exists: composing a body cost its length (a property
+        # name of 400 KB, written again for each use of its definition).
+        self.budget.charge("steps", 1 + len(body) // 256)
         if body in self._by_body:
             return self._by_body[body]
         stem = "".join(c if c.isascii() and c.isalnum() else "-" for c in hint[:_HINT_CHARS])
@@ -262,7 +264,7 @@ class Grammar:
 
 
 def _hint(hint: str, part: object) -> str:
-    return f"{hint}-{part}"[:_HINT_CHARS]
+    return f"{hint}-{str(part)[:_HINT_CHARS]}"[:_HINT_CHARS]
 
 
 class SchemaConverter:
@@ -405,7 +407,9 @@ class SchemaConverter:
         # Beyond MAX_DIGITS digits a bound excludes nothing the grammar can write.
         lo = None if lo is not None and lo <= -longest else lo
         hi = None if hi is not None and hi >= longest else hi
-        return g.rule(_int_range(g, lo, hi), f"{hint}-int")
+        if (lo, hi) not in g.ranges:  # every field of an object often has the same range
+            g.ranges[lo, hi] = _int_range(g, lo, hi)
+        return g.rule(g.ranges[lo, hi], f"{hint}-int")
 
     def _array(self, schema: dict[str, Any], path: str, hint: str) -> str:
         g = self.g
@@ -528,6 +532,8 @@ class SchemaConverter:
             seen.add(ref)
             self.g.budget.charge("ref_expansions", 1, path)
             rest = {k: v for k, v in schema.items() if k != "$ref"}
+            self.g.budget.charge("steps", len(schema) + (len(target) if isinstance(target, dict)
+                                                         else 0), path)
             schema = {**target, **rest} if isinstance(target, dict) else (rest or target)
         return schema
 
@@ -674,9 +680,9 @@ def _int_range(g: Grammar, lo: int | None, hi: int | None) -> str:
     if lo is None and hi is None:
         return g.base("integer")
     if lo is not None and hi is not None and hi - lo <= WINDOW:
-        return _spelled(range(lo, hi + 1))
+        return _spelled(g, range(lo, hi + 1))
     if lo is not None and hi is not None:
-        options = [_spelled(range(lo, lo + WINDOW + 1))]
+        options = [_spelled(g, range(lo, lo + WINDOW + 1))]
         # Beyond the window: whole digit-count classes that lie inside (lo, hi].
         if lo >= 0:
             for digits in range(len(str(lo + WINDOW)) + 1, len(str(hi))):
@@ -686,14 +692,14 @@ def _int_range(g: Grammar, lo: int | None, hi: int | None) -> str:
         if lo >= 0:
             return _at_least(g, lo)
         if -lo <= WINDOW:
-            return f'{_spelled(range(lo, 0))} | {g.base("nonneg")}'
+            return f'{_spelled(g, range(lo, 0))} | {g.base("nonneg")}'
         return f'"-" {_digits_below(g, len(str(-lo)))} | {g.base("nonneg")}'
     assert hi is not None  # hi only
     if hi < 0:
         return f'"-" ({_at_least(g, -hi)})'
     negatives = f'"-" [1-9] {g.digits(0, MAX_DIGITS - 1)}'
     if hi <= WINDOW:
-        return f"{negatives} | {_spelled(range(0, hi + 1))}"
+        return f"{negatives} | {_spelled(g, range(0, hi + 1))}"
     return f"{negatives} | {_digits_below(g, len(str(hi)))}"
 
 
@@ -704,15 +710,16 @@ def _at_least(g: Grammar, lo: int) -> str:
     if lo <= 9:
         return f"[{lo}-9] | [1-9] {g.digits(1, MAX_DIGITS - 1)}"
     digits = len(str(lo))
-    window = _spelled(range(lo, lo + WINDOW + 1))
+    window = _spelled(g, range(lo, lo + WINDOW + 1))
     if digits >= MAX_DIGITS:
         return window
     return f"{window} | [1-9] {g.digits(digits, MAX_DIGITS - 1)}"
 
 
-def _spelled(numbers: range) -> str:
+def _spelled(g: Grammar, numbers: range) -> str:
     """The numbers as a trie of their digits: a flat list of alternatives would make llama.cpp
     check the vocabulary against each of them at every step."""
+    g.budget.charge("steps", len(numbers))  # building the trie costs about a step a number
     return _trie([str(n) for n in numbers])
 
 
@@ -743,44 +750,6 @@ def _digits_below(g: Grammar, digits: int) -> str:
     if digits == 2:
         return "[0-9]"
     return f"[0-9] | [1-9] {g.digits(1, digits - 2)}"
-
-
-class KnownGrammars:
-    """Grammar texts already known to parse, most recently used last (clients send the same
-    tools every turn). Bounded in bytes as well as in number: one grammar may be as large as
-    MAX_GRAMMAR_BYTES. Safe to share between threads."""
-
-    def __init__(self, *, most: int, most_bytes: int) -> None:
-        self._most, self._most_bytes = most, most_bytes
-        self._texts: OrderedDict[str, int] = OrderedDict()  # text -> its size in bytes
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._texts)
-
-    @property
-    def size(self) -> int:
-        """Bytes of all the grammars kept."""
-        return self._bytes
-
-    def seen(self, grammar: str) -> bool:
-        """Whether `grammar` is known (and now the most recently used)."""
-        with self._lock:
-            if grammar not in self._texts:
-                return False
-            self._texts.move_to_end(grammar)
-            return True
-
-    def add(self, grammar: str) -> None:
-        size = len(grammar.encode())
-        with self._lock:
-            if grammar in self._texts or size > self._most_bytes:
-                return
-            self._texts[grammar] = size
-            self._bytes += size
-            while len(self._texts) > self._most or self._bytes > self._most_bytes:
-                self._bytes -= self._texts.popitem(last=False)[1]
 
 
 def schema_rule(grammar: Grammar, schema: Any, hint: str = "value") -> str:

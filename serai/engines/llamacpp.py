@@ -11,6 +11,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,6 @@ import llama_cpp
 from serai.engines import tool_calls
 from serai.engines.base import EngineStats, Measure, ModelInfo
 from serai.engines.batching import BatchScheduler, Sequence
-from serai.engines.grammar import KnownGrammars
 from serai.engines.prompts import PromptFormat, choose_prompt_format
 from serai.errors import ContextLengthExceeded, EngineOverloaded, EngineUnavailable, InvalidRequest
 from serai.models import check_gguf
@@ -44,6 +44,44 @@ def _longest_token(vocab: llama_cpp.llama_vocab_p) -> int:
     piece = (ctypes.c_char * 256)()
     return max(1, max(llama_cpp.llama_token_to_piece(vocab, token, piece, len(piece), 0, True)
                       for token in range(llama_cpp.llama_vocab_n_tokens(vocab))))
+
+
+class KnownGrammars:
+    """Grammar texts already known to parse, most recently used last (clients send the same
+    tools every turn). Bounded in bytes as well as in number: one grammar may be as large as
+    MAX_GRAMMAR_BYTES (engines/grammar.py). Safe to share between threads."""
+
+    def __init__(self, *, most: int, most_bytes: int) -> None:
+        self._most, self._most_bytes = most, most_bytes
+        self._texts: OrderedDict[str, int] = OrderedDict()  # text -> its size in bytes
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    @property
+    def size(self) -> int:
+        """Bytes of all the grammars kept."""
+        return self._bytes
+
+    def seen(self, grammar: str) -> bool:
+        """Whether `grammar` is known (and now the most recently used)."""
+        with self._lock:
+            if grammar not in self._texts:
+                return False
+            self._texts.move_to_end(grammar)
+            return True
+
+    def add(self, grammar: str) -> None:
+        size = len(grammar.encode())
+        with self._lock:
+            if grammar in self._texts or size > self._most_bytes:
+                return
+            self._texts[grammar] = size
+            self._bytes += size
+            while len(self._texts) > self._most or self._bytes > self._most_bytes:
+                self._bytes -= self._texts.popitem(last=False)[1]
 
 
 def _unset_emit(item: object) -> None:

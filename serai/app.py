@@ -16,12 +16,11 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from serai import __version__, console, idempotency, redaction, stored, tracing
-from serai.api import admin, anthropic, openai, scrape, stored_completions, usage
+from serai import __version__, console, redaction, stored, tracing
+from serai.api import admin, anthropic, idempotency, openai, scrape, stored_completions, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import OpenAIError, documented_errors, install_error_handlers, json_response
 from serai.api.middleware import (
-    IdempotentReplays,
     JsonBodies,
     PortListener,
     RequestContext,
@@ -192,8 +191,8 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
         return json_response(200, {"status": "ready", "database": "ok", "models": models})
 
     app.add_middleware(JsonBodies)
-    app.add_middleware(IdempotentReplays, abandoned_after_s=settings.reservation_timeout_s,
-                       content_keys=content_keys)
+    app.add_middleware(idempotency.IdempotentResponses,
+                       abandoned_after_s=settings.reservation_timeout_s, content_keys=content_keys)
     app.add_middleware(SizeLimits, max_bytes=settings.max_body_bytes,
                        max_header_bytes=settings.max_header_bytes)
     if settings.admin_port is not None:

@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from serai import accounts
+from serai.api.idempotency import ResponsesInMemory, Stored
 from serai.config import Settings
-from serai.idempotency import ResponsesInMemory, Stored
 from serai.types import GenerationRequest
 from tests.support.admin_api import Admin, admin_api
 from tests.support.fake_engine import FakeEngine

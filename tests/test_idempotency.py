@@ -19,7 +19,8 @@ import httpx
 import pytest
 from sqlalchemy import func, select, update
 
-from serai import accounts, idempotency
+from serai import accounts
+from serai.api import idempotency
 from serai.app import create_app
 from serai.config import Settings
 from serai.errors import IdempotencyKeyInUse, IdempotencyKeyReused

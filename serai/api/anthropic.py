@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from serai.api.bounds import INT32_MAX, TokenCount
-from serai.api.deps import IdempotencyDep, KeyDep, ServicesDep
+from serai.api.deps import KeyDep, ServicesDep
 from serai.api.errors import (
     AnthropicError,
     anthropic_error_body,
@@ -28,6 +28,7 @@ from serai.api.errors import (
     documented_errors,
     json_response,
 )
+from serai.api.idempotency import IdempotencyDep
 from serai.api.serving import Answer, serve
 from serai.api.sse import STREAMS, sse_event
 from serai.errors import InvalidRequest, SeraiError

@@ -1,5 +1,5 @@
-"""Request dependencies: the process's services, the API key a request authenticates with, and
-its Idempotency-Key."""
+"""Request dependencies: the process's services and the API key a request authenticates with.
+(A model call's Idempotency-Key: serai.api.idempotency.)"""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
 
 from serai import accounts
 from serai.accounts import KeyInfo
@@ -17,7 +17,6 @@ from serai.errors import AuthenticationFailed, NotFound, PermissionDenied
 from serai.failed_authentications import FailedAuthentications
 from serai.fleet import Fleet
 from serai.gateway import Gateway
-from serai.idempotency import IdempotentCall, check_key
 from serai.metrics import Metrics
 from serai.request_log import RequestRecord
 from serai.storage.db import Database
@@ -171,19 +170,3 @@ KeyDep = Annotated[KeyInfo, Depends(current_key)]
 AdminKeyDep = Annotated[KeyInfo, Depends(admin_key)]
 ScopeDep = Annotated[AdminScope, Depends(admin_scope)]
 
-
-async def idempotent_call(
-    request: Request,
-    idempotency_key: Annotated[str | None, Header(
-        alias="Idempotency-Key",
-        description="Any unique string (a UUID): the same key and body within 24 hours returns "
-        "the first call's response again, without running or billing it twice.")] = None,
-) -> IdempotentCall | None:
-    if idempotency_key is None:
-        return None
-    check_key(idempotency_key)
-    call: IdempotentCall = request.state.idempotency  # made by the IdempotentReplays middleware
-    return call
-
-
-IdempotencyDep = Annotated[IdempotentCall | None, Depends(idempotent_call)]

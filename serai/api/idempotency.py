@@ -1,22 +1,32 @@
 """Idempotency-Key on model calls: the same key and payload within 24 hours gets the first call's
 response again, without running the engine or billing a second time.
 
-A call claims its key (scoped to the API key) in serving (serai.api.serving), once it is
-authenticated and parsed and before it is admitted; the unique (key_id, idempotency_key) row is
-the lock, so twins in other processes cannot both run. The gateway never sees the key: it runs
-what serving starts. Following Stripe, only a call that started executing keeps
-a result: one refused before its engine produced anything (admission, a full queue, a prompt
-too long) deletes its claim, and so does one whose client left before the response was
-complete, so the client may retry with the same key. The response is stored as the exact bytes
-sent (an SSE stream included), so a replay is byte-identical whatever the wire protocol.
+The key lives in the API layer; the gateway never sees it, it runs what serving starts. A call
+with the header goes through four steps, each in one place below:
+- `IdempotentResponses` (ASGI middleware) reads the body and makes the call's `IdempotentCall`;
+- `IdempotencyDep` checks the header and hands the call to the route;
+- serving (serai.api.serving) claims the key once the request is authenticated and parsed and
+  before it is admitted: `IdempotentCall.claim` returns None (run it) or a finished twin's
+  response, sent again as a `ReplayedResponse`; a twin still running gets 409, another payload
+  under the key 422;
+- the middleware hands the call the response as it is sent (`finish`), and frees a claim that
+  kept nothing (`close`).
+
+The unique (key_id, idempotency_key) row is the lock, so twins in other processes cannot both
+run; the sweeper forgets records past their 24 hours (`forget_expired`). Following Stripe, only
+a call that started executing keeps a result: one refused before its engine produced anything
+(admission, a full queue, a prompt too long) deletes its claim, and so does one whose client
+left before the response was complete, so the client may retry with the same key. The response
+is stored as the exact bytes sent (an SSE stream included), so a replay is byte-identical
+whatever the wire protocol.
 
 The response holds the completion's text, so it is never written in clear: under a `store`
 retention policy (serai/retention.py) it is sealed with the server's content keys
 (serai/crypto.py) in the database; under zero retention, or on a server without content keys,
-it is kept only in the memory of the process that served it (`ResponsesInMemory`), and its
-database record says only that the call is done. A twin reaching another process, or this one after a
-restart, cannot be replayed and gets 409 `idempotency_response_not_retained` rather than a
-second run billed twice.
+it is kept only in the memory of the process that served it (`ResponsesInMemory`, bounded in
+entries and bytes), and its database record says only that the call is done. A twin reaching
+another process, or this one after a restart, cannot be replayed and gets 409
+`idempotency_response_not_retained` rather than a second run billed twice.
 """
 
 from __future__ import annotations
@@ -26,13 +36,15 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Annotated
 
 import orjson
+from fastapi import Depends, Header, Request
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serai.crypto import ContentKeyError, ContentKeys, Sealed
 from serai.errors import (
@@ -41,13 +53,11 @@ from serai.errors import (
     IdempotencyResponseNotRetained,
     InvalidRequest,
 )
+from serai.gateway import Run
 from serai.ledger import db_now_ms
 from serai.storage.db import Database
 from serai.storage.tables import IdempotencyRecord
 from serai.threads import finish_or_undo
-
-if TYPE_CHECKING:
-    from serai.gateway import Run
 
 log = logging.getLogger("serai.idempotency")
 
@@ -239,10 +249,10 @@ class _Claim:
 class IdempotentCall:
     """One request's use of an Idempotency-Key, from its claim to its stored response.
 
-    The HTTP layer makes it from the raw request; serving claims it (`claim`, then `ran` or
-    `release`) and sends a finished twin's response instead of running when the claim returns
-    one; the HTTP layer hands it the response as it goes out (`finish`), and `close`s it when the
-    request is over.
+    `IdempotentResponses` makes it from the raw request; serving claims it (`claim`, then `ran`
+    or `release`) and sends a finished twin's response instead of running when the claim
+    returns one; `IdempotentResponses` hands it the response as it goes out (`finish`), and
+    `close`s it when the request is over.
     """
 
     def __init__(self, *, idempotency_key: str, request_hash: str,
@@ -347,14 +357,14 @@ class IdempotentCall:
             return
         self._claim = None
         kept = {k: v for k, v in headers.items() if not k.startswith(_NOT_REPLAYED)}
-        in_memory = self._in_memory or self._keys is None
+        keys = None if self._in_memory else self._keys  # None: kept in memory only
+        in_memory = keys is None
         sealed = None
-        if in_memory:  # before the record says done, so a twin that sees it finds the response
+        if keys is None:  # before the record says done, so a twin that sees it finds the response
             self._memory.keep(claimed.key_id, self.idempotency_key,
                               Stored(claimed.request_id, status_code, kept, body))
         else:
-            sealed = self._keys.seal(body, context=self._context(claimed.key_id,  # type: ignore[union-attr]
-                                                                 claimed.request_id))
+            sealed = keys.seal(body, context=self._context(claimed.key_id, claimed.request_id))
 
         def store() -> bool:
             with claimed.database.session() as session:
@@ -377,3 +387,106 @@ class IdempotentCall:
         """The request is over: a claim still held kept no response (refused before it ran,
         or its client left before the end), so the key is freed for a retry."""
         await self.release()
+
+
+class IdempotentResponses:
+    """Gives a model call with an `Idempotency-Key` its IdempotentCall, and hands the call what
+    the response sends, to keep for its twins.
+
+    Which calls run, replay or conflict is decided in serving; this layer only sees bytes, so it
+    serves every wire protocol and streaming and plain answers alike.
+    """
+
+    def __init__(self, app: ASGIApp, *, abandoned_after_s: float,
+                 content_keys: ContentKeys | None = None) -> None:
+        self.app = app
+        self.abandoned_after_s = abandoned_after_s
+        self.content_keys = content_keys  # seal kept responses; None: memory only
+        # Zero-retention responses, for twins this process serves.
+        self.memory = ResponsesInMemory()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_key = (dict(scope["headers"]).get(b"idempotency-key")
+                   if scope["type"] == "http" and scope["method"] == "POST" else None)
+        if raw_key is None:
+            await self.app(scope, receive, send)
+            return
+        body, receive = await _buffer_body(receive)
+        if body is None:
+            return  # the client left before its request arrived
+        call = IdempotentCall(idempotency_key=raw_key.decode("latin-1"),
+                              request_hash=request_hash(scope["method"], scope["path"], body),
+                              abandoned_after_s=self.abandoned_after_s, memory=self.memory,
+                              keys=self.content_keys)
+        scope.setdefault("state", {})["idempotency"] = call
+        status = 0
+        headers: dict[str, str] = {}
+        chunks: list[bytes] = []
+        # Once the call has its answer, the rest of the response (the last events of a stream)
+        # comes at once; it is held back until the response is stored, so a client that has
+        # the whole answer and retries straight away always finds it kept, never in flight.
+        held: list[Message] = []
+
+        async def keep(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers.update((k.decode("latin-1").lower(), v.decode("latin-1"))
+                               for k, v in message.get("headers", []))
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await call.finish(status_code=status, headers=headers,
+                                      body=b"".join(chunks))
+                elif call.answered:
+                    held.append(message)
+                    return
+            while held:
+                await send(held.pop(0))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, keep)
+        finally:
+            await call.close()
+
+
+async def _buffer_body(receive: Receive) -> tuple[bytes | None, Receive]:
+    """Read the whole body, and a `receive` that hands it on once, then listens to the server
+    (so the disconnect watch still works)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None, receive
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    handed_on = False
+
+    async def replay() -> Message:
+        nonlocal handed_on
+        if not handed_on:
+            handed_on = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+async def idempotent_call(
+    request: Request,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key",
+        description="Any unique string (a UUID): the same key and body within 24 hours returns "
+        "the first call's response again, without running or billing it twice.")] = None,
+) -> IdempotentCall | None:
+    if idempotency_key is None:
+        return None
+    check_key(idempotency_key)
+    call: IdempotentCall = request.state.idempotency  # made by IdempotentResponses
+    return call
+
+
+IdempotencyDep = Annotated[IdempotentCall | None, Depends(idempotent_call)]

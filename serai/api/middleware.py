@@ -1,9 +1,9 @@
 """ASGI middleware every request passes: a request id and its record (one log line, the
-metrics), the size limits, and the responses kept for Idempotency-Key replays."""
+metrics), the size limits, JSON bodies, and ports that serve some paths only. (The middleware
+that keeps responses for Idempotency-Key replays is in serai.api.idempotency.)"""
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable
 
@@ -12,12 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serai import request_log
 from serai.api.errors import error_body
-from serai.crypto import ContentKeys
-from serai.idempotency import IdempotentCall, ResponsesInMemory, request_hash
 from serai.metrics import Metrics
 from serai.request_log import RequestRecord
-
-log = logging.getLogger("serai.requests")
 
 
 def new_request_id() -> str:
@@ -157,92 +153,6 @@ class JsonBodies:
                 headers.append((b"content-type", b"application/json"))
                 scope = {**scope, "headers": headers}
         await self.app(scope, receive, send)
-
-
-class IdempotentReplays:
-    """Keeps what a model call with an `Idempotency-Key` sent, for its twins to be sent again.
-
-    Which calls run, replay or conflict is decided in serving, which claims the key once the
-    request is authenticated and parsed (serai.idempotency); this layer only sees bytes, so it
-    serves every wire protocol and streaming and plain answers alike.
-    """
-
-    def __init__(self, app: ASGIApp, *, abandoned_after_s: float,
-                 content_keys: ContentKeys | None = None) -> None:
-        self.app = app
-        self.abandoned_after_s = abandoned_after_s
-        self.content_keys = content_keys  # seal kept responses; None: memory only
-        # Zero-retention responses, for twins this process serves (serai.idempotency).
-        self.memory = ResponsesInMemory()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw_key = (dict(scope["headers"]).get(b"idempotency-key")
-                   if scope["type"] == "http" and scope["method"] == "POST" else None)
-        if raw_key is None:
-            await self.app(scope, receive, send)
-            return
-        body, receive = await _buffer_body(receive)
-        if body is None:
-            return  # the client left before its request arrived
-        call = IdempotentCall(idempotency_key=raw_key.decode("latin-1"),
-                              request_hash=request_hash(scope["method"], scope["path"], body),
-                              abandoned_after_s=self.abandoned_after_s, memory=self.memory,
-                              keys=self.content_keys)
-        scope.setdefault("state", {})["idempotency"] = call
-        status = 0
-        headers: dict[str, str] = {}
-        chunks: list[bytes] = []
-        # Once the call has its answer, the rest of the response (the last events of a stream)
-        # comes at once; it is held back until the response is stored, so a client that has
-        # the whole answer and retries straight away always finds it kept, never in flight.
-        held: list[Message] = []
-
-        async def keep(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers.update((k.decode("latin-1").lower(), v.decode("latin-1"))
-                               for k, v in message.get("headers", []))
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    await call.finish(status_code=status, headers=headers,
-                                      body=b"".join(chunks))
-                elif call.answered:
-                    held.append(message)
-                    return
-            while held:
-                await send(held.pop(0))
-            await send(message)
-
-        try:
-            await self.app(scope, receive, keep)
-        finally:
-            await call.close()
-
-
-async def _buffer_body(receive: Receive) -> tuple[bytes | None, Receive]:
-    """Read the whole body, and a `receive` that hands it on once, then listens to the server
-    (so the disconnect watch still works)."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None, receive
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
-    handed_on = False
-
-    async def replay() -> Message:
-        nonlocal handed_on
-        if not handed_on:
-            handed_on = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return body, replay
 
 
 class PortListener:

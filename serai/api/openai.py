@@ -24,8 +24,9 @@ from starlette.responses import Response
 from serai import stored
 from serai.accounts import KeyInfo
 from serai.api.bounds import INT32_MAX, Seed, TokenCount
-from serai.api.deps import IdempotencyDep, KeyDep, Services, ServicesDep
+from serai.api.deps import KeyDep, Services, ServicesDep
 from serai.api.errors import json_response, openai_error_body
+from serai.api.idempotency import IdempotencyDep
 from serai.api.serving import Answer, serve
 from serai.api.sse import (
     SSE_DONE,

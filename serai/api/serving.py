@@ -8,8 +8,9 @@ whole answer is collected under the same watch and its run closed however collec
 request's record (serai.request_log) learns the model, and once the run is closed its tokens
 and timings.
 
-A request with an Idempotency-Key claims it here, before its run starts (serai.idempotency): a
-finished twin's response is sent again instead of running, and the gateway never sees the key.
+A request with an Idempotency-Key claims it here, before its run starts
+(serai.api.idempotency): a finished twin's response is sent again instead of running, and the
+gateway never sees the key.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from starlette.responses import Response
 
 from serai.accounts import KeyInfo
 from serai.api.errors import json_response
+from serai.api.idempotency import IdempotentCall, ReplayedResponse, Stored
 from serai.api.sse import ClientDisconnected, EventStreamResponse, until_disconnect
 from serai.errors import SeraiError
 from serai.gateway import Gateway, Run
-from serai.idempotency import IdempotentCall, ReplayedResponse, Stored
 from serai.request_log import RequestRecord
 from serai.types import Chunk, GenerationRequest, ToolCall
 

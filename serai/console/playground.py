@@ -7,8 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from serai import invoices
-from serai.api.administration import in_session
+from serai.api import administration
 from serai.api.deps import ServicesDep
 from serai.api.errors import json_response
 from serai.console.web import UserDep, render, scope_of
@@ -25,10 +24,8 @@ async def playground(request: Request, user: UserDep) -> Response:
 @router.get("/requests/{request_id}")
 async def turn_usage(request_id: str, user: UserDep, services: ServicesDep) -> Response:
     """What one of the playground's requests used and cost, once the ledger has it."""
-    scope = scope_of(user)
-    await services.gateway.ledger.flush()
-    found = await in_session(services, scope, lambda s: invoices.request_usage(
-        session=s, request_id=request_id, org_id=scope.org_id))
+    found = await administration.request_usage(services=services, scope=scope_of(user),
+                                               request_id=request_id)
     if found is None:
         raise NotFound("No settled request with that id yet.")
     return json_response(200, found)

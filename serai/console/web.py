@@ -1,8 +1,9 @@
 """What every console page shares: who is signed in, the CSRF check of every form, rendering a
-template, calling the admin API in-process, and the headers that keep the pages safe.
+template, and the headers that keep the pages safe.
 
-The console holds no rules of its own about who may do what. Its pages call the admin API's
-handlers with the signed-in key's AdminScope, so a page can never allow what the API refuses.
+The console holds no rules of its own about who may do what. Its pages call the admin service
+layer (serai/api/administration.py), the one the admin API's routes call, with the signed-in
+key's AdminScope, so a page can never allow what the API refuses.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import orjson
@@ -29,13 +31,22 @@ from serai.console import sessions
 from serai.console.sessions import SignedIn
 from serai.errors import PermissionDenied, SeraiError
 from serai.plans import format_duration
-from serai.storage.db import iso_from_ms
+from serai.storage.db import iso_from_ms, utc
+
+
+def iso(moment: datetime | int | None) -> str | None:
+    """A moment as ISO 8601 in UTC with its offset, for a <time> element: a stored time, or
+    the database clock's epoch milliseconds."""
+    if moment is None:
+        return None
+    return utc(moment).isoformat() if isinstance(moment, datetime) else iso_from_ms(moment)
+
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 templates.env.filters["duration"] = format_duration
 templates.env.filters["money"] = invoices.money  # exact, as invoices print it
-templates.env.filters["iso"] = iso_from_ms
+templates.env.filters["iso"] = iso
 # Audit details and the like, shown as one line of JSON (autoescaped as any text).
 templates.env.filters["compact_json"] = lambda value: orjson.dumps(
     value, option=orjson.OPT_SORT_KEYS).decode()
@@ -94,10 +105,9 @@ def scope_of(user: SignedIn) -> AdminScope:
     return AdminScope(user.key)
 
 
-async def admin_call(call: Awaitable[Response]) -> Any:
-    """Await an admin API handler and give back its JSON (its errors are raised as they are)."""
-    response = await call
-    return orjson.loads(bytes(response.body))
+class Identified(Protocol):
+    @property
+    def id(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +120,9 @@ class Page:
     total: int
 
     @classmethod
-    def newest_first(cls, objects: Sequence[dict[str, Any]], number: int) -> Page:
-        """A page of API objects, the newest (highest id) first."""
-        return cls.of(sorted(objects, key=lambda found: -found["id"]), number)
+    def newest_first(cls, objects: Sequence[Identified], number: int) -> Page:
+        """A page of rows, the newest (highest id) first."""
+        return cls.of(sorted(objects, key=lambda found: -found.id), number)
 
     @classmethod
     def of(cls, items: Sequence[T], number: int) -> Page:
@@ -129,14 +139,14 @@ def render(request: Request, template: str, user: SignedIn | None, *, status: in
         "user": user, "scope": scope, "path": request.url.path, **context}, status_code=status)
 
 
-# A form's action refused by the domain or by the admin API's body model: the page shows why.
+# A form's action refused by the domain or by the admin request model: the page shows why.
 # Anything else is a bug and propagates.
 REFUSALS = (SeraiError, ValidationError)
 
 
 def problem(error: Exception) -> str:
     """What a page shows for a refused action: the domain's own message, or the first field
-    the admin API's body model refused."""
+    the admin request model refused."""
     if isinstance(error, SeraiError):
         return error.message
     if isinstance(error, ValidationError):

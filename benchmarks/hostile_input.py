@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from processes import Server, cpu_model
@@ -35,11 +37,23 @@ from serai.testing.processes import free_port  # noqa: E402
 MODEL = "gemma-3-270m"
 
 
+def attack(base_url: str, key: str, stop: Any, answers: Any) -> None:
+    """Send every hostile case, again and again, until `stop`; put what came back on
+    `answers`."""
+    got: list[Refusal] = []
+    hostile = cases(MODEL)
+    with httpx.Client(base_url=base_url, timeout=60) as http:
+        while not stop.is_set():
+            for case in hostile:
+                got.append(send(http, case, key))
+    answers.put(got)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--streams", type=int, default=3, help="victim streams per round")
-    parser.add_argument("--attackers", type=int, default=3)
+    parser.add_argument("--attackers", type=int, default=3, help="attacking processes")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -60,26 +74,27 @@ def main() -> None:
             refusals: list[Refusal] = []
             for _ in range(args.rounds):
                 for condition in ("quiet", "attacked"):
-                    stop = threading.Event()
-
-                    def attack(stop: threading.Event = stop) -> None:
-                        with httpx.Client(base_url=server.base_url, timeout=60) as own:
-                            while not stop.is_set():
-                                for case in cases(MODEL):
-                                    refusals.append(send(own, case, hostile))
-
-                    threads = ([threading.Thread(target=attack) for _ in range(args.attackers)]
-                               if condition == "attacked" else [])
-                    for thread in threads:
-                        thread.start()
+                    # Attackers are processes of their own: in this one they would take the
+                    # victim client's interpreter lock and be measured as the server's delay.
+                    stop = multiprocessing.Event()
+                    answers: multiprocessing.Queue[list[Refusal]] = multiprocessing.Queue()
+                    attackers = ([multiprocessing.Process(target=attack, args=(
+                        server.base_url, hostile, stop, answers)) for _ in range(args.attackers)]
+                        if condition == "attacked" else [])
+                    for process in attackers:
+                        process.start()
                     try:
+                        if attackers:
+                            time.sleep(1)  # let the attack reach its pace
                         for _ in range(args.streams):
                             _, first, total = stream_answer(http, victim, MODEL)
                             timings[condition].append((first, total))
                     finally:
                         stop.set()
-                        for thread in threads:
-                            thread.join()
+                        for _ in attackers:
+                            refusals.extend(answers.get(timeout=120))
+                        for process in attackers:
+                            process.join()
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
@@ -90,7 +105,7 @@ def main() -> None:
     report: dict[str, object] = {"cpu": cpu_model(), "cores": os.cpu_count(),
                                  "rounds": args.rounds, "attackers": args.attackers}
     print(f"{cpu_model()}, {os.cpu_count()} cores; {args.rounds} rounds of {args.streams} victim "
-          f"streams, {args.attackers} attacker threads")
+          f"streams, {args.attackers} attacker processes")
     print(f"{'':10} {'TTFT p50':>10} {'TTFT max':>10} {'e2e p50':>10} {'e2e max':>10}")
     figures = {}
     for condition, rows in timings.items():

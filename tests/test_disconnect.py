@@ -137,12 +137,21 @@ def test_stream_abandoned_after_n_chunks(served: Served, after_chunks: int) -> N
 def test_non_streaming_request_abandoned_stops_generation(served: Served) -> None:
     async def leave_early() -> None:
         async with httpx.AsyncClient(base_url=served.base_url) as http:
-            request = http.post("/v1/chat/completions", headers={
+            request = asyncio.ensure_future(http.post("/v1/chat/completions", headers={
                 "authorization": f"Bearer {served.key}"}, json={
                 "model": "fake-model", "messages": [{"role": "user", "content": PROMPT}],
-                "max_tokens": 150})
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(request, timeout=0.5)
+                "max_tokens": 150}))
+            # The client leaves once the engine generates (leaving after a fixed 0.5 s raced a
+            # loaded server: a request that had not reached the engine yet left nothing to
+            # stop), and a few chunks into the answer.
+            deadline = time.monotonic() + 10
+            while not served.engine.generated:
+                assert time.monotonic() < deadline and not request.done(), "never generated"
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
 
     asyncio.run(leave_early())
     deadline = time.monotonic() + 10

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from sqlalchemy import Update, delete, func, insert, select, text, update
+from sqlalchemy import Update, delete, func, insert, select, update
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -39,6 +39,7 @@ from serai.plans import (
     multiplier_milli,
     peak_multiplier_milli,
 )
+from serai.storage.db import db_now_ms
 from serai.storage.tables import Organization, Plan, Price, PriceBook, Reservation, UsageRow
 from serai.windows import Totals, WindowReader, WindowUse
 
@@ -88,15 +89,6 @@ class UsageRecord:
     admission: Admission = UNMETERED
     region: str | None = None  # of the deployment that served it
     deployment: str | None = None
-
-
-def db_now_ms(session: Session) -> int:
-    """The database clock in epoch milliseconds: every process measures windows by it."""
-    if session.get_bind().dialect.name == "sqlite":
-        query = "SELECT CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
-    else:
-        query = "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
-    return int(session.execute(text(query)).scalar_one())
 
 
 def _org_lock(org_id: int) -> Update:

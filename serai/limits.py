@@ -32,7 +32,6 @@ from serai.ledger import (
     UsageRecord,
     WindowUse,
     admit,
-    db_now_ms,
     format_wait,
     price_for,
     rate_limited,
@@ -43,7 +42,7 @@ from serai.ledger import (
     write_usage,
 )
 from serai.plans import MILLI, WINDOW_SCALE, Window, multiplier_milli
-from serai.storage.db import Database
+from serai.storage.db import Database, db_now_ms
 from serai.storage.tables import Organization, Plan, Reservation, UsageRow
 
 log = logging.getLogger("serai.limits")

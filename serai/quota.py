@@ -8,8 +8,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from serai.ledger import db_now_ms
 from serai.plans import WINDOW_COLUMN, WINDOW_SCALE, Window
+from serai.storage.db import db_now_ms
 from serai.windows import WindowReader
 
 

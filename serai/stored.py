@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from serai.crypto import ContentKeys, Sealed
 from serai.errors import InvalidRequest, NotFound
-from serai.ledger import db_now_ms
+from serai.storage.db import db_now_ms
 from serai.storage.tables import StoredCompletion
 
 DAY_MS = 24 * 3600 * 1000

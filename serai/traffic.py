@@ -11,8 +11,7 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from serai.ledger import db_now_ms
-from serai.storage.db import iso_from_ms
+from serai.storage.db import db_now_ms, iso_from_ms
 from serai.storage.tables import UsageRow
 
 MINUTE_MS = 60_000

@@ -17,10 +17,10 @@ from click.testing import Result
 from sqlalchemy import insert
 from typer.testing import CliRunner
 
-from serai import accounts, ledger
+from serai import accounts
 from serai.cli import app
 from serai.errors import AuthenticationFailed
-from serai.storage.db import Database
+from serai.storage.db import Database, db_now_ms
 from serai.storage.tables import UsageRow
 
 SECRET = re.compile(r"sk-serai-[A-Za-z0-9_-]{43}")
@@ -219,7 +219,7 @@ def test_usage_and_invoices_add_up_to_the_ledger(data_dir: Path, data_dir_db: Da
     run(data_dir, "orgs", "create", "acme")
     with data_dir_db.session() as session:
         org = accounts.find_org(session=session, ref="acme")
-        now = ledger.db_now_ms(session)
+        now = db_now_ms(session)
         for model, cost, charged in (("a", 1_234_567, True), ("a", 1, True), ("b", 99, False)):
             session.execute(insert(UsageRow).values(
                 request_id="r", key_id=None, org_id=org.id, model=model, endpoint="chat",

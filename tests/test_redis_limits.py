@@ -29,9 +29,9 @@ from serai.accounts import KeyInfo
 from serai.app import create_app
 from serai.config import Settings
 from serai.errors import LimitsUnavailable, QuotaExceeded, RateLimited
-from serai.ledger import Admission, UsageRecord, db_now_ms
+from serai.ledger import Admission, UsageRecord
 from serai.limits import RedisLimiter
-from serai.storage.db import Database
+from serai.storage.db import Database, db_now_ms
 from serai.storage.tables import Organization, Reservation, UsageRow
 from serai.testing.processes import free_port
 from tests.conftest import _missing

@@ -54,8 +54,7 @@ from serai.errors import (
     InvalidRequest,
 )
 from serai.gateway import Run
-from serai.ledger import db_now_ms
-from serai.storage.db import Database
+from serai.storage.db import Database, db_now_ms
 from serai.storage.tables import IdempotencyRecord
 from serai.threads import finish_or_undo
 

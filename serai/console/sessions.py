@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from serai import accounts, audit
 from serai.accounts import KeyInfo
 from serai.errors import PermissionDenied
-from serai.ledger import db_now_ms
+from serai.storage.db import db_now_ms
 from serai.storage.tables import ApiKey, ConsoleSession
 
 COOKIE = "serai_console"

@@ -1,4 +1,4 @@
-"""Database engine and schema upgrades.
+"""Database engine, schema upgrades and the database clock.
 
 SQLite is the zero-setup default (WAL, so readers never wait on the ledger writer); PostgreSQL is
 reached with a `postgresql+psycopg://` URL. The same Alembic migrations build both.
@@ -89,6 +89,15 @@ def _alembic_config(url: str) -> Config:
     # ConfigParser treats % as interpolation; URLs may carry %-escapes (search_path options).
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
+
+
+def db_now_ms(session: Session) -> int:
+    """The database clock in epoch milliseconds: every process measures windows by it."""
+    if session.get_bind().dialect.name == "sqlite":
+        query = "SELECT CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+    else:
+        query = "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+    return int(session.execute(text(query)).scalar_one())
 
 
 def iso_from_ms(ms: int) -> str:

@@ -26,6 +26,9 @@ from serai.api.middleware import (
     RequestContext,
     SizeLimits,
 )
+from serai.billing.base import Limiter
+from serai.billing.ledger import SET_ASIDE_FILE, LedgerWriter
+from serai.billing.limits import create_limiter
 from serai.config import Settings
 from serai.crypto import ContentKeys
 from serai.engines.base import Engine
@@ -33,8 +36,6 @@ from serai.engines.router import Router
 from serai.failed_authentications import FailedAuthentications
 from serai.fleet import Fleet, probe_forever
 from serai.gateway import Gateway
-from serai.ledger import SET_ASIDE_FILE, LedgerWriter
-from serai.limits import Limiter, create_limiter
 from serai.metrics import Metrics
 from serai.storage.db import Database
 

@@ -27,10 +27,11 @@ from rich.panel import Panel
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from serai import accounts, audit, invoices, plans, redaction, request_log
+from serai import accounts, audit, redaction, request_log
+from serai.billing import invoices, plans
+from serai.billing.invoices import money
 from serai.config import Settings, load_settings
 from serai.errors import ModelFileError, SeraiError
-from serai.invoices import money
 from serai.storage.db import Database
 from serai.storage.tables import Plan, PriceBook
 

@@ -18,6 +18,9 @@ from collections.abc import AsyncIterator, Callable
 
 from serai import audit
 from serai.accounts import KeyInfo
+from serai.billing.base import UNMETERED, Admission, Limiter, UsageRecord, UsageStatus
+from serai.billing.ledger import LedgerWriter, charge
+from serai.billing.limits import DatabaseLimiter
 from serai.engines.base import Engine, Measure
 from serai.engines.router import Router, Ticket
 from serai.errors import (
@@ -27,8 +30,6 @@ from serai.errors import (
     RegionUnavailable,
     SeraiError,
 )
-from serai.ledger import UNMETERED, Admission, LedgerWriter, UsageRecord, UsageStatus, charge
-from serai.limits import DatabaseLimiter, Limiter
 from serai.storage.db import Database
 from serai.threads import finish_or_undo
 from serai.tracing import NO_SPAN, OFF, Span, Tracing, error_code

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from serai.billing.ledger import LedgerWriter
 from serai.engines.base import Reporting
 from serai.engines.router import Router
 from serai.errors import (
@@ -25,7 +26,6 @@ from serai.errors import (
     QuotaExceeded,
     RateLimited,
 )
-from serai.ledger import LedgerWriter
 from serai.request_log import RequestRecord
 
 # The model label of a request that named no model this server serves (or was refused before

@@ -12,7 +12,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from serai import accounts, ledger, plans
+from serai import accounts
+from serai.billing import ledger, plans
+from serai.billing.base import UsageRecord
 from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
 from serai.storage.db import Database
 from tests.support.tenants import customer
@@ -178,7 +180,7 @@ def test_an_adjustment_cannot_take_money_running_requests_hold(database: Databas
                                        kind="adjustment", reason="ok").balance_micros == 60
     # The running request settles at its worst case, and the balance is exactly enough.
     with database.session() as session:
-        ledger.write_usage(session=session, records=[ledger.UsageRecord(
+        ledger.write_usage(session=session, records=[UsageRecord(
             request_id="r", key_id=key.id, model="m", endpoint="chat", prompt_tokens=30,
             completion_tokens=30, status="ok", ttft_ms=1.0, latency_ms=2.0,
             admission=admission)])

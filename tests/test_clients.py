@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from serai import ledger
+from serai.billing import ledger
 from serai.storage.tables import UsageRow
 from tests.conftest import LiveServer, _missing, start_server, stop_server
 from tests.support.clients import npm_client, python_client

@@ -12,7 +12,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from serai import accounts, audit, plans
+from serai import accounts, audit
+from serai.billing import plans
 from serai.console.web import CONTENT_SECURITY_POLICY, PAGE_SIZE
 from tests.conftest import REPLY_WORDS
 from tests.support.admin_api import Admin

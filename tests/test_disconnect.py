@@ -19,9 +19,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from serai import ledger
 from serai.api.deps import Services
 from serai.app import create_app
+from serai.billing import ledger
 from serai.config import Settings
 from serai.storage.tables import Organization, Reservation, UsageRow
 from serai.types import Chunk, GenerationRequest
@@ -38,7 +38,7 @@ PROMPT = "count slowly please"  # three prompt tokens for the fake engine
 
 
 def price(prompt_tokens: int, completion_tokens: int) -> int:
-    """Micro-units for this usage, rounded up, worked out apart from serai.plans."""
+    """Micro-units for this usage, rounded up, worked out apart from serai.billing.plans."""
     return -(-(prompt_tokens * INPUT_MICROS + completion_tokens * OUTPUT_MICROS) // 1_000_000)
 
 

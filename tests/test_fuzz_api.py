@@ -33,8 +33,9 @@ from schemathesis.specs.openapi.checks import (
 )
 from sqlalchemy import func, select
 
-from serai import accounts, plans
+from serai import accounts
 from serai.app import create_app
+from serai.billing import plans
 from serai.config import Settings, UpstreamSettings
 from serai.engines.upstream import UpstreamEngine
 from serai.storage.db import Database

@@ -14,9 +14,11 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from serai import accounts, ledger
-from serai.ledger import LedgerWriter, UsageRecord, UsageStatus, recent_usage, write_usage
-from serai.limits import DatabaseLimiter
+from serai import accounts
+from serai.billing import ledger
+from serai.billing.base import UsageRecord, UsageStatus
+from serai.billing.ledger import LedgerWriter, recent_usage, write_usage
+from serai.billing.limits import DatabaseLimiter
 from serai.storage.db import Database
 from serai.storage.tables import UsageRow
 

@@ -27,8 +27,9 @@ from sqlalchemy import delete, func, select, update
 
 from serai import accounts
 from serai.accounts import KeyInfo
+from serai.billing.base import Admission, UsageRecord, UsageStatus
+from serai.billing.ledger import admit, release, sweep_reservations, write_usage
 from serai.errors import InvalidRequest, QuotaExceeded
-from serai.ledger import Admission, UsageRecord, UsageStatus, admit, release, sweep_reservations, write_usage
 from serai.storage.db import Database
 from serai.storage.tables import BalanceEntry, Organization, Reservation, UsageRow
 from tests.support.tenants import customer
@@ -41,7 +42,7 @@ STALE_S = 60  # a reservation aged past this is one a crashed process left behin
 
 
 def expected_cost(prompt: int, completion: int, cached: int = 0) -> int:
-    """The price of this usage, worked out apart from serai.plans (rounded up to a micro-unit)."""
+    """The price of this usage, worked out apart from serai.billing.plans (rounded up to a micro-unit)."""
     base = (prompt - cached) * INPUT + cached * CACHED_INPUT + completion * OUTPUT
     return -(-base * RATIO_MILLI // (1_000_000 * 1000))
 

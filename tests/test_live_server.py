@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from serai import ledger
+from serai.billing import ledger
 from serai.storage.tables import UsageRow
 from tests.conftest import LiveServer, start_server, stop_server
 

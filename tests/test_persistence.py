@@ -7,10 +7,12 @@ import asyncio
 import pytest
 from sqlalchemy import select, text
 
-from serai import accounts, ledger
+from serai import accounts
+from serai.billing import ledger
+from serai.billing.base import UsageRecord
+from serai.billing.ledger import LedgerWriter
+from serai.billing.limits import DatabaseLimiter
 from serai.errors import AuthenticationFailed, NotFound
-from serai.ledger import LedgerWriter, UsageRecord
-from serai.limits import DatabaseLimiter
 from serai.storage.db import Database
 from serai.storage.tables import ApiKey
 

@@ -27,10 +27,10 @@ from sqlalchemy import func, select
 from serai import accounts
 from serai.accounts import KeyInfo
 from serai.app import create_app
+from serai.billing.base import Admission, UsageRecord
+from serai.billing.limits import RedisLimiter
 from serai.config import Settings
 from serai.errors import LimitsUnavailable, QuotaExceeded, RateLimited
-from serai.ledger import Admission, UsageRecord
-from serai.limits import RedisLimiter
 from serai.storage.db import Database, db_now_ms
 from serai.storage.tables import Organization, Reservation, UsageRow
 from serai.testing.processes import free_port

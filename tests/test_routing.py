@@ -20,10 +20,11 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
-from serai import accounts, ledger
+from serai import accounts
 from serai.accounts import KeyInfo
 from serai.api.deps import Services
 from serai.app import create_app
+from serai.billing import ledger
 from serai.config import Settings, UpstreamSettings
 from serai.engines.base import Measure
 from serai.engines.router import Router

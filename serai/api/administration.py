@@ -22,11 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from serai import accounts, audit, invoices, plans, quota, traffic
+from serai import accounts, audit, traffic
 from serai import retention as retention_policy
 from serai.accounts import BalanceEntryInfo, CodeInfo, KeyInfo, OrgInfo
 from serai.api.bounds import MAX_MULTIPLIER, Moment, PositiveInt, RowId
 from serai.api.deps import AdminScope, Services
+from serai.billing import invoices, plans, quota
 from serai.engines.router import Deployment, Probe
 from serai.errors import InvalidRequest, NotFound, PermissionDenied
 from serai.fleet import Changes

@@ -14,10 +14,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from starlette.responses import Response
 
-from serai import invoices
 from serai.api.administration import in_session
 from serai.api.deps import KeyDep, ServicesDep
 from serai.api.errors import json_response
+from serai.billing import invoices
 from serai.errors import InvalidRequest
 
 router = APIRouter(tags=["Usage"])

@@ -20,6 +20,7 @@ from serai.api import administration
 from serai.api.administration import KeyCreate, OrgUpdate
 from serai.api.deps import Services, ServicesDep
 from serai.api.usage import invoice_response
+from serai.billing.invoices import UsageLine
 from serai.console.sessions import SignedIn
 from serai.console.web import (
     REFUSALS,
@@ -33,7 +34,6 @@ from serai.console.web import (
     scope_of,
 )
 from serai.errors import NotFound, SeraiError
-from serai.invoices import UsageLine
 
 router = APIRouter(prefix="/console/orgs/{org_id}", include_in_schema=False)
 

@@ -14,7 +14,6 @@ from fastapi import APIRouter, Request
 from starlette.datastructures import FormData
 from starlette.responses import Response
 
-from serai import invoices
 from serai.accounts import OrgInfo
 from serai.api import administration
 from serai.api.administration import (
@@ -28,6 +27,8 @@ from serai.api.administration import (
     PriceSet,
 )
 from serai.api.deps import Services, ServicesDep
+from serai.billing import invoices
+from serai.billing.plans import METRICS, parse_duration
 from serai.console.sessions import SignedIn
 from serai.console.web import (
     PAGE_SIZE,
@@ -42,7 +43,6 @@ from serai.console.web import (
     scope_of,
 )
 from serai.errors import InvalidRequest
-from serai.plans import METRICS, parse_duration
 from serai.storage.tables import Plan
 from serai.traffic import Minute
 

@@ -25,12 +25,12 @@ from starlette.datastructures import FormData
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serai import invoices
 from serai.api.deps import AdminScope, ServicesDep, check_network
+from serai.billing import invoices
+from serai.billing.plans import format_duration
 from serai.console import sessions
 from serai.console.sessions import SignedIn
 from serai.errors import PermissionDenied, SeraiError
-from serai.plans import format_duration
 from serai.storage.db import iso_from_ms, utc
 
 

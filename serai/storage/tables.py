@@ -43,7 +43,7 @@ class Organization(Base):
     plan_id: Mapped[int | None] = mapped_column(ForeignKey("plans.id"), nullable=True)
     price_book_id: Mapped[int | None] = mapped_column(ForeignKey("price_books.id"), nullable=True)
     # Settled money only; what running requests hold is in `reservations`.
-    # Below zero only by usage charged beyond what its request held (serai.ledger.charge):
+    # Below zero only by usage charged beyond what its request held (serai.billing.ledger.charge):
     # admission and adjustments never take it below what running requests hold.
     balance_micros: Mapped[int] = mapped_column(Money, default=0)
     rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -203,7 +203,7 @@ class UsageRow(Base):
     deployment: Mapped[str | None] = mapped_column(String(200), nullable=True)
     # Running totals of the organization's and of the key's rows up to and including this one,
     # in (created_ms, id) order: a window's use is the newest row's total minus the total of
-    # the newest row before the window (serai/windows.py).
+    # the newest row before the window (serai/billing/windows.py).
     org_count_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     org_raw_tokens_total: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     org_requests_milli_total: Mapped[int] = mapped_column(BigInteger, default=0,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from serai import ledger
 from serai.api.deps import Services
+from serai.billing import ledger
 from serai.storage.tables import UsageRow
 
 

@@ -8,8 +8,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from serai import accounts, plans
+from serai import accounts
 from serai.accounts import KeyInfo
+from serai.billing import plans
 
 
 @dataclass(frozen=True)

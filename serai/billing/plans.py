@@ -25,7 +25,7 @@ METRICS: tuple[Metric, ...] = ("requests", "tokens", "credits")
 MILLI = 1000
 PER_MILLION = 1_000_000
 
-# What a window of each metric counts: the usage rows' running total it reads (serai/windows.py)
+# What a window of each metric counts: the usage rows' running total it reads (windows.py)
 # and the scale of its units: requests and tokens in thousandths (a model's multiplier may count
 # a request as 1.5), credits in micro-units.
 WINDOW_COLUMN: dict[str, str] = {"requests": "requests_milli", "tokens": "tokens_milli",

@@ -1,5 +1,5 @@
 """Where an organization stands in its plan's rolling windows right now: used, left, and when
-room next frees up. What admission enforces (serai/limits.py), shown to the people it limits."""
+room next frees up. What admission enforces (serai/billing/limits.py), shown to the people it limits."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from serai.plans import WINDOW_COLUMN, WINDOW_SCALE, Window
+from serai.billing.plans import WINDOW_COLUMN, WINDOW_SCALE, Window
+from serai.billing.windows import WindowReader
 from serai.storage.db import db_now_ms
-from serai.windows import WindowReader
 
 
 @dataclass(frozen=True, slots=True)

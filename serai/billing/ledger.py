@@ -19,18 +19,16 @@ import dataclasses
 import json
 import logging
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy import Update, delete, func, insert, select, update
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from serai.accounts import KeyInfo
-from serai.errors import PermissionDenied, QuotaExceeded, RateLimited
-from serai.plans import (
+from serai.billing.base import UNMETERED, Admission, Limiter, UsageRecord
+from serai.billing.plans import (
     MILLI,
     WINDOW_COLUMN,
     WINDOW_SCALE,
@@ -39,16 +37,12 @@ from serai.plans import (
     multiplier_milli,
     peak_multiplier_milli,
 )
+from serai.billing.windows import Totals, WindowReader, WindowUse
+from serai.errors import PermissionDenied, QuotaExceeded, RateLimited
 from serai.storage.db import db_now_ms
 from serai.storage.tables import Organization, Plan, Price, PriceBook, Reservation, UsageRow
-from serai.windows import Totals, WindowReader, WindowUse
-
-if TYPE_CHECKING:
-    from serai.limits import Limiter
 
 log = logging.getLogger("serai.ledger")
-
-UsageStatus = Literal["ok", "cancelled", "error", "interrupted"]
 
 BATCH_LIMIT = 500
 RETRY_DELAY_S = 0.5
@@ -56,39 +50,6 @@ SET_ASIDE_FILE = "ledger-set-aside.jsonl"  # in the data dir: usage the database
 
 
 MINUTE_S = 60
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """A request let in: what it holds, how it is priced, and the rate-limit headers to send."""
-
-    reservation_id: str | None  # None: not metered against any limit (operator keys)
-    org_id: int | None
-    amount_micros: int = 0
-    pricing: Pricing = field(default_factory=Pricing)
-    charged: bool = False
-    multiplier_milli: int = MILLI
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-UNMETERED = Admission(reservation_id=None, org_id=None)
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRecord:
-    request_id: str
-    key_id: int | None
-    model: str
-    endpoint: str
-    prompt_tokens: int
-    completion_tokens: int
-    status: UsageStatus
-    ttft_ms: float | None
-    latency_ms: float
-    cached_tokens: int = 0
-    admission: Admission = UNMETERED
-    region: str | None = None  # of the deployment that served it
-    deployment: str | None = None
 
 
 def _org_lock(org_id: int) -> Update:

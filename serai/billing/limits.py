@@ -18,18 +18,15 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from serai.accounts import KeyInfo
-from serai.errors import LimitsUnavailable, PermissionDenied, QuotaExceeded, RateLimited, SeraiError
-from serai.ledger import (
+from serai.billing.base import UNMETERED, Admission, Limiter, UsageRecord
+from serai.billing.ledger import (
     MINUTE_S,
-    UNMETERED,
-    Admission,
-    UsageRecord,
     WindowUse,
     admit,
     format_wait,
@@ -41,37 +38,12 @@ from serai.ledger import (
     sweep_reservations,
     write_usage,
 )
-from serai.plans import MILLI, WINDOW_SCALE, Window, multiplier_milli
+from serai.billing.plans import MILLI, WINDOW_SCALE, Window, multiplier_milli
+from serai.errors import LimitsUnavailable, PermissionDenied, QuotaExceeded, RateLimited, SeraiError
 from serai.storage.db import Database, db_now_ms
 from serai.storage.tables import Organization, Plan, Reservation, UsageRow
 
 log = logging.getLogger("serai.limits")
-
-
-class Limiter(Protocol):
-    """Where admission state lives. Every method is blocking: callers run it in a thread."""
-
-    def reserve(self, *, key: KeyInfo, request_id: str, model: str, endpoint: str,
-                prompt_tokens: int, max_tokens: int) -> Admission:
-        "Check every limit and hold the worst case; raise RateLimited/QuotaExceeded otherwise."
-
-    def settle(self, records: list[UsageRecord]) -> None:
-        "Write the usage rows and give back what each request held, each exactly once."
-
-    def release(self, admission: Admission) -> None:
-        "Give back the hold of a request that never ran."
-
-    def renew(self) -> int:
-        "Renew the holds of the requests this process is running; returns how many."
-
-    def abandon(self, record: UsageRecord) -> None:
-        "Stop renewing the hold of a record that can never be settled (the sweeper takes it)."
-
-    def sweep(self, older_than_s: float) -> int:
-        "Release holds nobody renewed for `older_than_s` (a crashed process's); returns how many."
-
-    def close(self) -> None:
-        "Let go of connections."
 
 
 class Owned:
@@ -101,7 +73,7 @@ class Owned:
 
 
 class DatabaseLimiter:
-    """Admission in the database alone (SQLite or PostgreSQL): see serai.ledger.admit."""
+    """Admission in the database alone (SQLite or PostgreSQL): see serai.billing.ledger.admit."""
 
     def __init__(self, database: Database) -> None:
         self._database = database

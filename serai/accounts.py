@@ -23,7 +23,7 @@ from serai import audit
 from serai import retention as retention_policy
 from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound, PermissionDenied
 from serai.retention import ZERO, Retention
-from serai.storage.db import utc
+from serai.storage.db import rowcount, utc
 from serai.storage.named import claim_name, find_named, row_id
 from serai.storage.tables import ApiKey, BalanceEntry, Organization, RedemptionCode, Reservation
 
@@ -250,7 +250,7 @@ def adjust_balance(*, session: Session, org_id: int, amount_micros: int, kind: s
         update(Organization).where(Organization.id == org_id,
                                    Organization.balance_micros + amount_micros >= floor)
         .values(balance_micros=Organization.balance_micros + amount_micros))
-    if changed.rowcount == 0:
+    if rowcount(changed) == 0:
         org = find_org(session=session, ref=org_id)
         running = session.scalar(select(held)) if amount_micros < 0 else 0
         raise InvalidRequest(
@@ -543,8 +543,8 @@ def disable_codes(*, session: Session, batch: str) -> int:
         RedemptionCode.batch == batch, RedemptionCode.redeemed_at.is_(None),
         RedemptionCode.disabled.is_(False)).values(disabled=True))
     audit.record(session, action="codes.disable", target=f"batch:{batch}",
-                 details={"disabled": int(result.rowcount)})
-    return int(result.rowcount)
+                 details={"disabled": rowcount(result)})
+    return rowcount(result)
 
 
 def redeem_code(*, session: Session, org_id: int, code: str) -> OrgInfo:
@@ -562,7 +562,7 @@ def redeem_code(*, session: Session, org_id: int, code: str) -> OrgInfo:
     claimed = session.execute(update(RedemptionCode).where(
         RedemptionCode.id == row.id, RedemptionCode.redeemed_at.is_(None))
         .values(redeemed_at=func.now(), redeemed_by_org_id=org_id))
-    if claimed.rowcount == 0:
+    if rowcount(claimed) == 0:
         raise Conflict("This redemption code was redeemed already.", param="code")
     return adjust_balance(session=session, org_id=org_id, amount_micros=row.amount_micros,
                           kind="redemption", reason=f"code {row.prefix}… ({row.batch})")

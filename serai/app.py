@@ -67,7 +67,10 @@ def _reload_on_sighup(fleet: Fleet) -> Callable[[], None]:
         loop.add_signal_handler(signal.SIGHUP, reload)
     except (ValueError, RuntimeError, NotImplementedError):
         return lambda: None
-    return lambda: loop.remove_signal_handler(signal.SIGHUP)
+    def undo() -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    return undo
 
 
 def sweep(limiter: Limiter, database: Database, timeout_s: float) -> None:

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 from serai import accounts, audit, redaction, request_log
 from serai.billing import invoices, plans
 from serai.billing.invoices import money
-from serai.config import Settings, load_settings
+from serai.config import EmbeddedModelSettings, Settings, UpstreamSettings, load_settings
 from serai.errors import ModelFileError, SeraiError
 from serai.storage.db import Database
 from serai.storage.tables import Plan, PriceBook
@@ -160,7 +160,9 @@ def serve(
             "`Authorization: Bearer <key>`;\n`serai keys create` makes more.",
             title="New data dir: admin API key", border_style="green"))
     served: list[str] = []
-    for each in [*settings.embedded_models, *settings.upstreams]:  # a model is named once
+    declared: list[EmbeddedModelSettings | UpstreamSettings] = [*settings.embedded_models,
+                                                                *settings.upstreams]
+    for each in declared:  # a model is named once
         served += [n for n in (each.name, *each.aliases) if n not in served]
     scheme = "https" if settings.tls_certfile else "http"
     err.print(f"Serving [bold]{', '.join(served) or 'no model'}[/bold] on "
@@ -347,7 +349,7 @@ def _limits(rpm: int | None, tpm: int | None, concurrency: int | None) -> str:
         ("rpm", rpm), ("tpm", tpm), ("concurrency", concurrency)) if value is not None)
 
 
-def _lifted(**limits: int | None) -> dict[str, int | None]:
+def _lifted(**limits: int | None) -> dict[str, Any]:
     """The limits given on the command line; 0 lifts a limit (None in the database)."""
     return {field: value or None for field, value in limits.items() if value is not None}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from pydantic import (
@@ -398,7 +398,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _unique_deployments(self) -> Settings:
         seen: set[str] = set()
-        for declared in [*self.embedded_models, *self.upstreams]:
+        everything: list[EmbeddedModelSettings | UpstreamSettings] = [*self.embedded_models,
+                                                                       *self.upstreams]
+        for declared in everything:
             if declared.deployment_id in seen:
                 kind = "models" if isinstance(declared, EmbeddedModelSettings) else "upstreams"
                 raise ValueError(f"two {kind} are the deployment {declared.deployment_id!r}: "
@@ -476,4 +478,5 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: object) -> Settings:
     """Build the settings once; `overrides` are CLI flags the user actually gave (None is dropped)."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**given)

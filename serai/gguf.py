@@ -9,11 +9,11 @@ header costs the same small memory whatever it claims. See docs/security.md, "Mo
 
 from __future__ import annotations
 
-import io
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from serai.errors import ModelFileError
 
@@ -67,7 +67,7 @@ class GgufHeader:
 class _Cursor:
     """A position in the file that refuses to read or skip past its end."""
 
-    def __init__(self, path: Path, f: io.BufferedReader, size: int) -> None:
+    def __init__(self, path: Path, f: BinaryIO, size: int) -> None:
         self.path, self.f, self.size, self.pos = path, f, size, 0
 
     @property

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from serai.crypto import ContentKeys, Sealed
 from serai.errors import InvalidRequest, NotFound
-from serai.storage.db import db_now_ms
+from serai.storage.db import db_now_ms, rowcount
 from serai.storage.tables import StoredCompletion
 
 DAY_MS = 24 * 3600 * 1000
@@ -129,7 +129,7 @@ def forget_expired(*, session: Session) -> int:
     """Delete the completions past their retention; returns how many."""
     gone = session.execute(delete(StoredCompletion).where(
         StoredCompletion.expires_ms <= db_now_ms(session)))
-    return int(gone.rowcount)
+    return rowcount(gone)
 
 
 def count(*, session: Session) -> int:

@@ -222,7 +222,7 @@ def _neutral_messages(system: str | list[ContentBlock] | None,
 
 
 def _neutral_tools(tools: list[ToolDefinition]) -> tuple[Tool, ...]:
-    out = []
+    out: list[Tool] = []
     for i, tool in enumerate(tools):
         if tool.type not in (None, "custom"):
             raise InvalidRequest(

@@ -54,7 +54,7 @@ from serai.errors import (
     InvalidRequest,
 )
 from serai.gateway import Run
-from serai.storage.db import Database, db_now_ms
+from serai.storage.db import Database, db_now_ms, rowcount
 from serai.storage.tables import IdempotencyRecord
 from serai.threads import finish_or_undo
 
@@ -188,7 +188,7 @@ def claim(*, session: Session, key_id: int, idempotency_key: str, request_hash: 
             taken = session.execute(update(IdempotencyRecord).where(
                 IdempotencyRecord.id == record.id, IdempotencyRecord.state == record.state,
                 IdempotencyRecord.request_id == record.request_id).values(**claimed))
-            if taken.rowcount == 1:
+            if rowcount(taken) == 1:
                 if record.state == "in_flight":
                     log.warning("%s takes over the %s of %s, which never finished",
                                 request_id, HEADER, record.request_id)
@@ -218,7 +218,7 @@ def finish(*, session: Session, key_id: int, idempotency_key: str, request_id: s
         IdempotencyRecord.request_id == request_id, IdempotencyRecord.state == "in_flight",
     ).values(state="done", status_code=status_code, headers=headers, body=body,
              cipher_key=cipher_key))
-    return done.rowcount == 1
+    return rowcount(done) == 1
 
 
 def release(*, session: Session, key_id: int, idempotency_key: str, request_id: str) -> None:
@@ -235,7 +235,7 @@ def forget_expired(*, session: Session, abandoned_after_s: float) -> int:
         IdempotencyRecord.created_ms <= now - RETENTION_S * 1000,
         and_(IdempotencyRecord.state == "in_flight",
              IdempotencyRecord.created_ms <= now - int(abandoned_after_s * 1000)))))
-    return gone.rowcount
+    return rowcount(gone)
 
 
 @dataclass(frozen=True, slots=True)

@@ -302,7 +302,7 @@ def _neutral_message(index: int, message: ChatMessage) -> Message:
                     "only reads text parts.", param=f"messages.[{index}].content.[{j}].type")
             texts.append(part.text)
         content = "\n".join(texts)
-    return Message(role=role, content=content, tool_calls=calls,  # type: ignore[arg-type]
+    return Message(role=role, content=content, tool_calls=calls,
                    tool_call_id=message.tool_call_id if role == "tool" else None)
 
 

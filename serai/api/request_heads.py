@@ -38,7 +38,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     header_timeout_s: float = 10.0
     max_header_bytes: int = 32 * 1024
 
-    def connection_made(self, transport: asyncio.Transport) -> None:
+    # uvicorn's protocol narrows asyncio's BaseTransport to Transport; so must this override.
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None

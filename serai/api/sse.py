@@ -83,7 +83,7 @@ class EventStreamResponse(Response):
         super().__init__(status_code=200, media_type=self.media_type)
         self._events = events
         self._on_close = on_close
-        self._headers = headers or {}
+        self._extra_headers = headers or {}
         self._deadline_s = deadline_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -91,7 +91,7 @@ class EventStreamResponse(Response):
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
-        ] + [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self._headers.items()]
+        ] + [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self._extra_headers.items()]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             # The deadline covers sending too: a client that reads slowly holds the stream (and

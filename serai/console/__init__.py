@@ -3,6 +3,8 @@ files, no build step) for platform operators and organizations' admins, and the 
 
 from __future__ import annotations
 
+from typing import cast
+
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
@@ -12,6 +14,7 @@ from serai.console import organization, platform, playground, signin
 from serai.console.web import (
     HERE,
     ConsoleHeaders,
+    Handler,
     SignInNeeded,
     pages_answer_in_html,
     sign_in_needed,
@@ -28,5 +31,7 @@ def install(app: FastAPI) -> None:
     app.include_router(playground.router)
     app.add_exception_handler(SignInNeeded, sign_in_needed)
     for error in (SeraiError, RequestValidationError, HTTPException):
-        app.add_exception_handler(error, pages_answer_in_html(app.exception_handlers[error]))
+        # Starlette types a handler as sync or async; the API's (serai.api.errors) are async.
+        api_handler = cast(Handler, app.exception_handlers[error])
+        app.add_exception_handler(error, pages_answer_in_html(api_handler))
     app.add_middleware(ConsoleHeaders)

@@ -12,7 +12,7 @@ refuses the request with InvalidRequest before its first chunk; it never ignores
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -47,8 +47,9 @@ class Engine(Protocol):
         InvalidRequest errors) for a request that cannot run."""
         ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """Stream the completion of `request`; the last chunk carries a finish_reason."""
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+        """Stream the completion of `request`; the last chunk carries a finish_reason. An async
+        generator, so the caller can close it (aclose) to stop the model at once."""
         ...
 
     async def aclose(self) -> None:

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -201,7 +201,7 @@ class LlamaCppEngine:
             self._measured_tokens -= len(sequence.tokens)
         return sequence
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         if self._closed:
             raise EngineUnavailable("The model is shutting down; retry on another server.")
         if self._admitted >= self._capacity:
@@ -215,7 +215,10 @@ class LlamaCppEngine:
             sequence = self._forget_measured(request.request_id)
             if sequence is None:
                 sequence = await self._prepared(request)
-            sequence.emit = lambda item: loop.call_soon_threadsafe(out.put_nowait, item)
+            def emit(item: Chunk | BaseException) -> None:  # from the scheduler's thread
+                loop.call_soon_threadsafe(out.put_nowait, item)
+
+            sequence.emit = emit
             self._scheduler.submit(sequence)
             try:
                 chunks = self._relay(out)
@@ -240,7 +243,8 @@ class LlamaCppEngine:
             if item.finish_reason is not None:
                 return
 
-    def _prepare(self, request: GenerationRequest, emit) -> Sequence:  # type: ignore[no-untyped-def]
+    def _prepare(self, request: GenerationRequest,
+                 emit: Callable[[Chunk | BaseException], None]) -> Sequence:
         """Tokenize and check the request against the context window (off the event loop;
         the tokenizer only reads the vocabulary, so it is safe beside a running decode)."""
         stops = request.sampling.stop

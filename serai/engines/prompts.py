@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from serai.types import Message
 
@@ -66,8 +66,10 @@ class ChatTemplate:
                                               add_generation_prompt=True)
 
     def render(self, messages: Sequence[Message]) -> Prompt:
-        result = self._formatter(messages=[{"role": m.role, "content": m.content}
-                                           for m in messages])
+        # llama-cpp-python types each role's message as its own TypedDict; ours are all
+        # role and content.
+        chat: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
+        result = self._formatter(messages=chat)
         stop = result.stop or ()
         stops = (stop,) if isinstance(stop, str) else tuple(stop)
         return Prompt(result.prompt, stops, has_special_tokens=True, strip_leading_space=False)

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ class RayServeEngine:
             log.info("joining the Ray Serve application %s on %s", self._app, address)
             handle = serve.get_app_handle(self._app)
         else:
-            deployment = serve.deployment(
+            deployment: Any = serve.deployment(  # a Deployment once applied to the class
                 ModelReplica, name=DEPLOYMENT, ray_actor_options={"num_cpus": replica_cpus},
                 max_ongoing_requests=max_ongoing_requests,
                 max_queued_requests=max_queued_requests,
@@ -175,11 +175,13 @@ class RayServeEngine:
                                      headers={"retry-after": "1"})
         return error
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         if self._closed:
             raise EngineUnavailable("The gateway is shutting down; retry on another server.")
         for attempt in range(1, ATTEMPTS + 1):
-            response = self._stream.generate.remote(request)
+            # With stream=True the response is a DeploymentResponseGenerator; Ray's stubs type
+            # the call as either kind of response.
+            response: Any = self._stream.generate.remote(request)
             try:
                 try:
                     replica = await anext(response)

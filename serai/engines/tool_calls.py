@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from serai.engines.grammar import (
     FREE_DEPTH,
@@ -46,7 +47,7 @@ def _offered(request: GenerationRequest) -> tuple[Tool, ...]:
     return request.tools
 
 
-def arguments_schema(tool: Tool) -> dict:  # type: ignore[type-arg]
+def arguments_schema(tool: Tool) -> dict[str, Any]:
     """A tool's parameters as the schema of an arguments object."""
     params = tool.parameters if isinstance(tool.parameters, dict) else {}
     return params if "type" in params else {**params, "type": "object"}

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from serai import accounts
-from serai.billing import ledger, plans
+from serai.billing import limits, plans, settlement
 from serai.billing.base import UsageRecord
 from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
 from serai.storage.db import Database
@@ -168,7 +168,7 @@ def test_an_adjustment_cannot_take_money_running_requests_hold(database: Databas
         accounts.adjust_balance(session=session, org_id=org.id, amount_micros=100,
                                 kind="topup", reason="t")
         key, _ = accounts.create_key(session=session, name="app", org_id=org.id)
-        admission = ledger.admit(session=session, key=key, request_id="r", model="m",
+        admission = limits.admit(session=session, key=key, request_id="r", model="m",
                                  endpoint="chat", prompt_tokens=30, max_tokens=30)
     assert admission.amount_micros == 60
     with pytest.raises(InvalidRequest, match="60 of them held by running requests"), \
@@ -180,7 +180,7 @@ def test_an_adjustment_cannot_take_money_running_requests_hold(database: Databas
                                        kind="adjustment", reason="ok").balance_micros == 60
     # The running request settles at its worst case, and the balance is exactly enough.
     with database.session() as session:
-        ledger.write_usage(session=session, records=[UsageRecord(
+        settlement.write_usage(session=session, records=[UsageRecord(
             request_id="r", key_id=key.id, model="m", endpoint="chat", prompt_tokens=30,
             completion_tokens=30, status="ok", ttft_ms=1.0, latency_ms=2.0,
             admission=admission)])
@@ -198,7 +198,7 @@ def test_an_adjustment_racing_an_admission_never_takes_what_it_holds(database: D
 
     def admission() -> None:
         with database.session(write=True) as session:
-            ledger.admit(session=session, key=made.key, request_id="r", model="m",
+            limits.admit(session=session, key=made.key, request_id="r", model="m",
                          endpoint="chat", prompt_tokens=50, max_tokens=50)
             admitted.set()
             commit.wait(10)

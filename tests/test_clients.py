@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from serai.billing import ledger
+from serai.billing import settlement
 from serai.storage.tables import UsageRow
 from tests.conftest import LiveServer, _missing, start_server, stop_server
 from tests.support.clients import npm_client, python_client
@@ -58,7 +58,7 @@ def usage_since(server: LiveServer, last_id: int) -> list[UsageRow]:
     database = server.database
     try:
         with database.session() as session:
-            rows = ledger.recent_usage(session=session, limit=1000)
+            rows = settlement.recent_usage(session=session, limit=1000)
     finally:
         database.dispose()
     return sorted((r for r in rows if r.id > last_id), key=lambda r: r.id)

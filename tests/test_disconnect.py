@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from serai.api.deps import Services
 from serai.app import create_app
-from serai.billing import ledger
+from serai.billing import settlement
 from serai.config import Settings
 from serai.storage.tables import Organization, Reservation, UsageRow
 from serai.types import Chunk, GenerationRequest
@@ -68,11 +68,11 @@ class Served:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.services.database.session() as session:
-                rows = ledger.recent_usage(session=session, request_id=request_id)
+                rows = settlement.recent_usage(session=session, request_id=request_id)
             if rows:
                 time.sleep(0.2)  # a second row, if one were coming, would be written by now
                 with self.services.database.session() as session:
-                    rows = ledger.recent_usage(session=session, request_id=request_id)
+                    rows = settlement.recent_usage(session=session, request_id=request_id)
                 assert len(rows) == 1, f"{len(rows)} usage rows for {request_id}"
                 return rows[0]
             time.sleep(0.05)

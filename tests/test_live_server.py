@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from serai.billing import ledger
+from serai.billing import settlement
 from serai.storage.tables import UsageRow
 from tests.conftest import LiveServer, start_server, stop_server
 
@@ -33,7 +33,7 @@ def wait_for_row(server: LiveServer, request_id: str, timeout: float = 15) -> Us
     try:
         while time.monotonic() < deadline:
             with database.session() as session:
-                rows = ledger.recent_usage(session=session, request_id=request_id)
+                rows = settlement.recent_usage(session=session, request_id=request_id)
             if rows:
                 return rows[0]
             time.sleep(0.1)

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select, text
 
 from serai import accounts
-from serai.billing import ledger
+from serai.billing import ledger, settlement
 from serai.billing.base import UsageRecord
 from serai.billing.ledger import LedgerWriter
 from serai.billing.limits import DatabaseLimiter
@@ -65,7 +65,7 @@ async def test_ledger_writer_keeps_every_row_under_concurrency(database: Databas
     await asyncio.gather(*(request(i) for i in range(1000)))
     await writer.aclose()
     with database.session() as session:
-        rows = ledger.recent_usage(session=session, limit=2000)
+        rows = settlement.recent_usage(session=session, limit=2000)
         statuses = session.execute(text("SELECT status, COUNT(*) FROM usage GROUP BY status")).all()
     assert sorted(r.request_id for r in rows) == sorted(f"req_{i}" for i in range(1000))
     assert dict(statuses) == {"ok": 334, "cancelled": 333, "error": 333}
@@ -91,7 +91,7 @@ async def test_ledger_write_failure_is_retried_not_dropped(
     writer.record(usage("kept"))
     await writer.aclose()
     with database.session() as session:
-        assert [r.request_id for r in ledger.recent_usage(session=session)] == ["kept"]
+        assert [r.request_id for r in settlement.recent_usage(session=session)] == ["kept"]
 
 
 def test_sqlite_runs_in_wal_mode(tmp_path: object) -> None:

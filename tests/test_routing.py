@@ -24,7 +24,7 @@ from serai import accounts
 from serai.accounts import KeyInfo
 from serai.api.deps import Services
 from serai.app import create_app
-from serai.billing import ledger
+from serai.billing import settlement
 from serai.config import Settings, UpstreamSettings
 from serai.engines.base import Measure
 from serai.engines.router import Router
@@ -336,7 +336,7 @@ async def test_overloaded_deployment_fails_over(tmp_path: Path) -> None:
         assert response.status_code == 200
         await services.gateway.ledger.flush()
         with services.database.session() as session:
-            rows = ledger.recent_usage(session=session)
+            rows = settlement.recent_usage(session=session)
         assert [(r.status, r.deployment) for r in rows] == [("ok", spare.id)]
         assert local.failures == 0  # a full engine is busy, not sick
 

@@ -4,11 +4,16 @@
 writes the usage rows of finished requests and gives their holds back, `release` gives back the
 hold of a request that never ran, and `sweep` releases what a crashed process left behind.
 
-`DatabaseLimiter` (the default) is the ledger's own admission: one locked transaction per
-organization. `RedisLimiter` lets several Serai processes enforce limits together: one Lua
-script checks every limit and holds the reservation atomically, by Redis TIME, while the money
-balance and the usage rows stay in the database. Redis that cannot be reached refuses requests
-with 503 `limits_unavailable`; it never lets one in unlimited.
+`DatabaseLimiter` (the default) admits in the database alone: `admit` runs in one locked
+transaction per organization, checks every limit (concurrency, rates, plan windows, balance)
+against settled usage plus what running requests hold, and holds this request's worst case as a
+reservation. Both databases serialize it: SQLite has one writer at a time, and on PostgreSQL
+the first statement locks the organization's row.
+
+`RedisLimiter` lets several Serai processes enforce limits together: one Lua script checks every
+limit and holds the reservation atomically, by Redis TIME, while the money balance and the usage
+rows stay in the database. Redis that cannot be reached refuses requests with 503
+`limits_unavailable`; it never lets one in unlimited.
 """
 
 from __future__ import annotations
@@ -18,62 +23,185 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from serai.accounts import KeyInfo
 from serai.billing.base import UNMETERED, Admission, Limiter, UsageRecord
-from serai.billing.ledger import (
-    MINUTE_S,
-    WindowUse,
-    admit,
-    format_wait,
-    price_for,
-    rate_limited,
+from serai.billing.plans import (
+    MILLI,
+    WINDOW_COLUMN,
+    WINDOW_SCALE,
+    Pricing,
+    Window,
+    multiplier_milli,
+    peak_multiplier_milli,
+)
+from serai.billing.settlement import (
+    Owned,
+    lock_org,
     release,
     renew_reservations,
-    reset_after,
     sweep_reservations,
     write_usage,
 )
-from serai.billing.plans import MILLI, WINDOW_SCALE, Window, multiplier_milli
+from serai.billing.windows import WindowReader, WindowUse
 from serai.errors import LimitsUnavailable, PermissionDenied, QuotaExceeded, RateLimited, SeraiError
 from serai.storage.db import Database, db_now_ms
-from serai.storage.tables import Organization, Plan, Reservation, UsageRow
+from serai.storage.tables import Organization, Plan, Price, PriceBook, Reservation, UsageRow
 
 log = logging.getLogger("serai.limits")
 
+MINUTE_S = 60
 
-class Owned:
-    """The reservations of the requests this process runs: from admission until settlement or
-    release. Their owner renews them (a lease), so the sweeper, which takes only holds nobody
-    renewed within its timeout, never takes the hold of a request that is still running,
-    however slowly its client reads."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: dict[str, int] = {}  # reservation id -> organization
+def reset_after(now_ms: int, use: WindowUse, seconds: int) -> float:
+    """Seconds until the oldest counted row leaves the window (or the whole window)."""
+    if use.oldest_ms is None:
+        return float(seconds)
+    return max(0.001, (use.oldest_ms + seconds * 1000 - now_ms) / 1000)
 
-    def add(self, admission: Admission) -> None:
-        if admission.reservation_id is not None and admission.org_id is not None:
-            with self._lock:
-                self._held[admission.reservation_id] = admission.org_id
 
-    def discard(self, reservation_ids: Sequence[str | None]) -> None:
-        with self._lock:
-            for reservation_id in reservation_ids:
-                if reservation_id is not None:
-                    self._held.pop(reservation_id, None)
+def format_wait(seconds: float) -> str:
+    # OpenAI's format: "1s", "6m0s", "1h2m3s"
+    whole = max(1, int(-(-seconds // 1)))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if hours or minutes else "") + f"{secs}s"
 
-    def now(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._held)
+
+def admit(*, session: Session, key: KeyInfo, request_id: str, model: str, endpoint: str,
+          prompt_tokens: int, max_tokens: int) -> Admission:
+    """Check every limit and hold this request's worst case; raises RateLimited or
+    QuotaExceeded (or PermissionDenied) without holding anything."""
+    if key.org_id is None:
+        return UNMETERED  # platform operators are not billed
+    org = lock_org(session, key.org_id)
+    if org is None:
+        raise PermissionDenied("This key's organization no longer exists.")
+    if org.disabled:
+        raise PermissionDenied(f"The organization {org.name} is disabled.")
+    plan = session.get(Plan, org.plan_id) if org.plan_id is not None else None
+    if plan is not None and plan.disabled:
+        raise PermissionDenied(f"The plan {plan.name} is disabled.")
+    now_ms = db_now_ms(session)
+    mult = multiplier_milli(plan.model_multipliers, model) if plan is not None else MILLI
+    worst_tokens = prompt_tokens + max_tokens
+    pricing = price_for(session, org, plan, model, now_ms)
+    amount = pricing.cost(prompt_tokens=prompt_tokens, completion_tokens=max_tokens)
+    charged = (plan is None or plan.draws_balance) and amount > 0
+    tightest: dict[str, tuple[int, int, float]] = {}  # kind -> (limit, remaining, reset)
+
+    def note(kind: str, limit: int, remaining: int, reset: float) -> None:
+        if kind not in tightest or remaining < tightest[kind][1]:
+            tightest[kind] = (limit, remaining, reset)
+
+    # In flight: reservations held now.
+    cap = min((c for c in (org.max_concurrency, plan.max_concurrency if plan else None)
+               if c is not None), default=None)
+    windows = WindowReader(session, org_id=org.id, key_id=key.id)
+    if cap is not None:
+        running = windows.held()["count"]
+        if running >= cap:
+            raise RateLimited(f"{running} requests of {org.name} are running, the most its plan "
+                              f"allows at once ({cap}). Retry when one finishes.",
+                              headers={"retry-after": "1"})
+
+    # Requests and tokens per minute: of the key, the organization and its plan.
+    since = now_ms - MINUTE_S * 1000
+    for owner_key, rpm, tpm, who in ((True, key.rpm, key.tpm, "key"),
+                                     (False, org.rpm, org.tpm, "organization"),
+                                     (False, plan.rpm if plan else None,
+                                      plan.tpm if plan else None, "plan")):
+        if rpm is not None:
+            use = windows.use("count", key=owner_key, since_ms=since)
+            reset = reset_after(now_ms, use, MINUTE_S)
+            if use.used + 1 > rpm:
+                raise rate_limited("requests", f"{rpm} requests per minute", who, reset,
+                                    rpm)
+            note("requests", rpm, rpm - use.used - 1, reset)
+        if tpm is not None:
+            use = windows.use("raw_tokens", key=owner_key, since_ms=since)
+            reset = reset_after(now_ms, use, MINUTE_S)
+            if use.used + worst_tokens > tpm:
+                raise rate_limited("tokens", f"{tpm} tokens per minute (this request may use "
+                                    f"{worst_tokens}: prompt plus max_tokens)", who, reset, tpm)
+            note("tokens", tpm, tpm - use.used - worst_tokens, reset)
+
+    # The plan's rolling quota windows.
+    needs = {"requests": mult, "tokens": worst_tokens * mult, "credits": amount}
+    for raw in (plan.windows if plan is not None else []):
+        window = Window.parse(raw)
+        use = windows.use(WINDOW_COLUMN[window.metric], key=False,  # type: ignore[arg-type]
+                          since_ms=now_ms - window.seconds * 1000)
+        limit = window.limit * WINDOW_SCALE[window.metric]
+        if use.used + needs[window.metric] > limit:
+            raise QuotaExceeded(
+                f"The plan {plan.name} allows {window.limit} {window.metric} per "  # type: ignore[union-attr]
+                f"{format_wait(window.seconds)}, and {org.name} has used them. It frees up as "
+                f"older requests leave the window.")
+        if window.metric in ("requests", "tokens"):
+            note(window.metric, window.limit, (limit - use.used - needs[window.metric])
+                 // WINDOW_SCALE[window.metric], reset_after(now_ms, use, window.seconds))
+
+    # Prepaid money: settled balance minus what running requests hold.
+    if charged:
+        available = org.balance_micros - windows.held()["cost_micros"]
+        if amount > available:
+            raise QuotaExceeded(
+                f"The balance of {org.name} does not cover this request: it may cost up to "
+                f"{amount} micro-units (prompt plus max_tokens) and {max(available, 0)} are "
+                f"available. Top up, or ask for fewer max_tokens.")
+
+    reservation_id = str(uuid.uuid4())
+    # A Core INSERT: the ORM's unit of work costs several times the statement here.
+    session.execute(insert(Reservation).values(
+        id=reservation_id, org_id=org.id, key_id=key.id, request_id=request_id, model=model,
+        endpoint=endpoint, amount_micros=amount, requests_milli=mult,
+        tokens_milli=worst_tokens * mult, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+        created_ms=now_ms))
+    headers: dict[str, str] = {}
+    for kind, (limit, remaining, reset) in tightest.items():
+        headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(max(remaining, 0))
+        headers[f"x-ratelimit-reset-{kind}"] = format_wait(reset)
+    return Admission(reservation_id, org.id, amount, pricing, charged, mult, headers)
+
+
+def rate_limited(kind: str, what: str, who: str, reset: float, limit: int) -> RateLimited:
+    error = RateLimited(f"Rate limit reached: this {who} allows {what}. Retry in "
+                        f"{format_wait(reset)}.", headers={
+                            "retry-after": str(max(1, int(-(-reset // 1)))),
+                            f"x-ratelimit-limit-{kind}": str(limit),
+                            f"x-ratelimit-remaining-{kind}": "0",
+                            f"x-ratelimit-reset-{kind}": format_wait(reset)})
+    error.error_type = kind
+    error.window_reset_s = reset
+    return error
+
+
+def price_for(session: Session, org: Organization, plan: Plan | None, model: str,
+             now_ms: int) -> Pricing:
+    if org.price_book_id is None:
+        return Pricing()
+    found = session.execute(select(PriceBook.peak_hours, Price).join(
+        Price, Price.price_book_id == PriceBook.id).where(
+        PriceBook.id == org.price_book_id, Price.model == model)).first()
+    if found is None:
+        return Pricing()
+    peak_hours, price = found
+    hour = datetime.fromtimestamp(now_ms / 1000, UTC).hour
+    multiplier = peak_multiplier_milli(peak_hours, hour)
+    ratio = plan.price_ratio_milli if plan is not None else MILLI
+    return Pricing(price.input_micros, price.cached_input_micros, price.output_micros,
+                   multiplier * ratio // MILLI)
 
 
 class DatabaseLimiter:
-    """Admission in the database alone (SQLite or PostgreSQL): see serai.billing.ledger.admit."""
+    """Admission in the database alone (SQLite or PostgreSQL): see admit."""
 
     def __init__(self, database: Database) -> None:
         self._database = database

@@ -43,7 +43,7 @@ class Organization(Base):
     plan_id: Mapped[int | None] = mapped_column(ForeignKey("plans.id"), nullable=True)
     price_book_id: Mapped[int | None] = mapped_column(ForeignKey("price_books.id"), nullable=True)
     # Settled money only; what running requests hold is in `reservations`.
-    # Below zero only by usage charged beyond what its request held (serai.billing.ledger.charge):
+    # Below zero only by usage charged beyond what its request held (serai.billing.settlement.charge):
     # admission and adjustments never take it below what running requests hold.
     balance_micros: Mapped[int] = mapped_column(Money, default=0)
     rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)

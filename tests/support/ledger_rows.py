@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from serai.api.deps import Services
-from serai.billing import ledger
+from serai.billing import settlement
 from serai.storage.tables import UsageRow
 
 
@@ -11,4 +11,4 @@ async def usage_rows(services: Services, *, limit: int = 100) -> list[UsageRow]:
     """The latest usage rows, oldest first, after the ledger writer flushed what it held."""
     await services.gateway.ledger.flush()
     with services.database.session() as session:
-        return list(reversed(ledger.recent_usage(session=session, limit=limit)))
+        return list(reversed(settlement.recent_usage(session=session, limit=limit)))

@@ -27,8 +27,9 @@ from serai.api.middleware import (
     SizeLimits,
 )
 from serai.billing.base import Limiter
+from serai.billing.database_limits import DatabaseLimiter
 from serai.billing.ledger import SET_ASIDE_FILE, LedgerWriter
-from serai.billing.limits import create_limiter
+from serai.billing.redis_limits import RedisLimiter
 from serai.config import Settings
 from serai.crypto import ContentKeys
 from serai.engines.base import Engine
@@ -71,6 +72,13 @@ def _reload_on_sighup(fleet: Fleet) -> Callable[[], None]:
         loop.remove_signal_handler(signal.SIGHUP)
 
     return undo
+
+
+def create_limiter(database: Database, *, redis_url: str | None, redis_prefix: str) -> Limiter:
+    """The database backend, or Redis when a URL is configured."""
+    if redis_url:
+        return RedisLimiter(database, redis_url, prefix=redis_prefix)
+    return DatabaseLimiter(database)
 
 
 def sweep(limiter: Limiter, database: Database, timeout_s: float) -> None:

@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from serai import audit
 from serai.accounts import KeyInfo
 from serai.billing.base import UNMETERED, Admission, Limiter, UsageRecord, UsageStatus
+from serai.billing.database_limits import DatabaseLimiter
 from serai.billing.ledger import LedgerWriter
-from serai.billing.limits import DatabaseLimiter
 from serai.billing.settlement import charge
 from serai.engines.base import Engine, Measure
 from serai.engines.router import Router, Ticket

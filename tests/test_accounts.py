@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from serai import accounts
-from serai.billing import limits, plans, settlement
+from serai.billing import database_limits, plans, settlement
 from serai.billing.base import UsageRecord
 from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
 from serai.storage.db import Database
@@ -168,7 +168,7 @@ def test_an_adjustment_cannot_take_money_running_requests_hold(database: Databas
         accounts.adjust_balance(session=session, org_id=org.id, amount_micros=100,
                                 kind="topup", reason="t")
         key, _ = accounts.create_key(session=session, name="app", org_id=org.id)
-        admission = limits.admit(session=session, key=key, request_id="r", model="m",
+        admission = database_limits.admit(session=session, key=key, request_id="r", model="m",
                                  endpoint="chat", prompt_tokens=30, max_tokens=30)
     assert admission.amount_micros == 60
     with pytest.raises(InvalidRequest, match="60 of them held by running requests"), \
@@ -198,7 +198,7 @@ def test_an_adjustment_racing_an_admission_never_takes_what_it_holds(database: D
 
     def admission() -> None:
         with database.session(write=True) as session:
-            limits.admit(session=session, key=made.key, request_id="r", model="m",
+            database_limits.admit(session=session, key=made.key, request_id="r", model="m",
                          endpoint="chat", prompt_tokens=50, max_tokens=50)
             admitted.set()
             commit.wait(10)

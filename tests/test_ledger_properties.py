@@ -28,7 +28,7 @@ from sqlalchemy import delete, func, select, update
 from serai import accounts
 from serai.accounts import KeyInfo
 from serai.billing.base import Admission, UsageRecord, UsageStatus
-from serai.billing.limits import admit
+from serai.billing.database_limits import admit
 from serai.billing.settlement import release, sweep_reservations, write_usage
 from serai.errors import InvalidRequest, QuotaExceeded
 from serai.storage.db import Database

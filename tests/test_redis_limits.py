@@ -28,7 +28,7 @@ from serai import accounts
 from serai.accounts import KeyInfo
 from serai.app import create_app
 from serai.billing.base import Admission, UsageRecord
-from serai.billing.limits import RedisLimiter
+from serai.billing.redis_limits import RedisLimiter
 from serai.config import Settings
 from serai.errors import LimitsUnavailable, QuotaExceeded, RateLimited
 from serai.storage.db import Database, db_now_ms

@@ -16,6 +16,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from serai import audit
+from serai.billing.windows import Metric as Counted
 from serai.errors import InvalidRequest, NotFound
 from serai.storage.named import claim_name, find_named
 from serai.storage.tables import Plan, Price, PriceBook
@@ -28,8 +29,8 @@ PER_MILLION = 1_000_000
 # What a window of each metric counts: the usage rows' running total it reads (windows.py)
 # and the scale of its units: requests and tokens in thousandths (a model's multiplier may count
 # a request as 1.5), credits in micro-units.
-WINDOW_COLUMN: dict[str, str] = {"requests": "requests_milli", "tokens": "tokens_milli",
-                                 "credits": "cost_micros"}
+WINDOW_COLUMN: dict[str, Counted] = {"requests": "requests_milli", "tokens": "tokens_milli",
+                                     "credits": "cost_micros"}
 WINDOW_SCALE: dict[str, int] = {"requests": MILLI, "tokens": MILLI, "credits": 1}
 
 

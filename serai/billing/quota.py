@@ -1,5 +1,5 @@
 """Where an organization stands in its plan's rolling windows right now: used, left, and when
-room next frees up. What admission enforces (serai/billing/limits.py), shown to the people it limits."""
+room next frees up. What admission enforces (serai/billing/terms.py), shown to the people it limits."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def window_states(*, session: Session, org_id: int, windows: list[Window]) -> li
     states = []
     for window in windows:
         scale = WINDOW_SCALE[window.metric]
-        use = reader.use(WINDOW_COLUMN[window.metric], key=False,  # type: ignore[arg-type]
+        use = reader.use(WINDOW_COLUMN[window.metric], key=False,
                          since_ms=now - window.seconds * 1000)
         frees = None if use.oldest_ms is None else use.oldest_ms + window.seconds * 1000
         states.append(WindowState(window, -(-use.used // scale), now, frees))

@@ -1,5 +1,6 @@
-"""Settlement: a finished request's usage row is written, its reservation deleted and its
-cost taken from the balance, in one transaction, so the ledger and the balance always agree.
+"""A reservation's life in the database, from the hold admission writes to its settlement: a
+finished request's usage row is written, its reservation deleted and its cost taken from the
+balance, in one transaction, so the ledger and the balance always agree.
 
 Settlement is written once, here, for both limiters: the Redis limiter settles in the database
 too and then tells Redis what the rows say. A reservation already gone (settled, released or
@@ -18,6 +19,7 @@ from sqlalchemy import Update, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from serai.billing.base import Admission, UsageRecord
+from serai.billing.terms import Terms
 from serai.billing.windows import Totals
 from serai.storage.db import db_now_ms
 from serai.storage.tables import Organization, Reservation, UsageRow
@@ -39,6 +41,17 @@ def lock_org(session: Session, org_id: int) -> Organization | None:
     statement = _org_lock(org_id).returning(Organization).execution_options(
         populate_existing=True)
     return session.scalars(statement).first()
+
+
+def hold(session: Session, *, terms: Terms, reservation_id: str, request_id: str, endpoint: str,
+         created_ms: int) -> None:
+    """Hold a request's worst case under `terms` until it settles or is released."""
+    # A Core INSERT: the ORM's unit of work costs several times the statement here.
+    session.execute(insert(Reservation).values(
+        id=reservation_id, org_id=terms.org_id, key_id=terms.key_id, request_id=request_id,
+        model=terms.model, endpoint=endpoint, amount_micros=terms.amount_micros,
+        requests_milli=terms.multiplier_milli, tokens_milli=terms.tokens_milli,
+        prompt_tokens=terms.prompt_tokens, max_tokens=terms.max_tokens, created_ms=created_ms))
 
 
 def release(*, session: Session, admission: Admission) -> None:

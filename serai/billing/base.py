@@ -1,10 +1,11 @@
-"""The metering seam: what admission hands a request, what a finished request hands back, and
-where the holds of running requests live.
+"""The metering seam: what admission hands a request (`Admission`), what a finished request
+hands back (`UsageRecord`), and the `Limiter` that holds what running requests may use.
 
-A `Limiter` admits a request (`reserve`: every limit checked, the worst case held) and settles
-it (`settle`: one usage row, the hold given back, the cost taken from the balance), each
-exactly once. The gateway knows only this module and the backends that implement it
-(limits.py). Every method is blocking; callers run it in a thread.
+A Limiter admits a request (`reserve`: every limit checked, the worst case held) and settles it
+(`settle`: one usage row, the hold given back, the cost taken from the balance), each exactly
+once. Its two backends evaluate the same terms (terms.py): database_limits.py in the database
+alone, redis_limits.py in Redis shared by several processes; both settle through settlement.py.
+The ledger writer (ledger.py) hands finished requests' records to `settle` in batches.
 """
 
 from __future__ import annotations

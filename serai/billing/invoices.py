@@ -10,9 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import case, func, literal, select
 from sqlalchemy.orm import Session
@@ -45,9 +47,10 @@ def _ms(moment: date) -> int:
     return int(datetime(moment.year, moment.month, moment.day, tzinfo=UTC).timestamp() * 1000)
 
 
-def _totals(session: Session, org_id: int, start_ms: int, end_ms: int,
-            by_day: bool) -> list[tuple[int, str, int, int, int, int, int, int]]:
-    """(day number or 0, model, requests, prompt, cached, completion, cost, charged) rows."""
+def _totals(session: Session, org_id: int, start_ms: int, end_ms: int, *, by_day: bool,
+            period: Callable[[int], str]) -> list[UsageLine]:
+    """A line per model (and per day, named by `period` from the day's number, when `by_day`;
+    else `period(0)` names the whole range)."""
     day = UsageRow.created_ms // DAY_MS if by_day else literal(0)
     charged = func.sum(case((UsageRow.charged.is_(True), UsageRow.cost_micros), else_=0))
     query = (select(day, UsageRow.model, func.count(), func.sum(UsageRow.prompt_tokens),
@@ -58,9 +61,14 @@ def _totals(session: Session, org_id: int, start_ms: int, end_ms: int,
                     UsageRow.created_ms < end_ms, UsageRow.status != "interrupted")
              .group_by(*([day] if by_day else []), UsageRow.model)
              .order_by(*([day] if by_day else []), UsageRow.model))
+    return [UsageLine(period(int(d)), str(m), _sum(n), _sum(prompt), _sum(cached),
+                      _sum(completion), _sum(cost), _sum(taken))
+            for d, m, n, prompt, cached, completion, cost, taken in session.execute(query)]
+
+
+def _sum(value: Any) -> int:
     # SUM of an empty set is NULL, and PostgreSQL hands sums back as Decimal.
-    return [(int(d), str(m), *(int(v or 0) for v in rest))  # type: ignore[misc]
-            for d, m, *rest in session.execute(query)]
+    return int(value or 0)
 
 
 DEFAULT_DAYS = 30
@@ -85,9 +93,8 @@ def daily_usage(*, session: Session, org_id: int, start: date, end: date) -> lis
         raise InvalidRequest("The end date comes before the start date.", param="end_date")
     if (end - start).days > 366:
         raise InvalidRequest("Ask for at most 366 days at a time.", param="start_date")
-    return [UsageLine((EPOCH + timedelta(days=number)).isoformat(), *rest)
-            for number, *rest in _totals(session, org_id, _ms(start),
-                                         _ms(end + timedelta(days=1)), by_day=True)]
+    return _totals(session, org_id, _ms(start), _ms(end + timedelta(days=1)), by_day=True,
+                   period=lambda number: (EPOCH + timedelta(days=number)).isoformat())
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,8 +191,8 @@ def invoice(*, session: Session, org_id: int, month: str) -> Invoice:
     if org is None:
         raise InvalidRequest(f"No organization {org_id}.", param="org")
     book = session.get(PriceBook, org.price_book_id) if org.price_book_id is not None else None
-    lines = [UsageLine(month, *rest) for _, *rest in
-             _totals(session, org_id, _ms(first), _ms(following), by_day=False)]
+    lines = _totals(session, org_id, _ms(first), _ms(following), by_day=False,
+                    period=lambda _: month)
     return Invoice(org.id, org.name, month, book.currency if book else DEFAULT_CURRENCY, lines)
 
 

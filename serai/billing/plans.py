@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from serai import audit
 from serai.billing.windows import Metric as Counted
 from serai.errors import InvalidRequest, NotFound
+from serai.storage.db import rowcount
 from serai.storage.named import claim_name, find_named
 from serai.storage.tables import Plan, Price, PriceBook
 
@@ -212,7 +213,7 @@ def update_plan(*, session: Session, plan_id: int, name: str | None = None,
     given = {"name": name, "windows": windows, "model_multipliers": model_multipliers,
              "price_ratio_milli": price_ratio_milli, "draws_balance": draws_balance,
              "disabled": disabled}
-    changes = {k: v for k, v in given.items() if v is not None}
+    changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     changes.update({k: v for k, v in (("rpm", rpm), ("tpm", tpm),
                                       ("max_concurrency", max_concurrency)) if v is not _UNSET})
     audit.record(session, action="plan.update", target=f"plan:{plan_id}", details=changes)
@@ -278,7 +279,7 @@ def prices(*, session: Session, price_book_id: int) -> list[Price]:
 def remove_price(*, session: Session, price_book_id: int, model: str) -> None:
     gone = session.execute(delete(Price).where(Price.price_book_id == price_book_id,
                                                Price.model == model))
-    if gone.rowcount == 0:
+    if rowcount(gone) == 0:
         raise NotFound(f"The price book has no price for {model!r}.", param="model")
     audit.record(session, action="price.remove", target=f"price_book:{price_book_id}",
                  details={"model": model})

@@ -255,7 +255,7 @@ class RedisLimiter:
                 # The settlement count is read before the balance: a settlement between the two
                 # reads changes it, and the script then asks for a fresh balance instead of
                 # pairing an old balance with holds already given back.
-                seq = (self._redis.hget(keys[_META - 1], "seq") or b"0").decode()
+                seq = _text(self._redis.hget(keys[_META - 1], "seq") or b"0")
                 with self._database.session() as session:
                     terms = derive_terms(session, org=session.get(Organization, org_id), key=key,
                                          model=model, prompt_tokens=prompt_tokens,
@@ -389,9 +389,9 @@ class RedisLimiter:
         cutoff = seconds * 1000 + micros // 1000 - int(older_than_s * 1000)
         stale = []
         for member in self._redis.zrangebyscore(self._keys(0)[_INDEX - 1], "-inf", cutoff):
-            org, _, reservation_id = member.decode().partition("|")
+            org, _, reservation_id = _text(member).partition("|")
             record = self._redis.hget(self._keys(int(org))[_HOLDS - 1], reservation_id)
-            request_id = record.decode().partition("\n")[2] if record else ""
+            request_id = _text(record).partition("\n")[2] if record else ""
             stale.append((int(org), reservation_id, request_id))
         if stale:
             with self._database.session() as session:
@@ -493,3 +493,8 @@ def _script_args(check: Check, key_id: int) -> list[str | int]:
 def _use(used: int, oldest_ms: int) -> WindowUse:
     """A check's use as the reserve script reports it (-1: no settled request in the span)."""
     return WindowUse(used, oldest_ms if oldest_ms >= 0 else None)
+
+
+def _text(reply: object) -> str:
+    """A Redis reply as text: the client hands back bytes (it is not asked to decode)."""
+    return reply.decode() if isinstance(reply, bytes) else str(reply)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import Update, delete, func, insert, select, update
 from sqlalchemy.orm import Session
@@ -21,7 +22,7 @@ from sqlalchemy.orm import Session
 from serai.billing.base import Admission, UsageRecord
 from serai.billing.terms import Terms
 from serai.billing.windows import Totals
-from serai.storage.db import db_now_ms
+from serai.storage.db import db_now_ms, rowcount
 from serai.storage.tables import Organization, Reservation, UsageRow
 
 log = logging.getLogger("serai.ledger")
@@ -161,7 +162,7 @@ class _Rows:
         self._session = session
         self._totals = Totals(session)
         self._clock: dict[int | None, int] = {}  # organization -> database clock under its lock
-        self._rows: list[dict[str, object]] = []
+        self._rows: list[dict[str, Any]] = []
 
     def lock(self, org_id: int | None) -> None:
         """Take the organization's lock first, as admission does: an admission then sees a
@@ -174,8 +175,8 @@ class _Rows:
             self._session.execute(_org_lock(org_id))  # settling needs the lock, not the row
         self._clock[org_id] = db_now_ms(self._session)
 
-    def add(self, **row: object) -> None:
-        row["created_ms"] = self._clock[row["org_id"]]  # type: ignore[index]
+    def add(self, **row: Any) -> None:
+        row["created_ms"] = self._clock[row["org_id"]]
         self._rows.append(self._totals.stamp(row))
 
     def write(self) -> None:
@@ -205,7 +206,7 @@ def sweep_reservations(*, session: Session, older_than_s: float) -> int:
     for reservation in sorted(stale, key=lambda r: r.org_id):
         rows.lock(reservation.org_id)
         gone = session.execute(delete(Reservation).where(Reservation.id == reservation.id))
-        if gone.rowcount:
+        if rowcount(gone):
             rows.add(
                 request_id=reservation.request_id, key_id=reservation.key_id,
                 org_id=reservation.org_id, model=reservation.model,

@@ -36,6 +36,7 @@ test: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check serai tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Speed against llama_cpp.server and a bare loop, then memory, then the gateway's overhead in
 # front of a mock upstream (about 27 minutes on 2 cores; run it on an otherwise idle machine).

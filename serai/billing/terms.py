@@ -48,7 +48,7 @@ class Check:
     need: int
     limit: int
     refusal: Callable[[int, float], SeraiError]  # (used, seconds until room frees up) -> error
-    shown: tuple[str, int, int] | None = None  # x-ratelimit-* kind, limit shown, units per one
+    shown: tuple[str, int, int] | None = None  # x-ratelimit-* kind, limit shown, units per shown one
 
     def fits(self, used: int) -> bool:
         return used + self.need <= self.limit

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serai.bench import BenchConfig, BenchResult, run, synthetic_prompts
-from serai.models import prepare_bundled_model
+from serai.engines.models import prepare_bundled_model
 from serai.testing.processes import free_port
 
 MODEL_NAME = "gemma-3-270m"

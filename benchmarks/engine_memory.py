@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serai.bench import BenchConfig, run
-from serai.models import prepare_bundled_model
+from serai.engines.models import prepare_bundled_model
 
 MIB = 2**20
 

@@ -42,10 +42,10 @@ from processes import Server, cpu_model
 from rich.console import Console
 from rich.table import Table
 
-from serai import tracing
 from serai.bench import BenchResult
-from serai.metrics import Metrics
-from serai.request_log import RequestRecord
+from serai.observability import tracing
+from serai.observability.metrics import Metrics
+from serai.observability.request_log import RequestRecord
 from serai.testing.processes import free_port
 
 VARIANTS = ("quiet", "logs", "tracing")

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from serai import __version__, console, redaction, stored, tracing
+from serai import __version__, console
 from serai.api import admin, anthropic, idempotency, openai, scrape, stored_completions, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import OpenAIError, documented_errors, install_error_handlers, json_response
@@ -31,13 +31,15 @@ from serai.billing.database_limits import DatabaseLimiter
 from serai.billing.ledger import SET_ASIDE_FILE, LedgerWriter
 from serai.billing.redis_limits import RedisLimiter
 from serai.config import Settings
-from serai.crypto import ContentKeys
 from serai.engines.base import Engine
 from serai.engines.router import Router
-from serai.failed_authentications import FailedAuthentications
 from serai.fleet import Fleet, probe_forever
 from serai.gateway import Gateway
-from serai.metrics import Metrics
+from serai.governance import stored
+from serai.governance.crypto import ContentKeys
+from serai.governance.failed_authentications import FailedAuthentications
+from serai.observability import redaction, tracing
+from serai.observability.metrics import Metrics
 from serai.storage.db import Database
 
 log = logging.getLogger("serai")
@@ -108,7 +110,7 @@ async def _sweep_forever(limiter: Limiter, database: Database, timeout_s: float)
 
 # FastAPI 0.16x records its own OpenTelemetry spans, metrics and logs (validation errors with
 # the input values among them) whenever a global provider exists. Serai's spans are the only
-# ones it sends (serai/tracing.py): they are built to carry no content.
+# ones it sends (serai/observability/tracing.py): they are built to carry no content.
 _NO_NATIVE_TELEMETRY: dict[str, Any] = (
     {"telemetry": {"tracing": False, "metrics": False, "logs": False, "auto_configure": False}}
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})

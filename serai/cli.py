@@ -27,11 +27,12 @@ from rich.panel import Panel
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from serai import accounts, audit, redaction, request_log
 from serai.billing import invoices, plans
 from serai.billing.invoices import money
 from serai.config import EmbeddedModelSettings, Settings, UpstreamSettings, load_settings
 from serai.errors import ModelFileError, SeraiError
+from serai.governance import accounts, audit
+from serai.observability import redaction, request_log
 from serai.storage.db import Database
 from serai.storage.tables import Plan, PriceBook
 
@@ -125,8 +126,8 @@ def serve(
 
     from serai.api.request_heads import bounded_head_protocol
     from serai.app import create_app
+    from serai.engines.models import admit_model
     from serai.engines.upstream import read_api_key
-    from serai.models import admit_model
 
     flags = {"host": host, "port": port, "data_dir": data_dir, "model": model,
              "model_name": model_name, "ray_address": ray}
@@ -211,7 +212,7 @@ def _with_model_file(settings: Settings) -> Settings:
     (with a progress bar on first start), so the engine loads the file as named here."""
     if not settings.embedded or settings.models:
         return settings
-    from serai.models import resolve_model
+    from serai.engines.models import resolve_model
 
     path, name = resolve_model(settings, err)
     return settings.model_copy(update={"model": path, "model_name": name})
@@ -801,7 +802,7 @@ def models_list(
     model: Annotated[Path | None, typer.Option(help="GGUF file instead of the bundled one.")] = None,
 ) -> None:
     """List the embedded models `serai serve` would serve with these settings."""
-    from serai.models import admit_model
+    from serai.engines.models import admit_model
 
     settings = _settings(data_dir=data_dir, model=model)
     table = Table("model", "file", "size", "context")

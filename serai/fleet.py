@@ -72,7 +72,7 @@ def open_engine(item: Declared, settings: Settings) -> Engine:
 
         return UpstreamEngine(item.config)
     from serai.engines.llamacpp import LlamaCppEngine
-    from serai.models import admit_model
+    from serai.engines.models import admit_model
 
     model = item.config
     # The directory, header and SHA-256 checks: llama.cpp (here or on a Ray replica) only

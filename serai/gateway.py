@@ -16,8 +16,6 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 
-from serai import audit
-from serai.accounts import KeyInfo
 from serai.billing.base import UNMETERED, Admission, Limiter, UsageRecord, UsageStatus
 from serai.billing.database_limits import DatabaseLimiter
 from serai.billing.ledger import LedgerWriter
@@ -31,9 +29,11 @@ from serai.errors import (
     RegionUnavailable,
     SeraiError,
 )
+from serai.governance import audit
+from serai.governance.accounts import KeyInfo
+from serai.observability.tracing import NO_SPAN, OFF, Span, Tracing, error_code
 from serai.storage.db import Database
 from serai.threads import finish_or_undo
-from serai.tracing import NO_SPAN, OFF, Span, Tracing, error_code
 from serai.types import Chunk, GenerationRequest, Usage
 
 log = logging.getLogger("serai.gateway")

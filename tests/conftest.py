@@ -222,7 +222,7 @@ def api_key(live_server: LiveServer) -> str:
 @pytest.fixture(scope="session")
 def bundled_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real bundled model file, prepared once per test session."""
-    from serai.models import prepare_bundled_model
+    from serai.engines.models import prepare_bundled_model
 
     return prepare_bundled_model(tmp_path_factory.mktemp("models"))
 

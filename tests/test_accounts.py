@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from serai import accounts
 from serai.billing import database_limits, plans, settlement
 from serai.billing.base import UsageRecord
 from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound
+from serai.governance import accounts
 from serai.storage.db import Database
 from tests.support.tenants import customer
 

@@ -16,7 +16,7 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
-from serai import accounts
+from serai.governance import accounts
 from serai.storage.tables import Organization, UsageRow
 from tests.support.admin_api import Admin
 

@@ -22,10 +22,10 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from serai import accounts
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings
+from serai.governance import accounts
 from serai.storage.tables import UsageRow
 from serai.types import Message, ResponseFormat, Tool, ToolCall, ToolChoice
 from tests.conftest import LiveServer

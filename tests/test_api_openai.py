@@ -16,10 +16,10 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
-from serai import accounts
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings
+from serai.governance import accounts
 from serai.storage.tables import Reservation, UsageRow
 from tests.support.admin_api import sdk
 from tests.support.fake_engine import FakeEngine

@@ -26,10 +26,10 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import OperationalError
 from typer.testing import CliRunner
 
-from serai import accounts, audit, failed_authentications
 from serai.app import create_app
 from serai.cli import app as cli_app
 from serai.config import Settings
+from serai.governance import accounts, audit, failed_authentications
 from serai.storage.db import Database
 from tests.support.admin_api import Admin, admin_api
 from tests.support.fake_engine import FakeEngine

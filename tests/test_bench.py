@@ -20,12 +20,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from typer.testing import CliRunner
 
-from serai import accounts
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.bench import BenchConfig, BenchResult, percentile, run, synthetic_prompts
 from serai.cli import app as cli_app
 from serai.config import Settings
+from serai.governance import accounts
 from serai.testing.processes import free_port
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving

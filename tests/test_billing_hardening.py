@@ -16,8 +16,8 @@ import openai
 import pytest
 from sqlalchemy import select
 
-from serai import accounts
 from serai.engines.upstream import estimate_prompt_tokens
+from serai.governance import accounts
 from serai.storage.tables import Organization
 from serai.types import GenerationRequest, Message
 from tests.support.admin_api import sdk

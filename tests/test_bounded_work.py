@@ -15,9 +15,9 @@ import httpx2
 import openai
 import pytest
 
-from serai import accounts
 from serai.api.idempotency import ResponsesInMemory, Stored
 from serai.config import Settings
+from serai.governance import accounts
 from serai.types import GenerationRequest
 from tests.support.admin_api import Admin, admin_api
 from tests.support.fake_engine import FakeEngine

@@ -17,9 +17,9 @@ from click.testing import Result
 from sqlalchemy import insert
 from typer.testing import CliRunner
 
-from serai import accounts
 from serai.cli import app
 from serai.errors import AuthenticationFailed
+from serai.governance import accounts
 from serai.storage.db import Database, db_now_ms
 from serai.storage.tables import UsageRow
 

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from serai.cli import app
 from serai.config import BUNDLED_MODEL_NAME, load_settings
+from serai.engines.models import check_gguf, prepare_bundled_model, resolve_model
 from serai.errors import ModelFileError
-from serai.models import check_gguf, prepare_bundled_model, resolve_model
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,8 @@ import re
 import openai
 import pytest
 
-from serai import accounts, audit
 from serai.console.web import CONTENT_SECURITY_POLICY
+from serai.governance import accounts, audit
 from tests.support.admin_api import Admin
 from tests.support.console import csrf_of, org_key, sign_in
 

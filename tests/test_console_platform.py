@@ -12,9 +12,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from serai import accounts, audit
 from serai.billing import plans
 from serai.console.web import CONTENT_SECURITY_POLICY, PAGE_SIZE
+from serai.governance import accounts, audit
 from tests.conftest import REPLY_WORDS
 from tests.support.admin_api import Admin
 from tests.support.console import csrf_of, org_key, sign_in

@@ -27,13 +27,13 @@ import openai
 import pytest
 from typer.testing import CliRunner
 
-from serai import accounts
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.cli import app as cli
 from serai.config import Settings, load_settings
 from serai.engines.router import Router
 from serai.fleet import Fleet
+from serai.governance import accounts
 from serai.testing.mock_upstream import MockConfig, Stats
 from tests.conftest import LiveServer, start_server, stop_server
 from tests.support.admin_api import sdk

@@ -33,11 +33,11 @@ from schemathesis.specs.openapi.checks import (
 )
 from sqlalchemy import func, select
 
-from serai import accounts
 from serai.app import create_app
 from serai.billing import plans
 from serai.config import Settings, UpstreamSettings
 from serai.engines.upstream import UpstreamEngine
+from serai.governance import accounts
 from serai.storage.db import Database
 from serai.storage.tables import Reservation
 from serai.testing.mock_upstream import MockConfig, MockUpstream

@@ -19,11 +19,11 @@ from typer.testing import CliRunner
 
 from serai.cli import app
 from serai.config import Settings
+from serai.engines.gguf import validate_gguf
+from serai.engines.models import admit_model, check_gguf
 from serai.engines.router import Router
 from serai.errors import InvalidRequest, ModelFileError
 from serai.fleet import Fleet
-from serai.gguf import validate_gguf
-from serai.models import admit_model, check_gguf
 
 U8, U32, F32, STRING, ARRAY = 0, 4, 6, 8, 9
 HUGE = 1 << 60

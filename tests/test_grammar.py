@@ -22,7 +22,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serai import accounts
 from serai.app import create_app
 from serai.config import Settings
 from serai.engines import grammar
@@ -36,6 +35,7 @@ from serai.engines.grammar import (
 from serai.engines.llamacpp import KnownGrammars, LlamaCppEngine
 from serai.engines.tool_calls import MARKER, answer_grammar, parse_call, prompt_messages
 from serai.errors import InvalidRequest
+from serai.governance import accounts
 from serai.types import GenerationRequest, Message, ResponseFormat, Tool, ToolCall, ToolChoice
 from tests.support.admin_api import sdk as openai_sdk
 

@@ -18,9 +18,9 @@ import httpx
 import openai
 import pytest
 
-from serai import accounts, audit
 from serai.app import create_app
 from serai.config import Settings
+from serai.governance import accounts, audit
 from tests.support.admin_api import Admin, sdk
 from tests.support.console import csrf_of, org_key, sign_in
 from tests.support.fake_engine import FakeEngine

@@ -19,11 +19,11 @@ import httpx
 import pytest
 from sqlalchemy import func, select, update
 
-from serai import accounts
 from serai.api import idempotency
 from serai.app import create_app
 from serai.config import Settings
 from serai.errors import IdempotencyKeyInUse, IdempotencyKeyReused
+from serai.governance import accounts
 from serai.storage.db import Database
 from serai.storage.tables import IdempotencyRecord
 from tests.support.fake_engine import FakeEngine

@@ -14,12 +14,12 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from serai import accounts
 from serai.billing import ledger
 from serai.billing.base import UsageRecord, UsageStatus
 from serai.billing.database_limits import DatabaseLimiter
 from serai.billing.ledger import LedgerWriter
 from serai.billing.settlement import recent_usage, write_usage
+from serai.governance import accounts
 from serai.storage.db import Database
 from serai.storage.tables import UsageRow
 

@@ -25,12 +25,12 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import delete, func, select, update
 
-from serai import accounts
-from serai.accounts import KeyInfo
 from serai.billing.base import Admission, UsageRecord, UsageStatus
 from serai.billing.database_limits import admit
 from serai.billing.settlement import release, sweep_reservations, write_usage
 from serai.errors import InvalidRequest, QuotaExceeded
+from serai.governance import accounts
+from serai.governance.accounts import KeyInfo
 from serai.storage.db import Database
 from serai.storage.tables import BalanceEntry, Organization, Reservation, UsageRow
 from tests.support.tenants import customer

@@ -24,10 +24,10 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from serai import accounts
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings
+from serai.governance import accounts
 from serai.testing.processes import free_port
 from tests.conftest import LiveServer, start_server, stop_server
 from tests.support.admin_api import sdk

@@ -7,12 +7,12 @@ import asyncio
 import pytest
 from sqlalchemy import select, text
 
-from serai import accounts
 from serai.billing import ledger, settlement
 from serai.billing.base import UsageRecord
 from serai.billing.database_limits import DatabaseLimiter
 from serai.billing.ledger import LedgerWriter
 from serai.errors import AuthenticationFailed, NotFound
+from serai.governance import accounts
 from serai.storage.db import Database
 from serai.storage.tables import ApiKey
 

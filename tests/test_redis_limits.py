@@ -24,13 +24,13 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from serai import accounts
-from serai.accounts import KeyInfo
 from serai.app import create_app
 from serai.billing.base import Admission, UsageRecord
 from serai.billing.redis_limits import RedisLimiter
 from serai.config import Settings
 from serai.errors import LimitsUnavailable, QuotaExceeded, RateLimited
+from serai.governance import accounts
+from serai.governance.accounts import KeyInfo
 from serai.storage.db import Database, db_now_ms
 from serai.storage.tables import Organization, Reservation, UsageRow
 from serai.testing.processes import free_port

@@ -21,7 +21,7 @@ import pytest
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings
-from serai.request_log import JsonLines, formatter, use_json
+from serai.observability.request_log import JsonLines, formatter, use_json
 from tests.conftest import LiveServer
 from tests.support.admin_api import sdk
 from tests.support.fake_engine import FakeEngine

@@ -21,13 +21,13 @@ from fastapi import FastAPI
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
-from serai import accounts, stored
 from serai.app import create_app, sweep
 from serai.cli import app as cli_app
 from serai.config import Settings
-from serai.crypto import ContentKeyError, ContentKeys, key_id
 from serai.errors import InvalidRequest
-from serai.retention import ZERO, Retention
+from serai.governance import accounts, stored
+from serai.governance.crypto import ContentKeyError, ContentKeys, key_id
+from serai.governance.retention import ZERO, Retention
 from serai.storage.db import Database
 from serai.storage.tables import IdempotencyRecord, StoredCompletion, UsageRow
 from serai.types import ToolCall

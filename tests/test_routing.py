@@ -20,8 +20,6 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
-from serai import accounts
-from serai.accounts import KeyInfo
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.billing import settlement
@@ -30,6 +28,8 @@ from serai.engines.base import Measure
 from serai.engines.router import Router
 from serai.errors import EngineOverloaded, EngineUnavailable, RegionUnavailable, UnknownModel
 from serai.gateway import Gateway
+from serai.governance import accounts
+from serai.governance.accounts import KeyInfo
 from serai.storage.tables import Reservation, UsageRow
 from serai.testing.mock_upstream import MockConfig, Stats
 from serai.types import GenerationRequest

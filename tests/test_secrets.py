@@ -17,11 +17,11 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from serai import accounts
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.cli import app as cli_app
 from serai.config import Settings, UpstreamSettings
+from serai.governance import accounts
 from serai.storage.db import Database
 from serai.storage.tables import AuditRecord
 from serai.testing.mock_upstream import MockConfig

@@ -11,7 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from serai import accounts
+from serai.governance import accounts
 from serai.storage.db import Database
 from serai.storage.tables import Base
 

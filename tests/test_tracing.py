@@ -33,10 +33,10 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
-from serai import accounts
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings
+from serai.governance import accounts
 from tests.support.admin_api import sdk
 from tests.support.fake_engine import FakeEngine
 from tests.support.serving import serving
@@ -404,7 +404,7 @@ def _python(script: str, **env: str) -> subprocess.CompletedProcess[str]:
 _SERVE = """
 import asyncio
 import httpx
-from serai import accounts
+from serai.governance import accounts
 from serai.app import create_app
 from serai.config import Settings
 from tests.support.fake_engine import FakeEngine
@@ -434,7 +434,7 @@ async def send(http, auth):
     assert response.status_code == 200, response.text
 
 asyncio.run(serve({str(tmp_path)!r}, send))
-print(sorted(m for m in sys.modules if m == "serai.otlp" or (
+print(sorted(m for m in sys.modules if m == "serai.observability.otlp" or (
     m.split(".")[0] == "opentelemetry" and m not in fastapis)))
 """)
     assert result.returncode == 0, result.stderr

@@ -25,11 +25,11 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from serai import accounts
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings, UpstreamSettings, load_settings
 from serai.engines.upstream import UpstreamEngine, estimate_prompt_tokens
+from serai.governance import accounts
 from serai.storage.tables import UsageRow
 from serai.testing.mock_upstream import SECRET_IN_ERRORS, MockConfig, MockUpstream
 from serai.types import GenerationRequest, Message, SamplingParams

@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from starlette.responses import Response
 
-from serai.accounts import CodeInfo, KeyInfo, OrgInfo
 from serai.api import administration
 from serai.api.administration import (
     AuditPage,
@@ -41,6 +40,7 @@ from serai.api.bounds import RowId
 from serai.api.deps import ScopeDep, ServicesDep
 from serai.api.errors import json_response
 from serai.api.usage import DateParam, invoice_response, usage_object
+from serai.governance.accounts import CodeInfo, KeyInfo, OrgInfo
 from serai.storage.db import iso_from_ms, utc
 from serai.storage.tables import Plan
 

@@ -22,16 +22,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from serai import accounts, audit, traffic
-from serai import retention as retention_policy
-from serai.accounts import BalanceEntryInfo, CodeInfo, KeyInfo, OrgInfo
 from serai.api.bounds import MAX_MULTIPLIER, Moment, PositiveInt, RowId
 from serai.api.deps import AdminScope, Services
 from serai.billing import invoices, plans, quota
 from serai.engines.router import Deployment, Probe
 from serai.errors import InvalidRequest, NotFound, PermissionDenied
 from serai.fleet import Changes
-from serai.retention import MAX_DAYS as MAX_RETENTION_DAYS
+from serai.governance import accounts, audit
+from serai.governance import retention as retention_policy
+from serai.governance.accounts import BalanceEntryInfo, CodeInfo, KeyInfo, OrgInfo
+from serai.governance.retention import MAX_DAYS as MAX_RETENTION_DAYS
+from serai.observability import traffic
 from serai.storage.tables import Plan, Price, PriceBook, Reservation
 
 T = TypeVar("T")

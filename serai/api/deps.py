@@ -9,16 +9,16 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from serai import accounts
-from serai.accounts import KeyInfo
 from serai.config import Settings
-from serai.crypto import ContentKeys
 from serai.errors import AuthenticationFailed, NotFound, PermissionDenied
-from serai.failed_authentications import FailedAuthentications
 from serai.fleet import Fleet
 from serai.gateway import Gateway
-from serai.metrics import Metrics
-from serai.request_log import RequestRecord
+from serai.governance import accounts
+from serai.governance.accounts import KeyInfo
+from serai.governance.crypto import ContentKeys
+from serai.governance.failed_authentications import FailedAuthentications
+from serai.observability.metrics import Metrics
+from serai.observability.request_log import RequestRecord
 from serai.storage.db import Database
 
 
@@ -106,7 +106,7 @@ def check_network(request: Request, key: KeyInfo) -> None:
 async def record_failed_authentication(request: Request, services: Services, secret: str,
                                        error: AuthenticationFailed) -> None:
     """Count a refused key; the counts reach the audit log once a minute, so a failure writes
-    nothing to the database (serai.failed_authentications). Only the prefix the error message
+    nothing to the database (serai.governance.failed_authentications). Only the prefix the error message
     shows is kept: a mistyped key is still a secret."""
     reason = error.reason if isinstance(error, accounts.KeyRefused) else "unknown"
     services.failed_authentications.count(prefix=accounts.shown_prefix(secret), reason=reason,

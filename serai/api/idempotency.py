@@ -21,8 +21,8 @@ is stored as the exact bytes sent (an SSE stream included), so a replay is byte-
 whatever the wire protocol.
 
 The response holds the completion's text, so it is never written in clear: under a `store`
-retention policy (serai/retention.py) it is sealed with the server's content keys
-(serai/crypto.py) in the database; under zero retention, or on a server without content keys,
+retention policy (serai/governance/retention.py) it is sealed with the server's content keys
+(serai/governance/crypto.py) in the database; under zero retention, or on a server without content keys,
 it is kept only in the memory of the process that served it (`ResponsesInMemory`, bounded in
 entries and bytes), and its database record says only that the call is done. A twin reaching
 another process, or this one after a restart, cannot be replayed and gets 409
@@ -46,7 +46,6 @@ from sqlalchemy.orm import Session
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serai.crypto import ContentKeyError, ContentKeys, Sealed
 from serai.errors import (
     IdempotencyKeyInUse,
     IdempotencyKeyReused,
@@ -54,6 +53,7 @@ from serai.errors import (
     InvalidRequest,
 )
 from serai.gateway import Run
+from serai.governance.crypto import ContentKeyError, ContentKeys, Sealed
 from serai.storage.db import Database, db_now_ms, rowcount
 from serai.storage.tables import IdempotencyRecord
 from serai.threads import finish_or_undo

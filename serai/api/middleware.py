@@ -10,10 +10,10 @@ from collections.abc import Callable
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serai import request_log
 from serai.api.errors import error_body
-from serai.metrics import Metrics
-from serai.request_log import RequestRecord
+from serai.observability import request_log
+from serai.observability.metrics import Metrics
+from serai.observability.request_log import RequestRecord
 
 
 def new_request_id() -> str:

@@ -21,8 +21,6 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from serai import stored
-from serai.accounts import KeyInfo
 from serai.api.bounds import INT32_MAX, Seed, TokenCount
 from serai.api.deps import KeyDep, Services, ServicesDep
 from serai.api.errors import json_response, openai_error_body
@@ -33,10 +31,12 @@ from serai.api.sse import (
     STREAMS,
     sse_event,
 )
-from serai.crypto import ContentKeys
 from serai.engines.base import ModelInfo
 from serai.errors import ContentKeyMissing, InvalidRequest, SeraiError, UnknownModel
 from serai.gateway import Run
+from serai.governance import stored
+from serai.governance.accounts import KeyInfo
+from serai.governance.crypto import ContentKeys
 from serai.storage.db import Database
 from serai.types import (
     Chunk,
@@ -446,7 +446,7 @@ class CompletionRenderer(_Renderer):
 @dataclass(frozen=True, slots=True)
 class StoredCompletion:
     """Where a chat completion that asked to be stored is kept once it is whole: sealed, in
-    its organization, for its retention's days (serai.stored)."""
+    its organization, for its retention's days (serai.governance.stored)."""
 
     database: Database
     keys: ContentKeys

@@ -1,5 +1,5 @@
-"""GET /metrics: the Prometheus text format of the app's metrics (serai.metrics), behind a bearer
-token when `metrics_token` is set, and on its own port when `metrics_port` is."""
+"""GET /metrics: the Prometheus text format of the app's metrics (serai.observability.metrics),
+behind a bearer token when `metrics_token` is set, and on its own port when `metrics_port` is."""
 
 from __future__ import annotations
 

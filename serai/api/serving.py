@@ -5,7 +5,7 @@ server-sent events, or whole as one JSON body. Around it every surface does the 
 request is started through the gateway while `receive()` is watched (a client that leaves gets
 no run), a stream is handed to an EventStreamResponse that closes the run when it ends, and a
 whole answer is collected under the same watch and its run closed however collecting ends. The
-request's record (serai.request_log) learns the model, and once the run is closed its tokens
+request's record (serai.observability.request_log) learns the model, and once the run is closed its tokens
 and timings.
 
 A request with an Idempotency-Key claims it here, before its run starts
@@ -22,13 +22,13 @@ from typing import Any, Protocol
 from fastapi import Request
 from starlette.responses import Response
 
-from serai.accounts import KeyInfo
 from serai.api.errors import json_response
 from serai.api.idempotency import IdempotentCall, ReplayedResponse, Stored
 from serai.api.sse import ClientDisconnected, EventStreamResponse, until_disconnect
 from serai.errors import SeraiError
 from serai.gateway import Gateway, Run
-from serai.request_log import RequestRecord
+from serai.governance.accounts import KeyInfo
+from serai.observability.request_log import RequestRecord
 from serai.types import Chunk, GenerationRequest, ToolCall
 
 

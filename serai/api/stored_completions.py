@@ -15,12 +15,12 @@ from fastapi import APIRouter, Query, Request
 from sqlalchemy.orm import Session
 from starlette.responses import Response
 
-from serai import stored
-from serai.accounts import KeyInfo
 from serai.api.deps import KeyDep, Services, ServicesDep
 from serai.api.errors import json_response
-from serai.crypto import ContentKeys
 from serai.errors import ContentKeyMissing, NotFound
+from serai.governance import stored
+from serai.governance.accounts import KeyInfo
+from serai.governance.crypto import ContentKeys
 
 router = APIRouter(tags=["OpenAI"])
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from serai.accounts import KeyInfo
 from serai.billing.plans import MILLI, Pricing
+from serai.governance.accounts import KeyInfo
 
 UsageStatus = Literal["ok", "cancelled", "error", "interrupted"]
 

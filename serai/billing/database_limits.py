@@ -12,7 +12,6 @@ import uuid
 
 from sqlalchemy.orm import Session
 
-from serai.accounts import KeyInfo
 from serai.billing.base import UNMETERED, Admission, UsageRecord
 from serai.billing.settlement import (
     Owned,
@@ -25,6 +24,7 @@ from serai.billing.settlement import (
 )
 from serai.billing.terms import Check, derive_terms
 from serai.billing.windows import WindowReader, WindowUse
+from serai.governance.accounts import KeyInfo
 from serai.storage.db import Database
 
 

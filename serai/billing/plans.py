@@ -15,9 +15,9 @@ from typing import Any, Literal
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from serai import audit
 from serai.billing.windows import Metric as Counted
 from serai.errors import InvalidRequest, NotFound
+from serai.governance import audit
 from serai.storage.db import rowcount
 from serai.storage.named import claim_name, find_named
 from serai.storage.tables import Plan, Price, PriceBook

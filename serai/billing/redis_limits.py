@@ -19,7 +19,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from serai.accounts import KeyInfo
 from serai.billing.base import UNMETERED, Admission, UsageRecord
 from serai.billing.settlement import (
     Owned,
@@ -32,6 +31,7 @@ from serai.billing.settlement import (
 from serai.billing.terms import MINUTE_S, Check, derive_terms
 from serai.billing.windows import WindowUse
 from serai.errors import LimitsUnavailable
+from serai.governance.accounts import KeyInfo
 from serai.storage.db import Database, db_now_ms
 from serai.storage.tables import Organization, Reservation, UsageRow
 

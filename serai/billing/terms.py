@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from serai.accounts import KeyInfo
 from serai.billing.base import Admission
 from serai.billing.plans import (
     MILLI,
@@ -30,6 +29,7 @@ from serai.billing.plans import (
 )
 from serai.billing.windows import Metric, WindowUse
 from serai.errors import PermissionDenied, QuotaExceeded, RateLimited, SeraiError
+from serai.governance.accounts import KeyInfo
 from serai.storage.db import db_now_ms
 from serai.storage.tables import Organization, Plan, Price, PriceBook
 

@@ -15,7 +15,6 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from serai.accounts import OrgInfo
 from serai.api import administration
 from serai.api.administration import KeyCreate, OrgUpdate
 from serai.api.deps import Services, ServicesDep
@@ -34,6 +33,7 @@ from serai.console.web import (
     scope_of,
 )
 from serai.errors import NotFound, SeraiError
+from serai.governance.accounts import OrgInfo
 
 router = APIRouter(prefix="/console/orgs/{org_id}", include_in_schema=False)
 

@@ -14,7 +14,6 @@ from fastapi import APIRouter, Request
 from starlette.datastructures import FormData
 from starlette.responses import Response
 
-from serai.accounts import OrgInfo
 from serai.api import administration
 from serai.api.administration import (
     BalanceChange,
@@ -43,8 +42,9 @@ from serai.console.web import (
     scope_of,
 )
 from serai.errors import InvalidRequest
+from serai.governance.accounts import OrgInfo
+from serai.observability.traffic import Minute
 from serai.storage.tables import Plan
-from serai.traffic import Minute
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 

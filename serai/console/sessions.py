@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from serai import accounts, audit
-from serai.accounts import KeyInfo
 from serai.errors import PermissionDenied
+from serai.governance import accounts, audit
+from serai.governance.accounts import KeyInfo
 from serai.storage.db import db_now_ms
 from serai.storage.tables import ApiKey, ConsoleSession
 

@@ -13,12 +13,12 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from starlette.responses import RedirectResponse, Response
 
-from serai import audit
 from serai.api.deps import ServicesDep, client_address, record_failed_authentication
 from serai.console import sessions
 from serai.console.sessions import SignedIn
 from serai.console.web import FormDep, UserDep, render, scope_of
 from serai.errors import AuthenticationFailed
+from serai.governance import audit
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 

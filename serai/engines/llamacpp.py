@@ -22,9 +22,9 @@ import llama_cpp
 from serai.engines import tool_calls
 from serai.engines.base import EngineStats, Measure, ModelInfo
 from serai.engines.batching import BatchScheduler, Sequence
+from serai.engines.models import check_gguf
 from serai.engines.prompts import PromptFormat, choose_prompt_format
 from serai.errors import ContextLengthExceeded, EngineOverloaded, EngineUnavailable, InvalidRequest
-from serai.models import check_gguf
 from serai.types import Chunk, GenerationRequest
 
 log = logging.getLogger("serai.engines.llamacpp")

@@ -52,7 +52,7 @@ class Organization(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # Regions whose deployments may serve this organization; null or empty: any.
     allowed_regions: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
-    # What may be kept of its calls' content (serai/retention.py): "zero" or "store" for
+    # What may be kept of its calls' content (serai/governance/retention.py): "zero" or "store" for
     # retention_days.
     retention: Mapped[str] = mapped_column(String(8), default="zero", server_default="zero")
     retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -255,7 +255,7 @@ class IdempotencyRecord(Base):
     state: Mapped[str] = mapped_column(String(16))  # "in_flight" or "done"
     status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     headers: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
-    # Sealed with the content key `cipher_key` (serai/crypto.py); both null when the response
+    # Sealed with the content key `cipher_key` (serai/governance/crypto.py); both null when the response
     # is kept only in the memory of the process that answered (zero retention).
     body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     cipher_key: Mapped[str | None] = mapped_column(String(32), nullable=True)
@@ -283,7 +283,7 @@ class AuditRecord(Base):
 
 class StoredCompletion(Base):
     """A chat completion made with `store: true` under a `store` retention policy: its request
-    messages and response, encrypted (serai/crypto.py), kept until `expires_ms`."""
+    messages and response, encrypted (serai/governance/crypto.py), kept until `expires_ms`."""
 
     __tablename__ = "stored_completions"
     __table_args__ = (Index("ix_stored_completions_org", "org_id", "id"),)

@@ -12,10 +12,10 @@ import httpx
 import openai
 from fastapi import FastAPI
 
-from serai import accounts
 from serai.api.deps import Services
 from serai.app import create_app
 from serai.config import Settings
+from serai.governance import accounts
 from tests.support.fake_engine import FakeEngine
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from serai import accounts
+from serai.governance import accounts
 from tests.support.admin_api import Admin
 from tests.support.tenants import customer
 

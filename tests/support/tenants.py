@@ -8,9 +8,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from serai import accounts
-from serai.accounts import KeyInfo
 from serai.billing import plans
+from serai.governance import accounts
+from serai.governance.accounts import KeyInfo
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serai import __version__
 from serai.api.errors import is_anthropic
-from serai.request_log import RequestRecord
-from serai.tracing import Attribute, Span, Tracing, error_code
+from serai.observability.request_log import RequestRecord
+from serai.observability.tracing import Attribute, Span, Tracing, error_code
 
 # The W3C header itself, whatever propagator the process may have set globally.
 _W3C = TraceContextTextMapPropagator()
@@ -114,7 +114,7 @@ class RequestSpans:
                 "serai.protocol": "anthropic" if is_anthropic(path) else "openai",
                 **({"serai.request_id": state["request_id"]} if "request_id" in state else {})})
         token = otel_context.attach(trace.set_span_in_context(span, parent))
-        # RequestContext, outside this layer, keeps the request's record (serai/request_log.py):
+        # RequestContext, outside this layer, keeps the request's record (serai/observability/request_log.py):
         # its status is set as the response starts, its key prefix by authentication.
         record: RequestRecord = state["record"]
         try:

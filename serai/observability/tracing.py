@@ -1,5 +1,5 @@
 """Tracing of model requests: what the gateway asks for when it times admission, routing,
-engine time and settlement. With `otel_endpoint` set, serai.otlp turns these into OpenTelemetry
+engine time and settlement. With `otel_endpoint` set, serai.observability.otlp turns these into OpenTelemetry
 spans; unset, every span is one shared object that does nothing and neither the OpenTelemetry SDK
 nor its exporter is imported ("off and free").
 
@@ -92,7 +92,7 @@ def configured(settings: Settings) -> Tracing:
     if not settings.otel_endpoint:
         return OFF
     try:
-        from serai.otlp import OtlpTracing
+        from serai.observability.otlp import OtlpTracing
     except ImportError as error:
         if not (error.name or "").startswith("opentelemetry"):
             raise

@@ -19,10 +19,10 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from serai import audit
-from serai import retention as retention_policy
 from serai.errors import AuthenticationFailed, Conflict, InvalidRequest, NotFound, PermissionDenied
-from serai.retention import ZERO, Retention
+from serai.governance import audit
+from serai.governance import retention as retention_policy
+from serai.governance.retention import ZERO, Retention
 from serai.storage.db import rowcount, utc
 from serai.storage.named import claim_name, find_named, row_id
 from serai.storage.tables import ApiKey, BalanceEntry, Organization, RedemptionCode, Reservation

@@ -2,7 +2,7 @@
 whose retention policy allows it, readable only inside that organization.
 
 The request's messages and the response are one JSON document, encrypted with the server's
-content keys (serai/crypto.py) and bound to its organization and id; only the model, the
+content keys (serai/governance/crypto.py) and bound to its organization and id; only the model, the
 caller's metadata and the times stay in clear, for listing. A completion past its retention is
 never served, and the sweeper deletes it. A key limited to some models reaches only the
 completions of those models: the others answer as if they did not exist.
@@ -18,8 +18,8 @@ import orjson
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from serai.crypto import ContentKeys, Sealed
 from serai.errors import InvalidRequest, NotFound
+from serai.governance.crypto import ContentKeys, Sealed
 from serai.storage.db import db_now_ms, rowcount
 from serai.storage.tables import StoredCompletion
 

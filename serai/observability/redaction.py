@@ -8,7 +8,7 @@ import logging
 import re
 import traceback
 
-from serai.accounts import KEY_SCHEME, PREFIX_LENGTH, shown_prefix
+from serai.governance.accounts import KEY_SCHEME, PREFIX_LENGTH, shown_prefix
 
 # The scheme, the part of the random string a prefix shows, then at least one more character:
 # a prefix already cut ("sk-serai-abcdef…") does not match again.

@@ -2,7 +2,7 @@
 
 RequestContext (serai.api.middleware) starts a RequestRecord for every request; the API layer
 fills in who asked, which model answered and what it cost as it learns them; when the response
-is fully sent, the same record feeds the metrics (serai.metrics) and this log line. The record
+is fully sent, the same record feeds the metrics (serai.observability.metrics) and this log line. The record
 holds no prompt or completion text, so no organization's content can reach the logs through it.
 """
 
@@ -17,8 +17,8 @@ from typing import Any, Literal, TextIO
 
 import orjson
 
-from serai import redaction
-from serai.accounts import KEY_SCHEME
+from serai.governance.accounts import KEY_SCHEME
+from serai.observability import redaction
 
 log = logging.getLogger("serai.requests")
 

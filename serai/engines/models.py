@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from serai.config import BUNDLED_MODEL_NAME, Settings
+from serai.engines.gguf import validate_gguf
 from serai.errors import ModelFileError
-from serai.gguf import validate_gguf
 
 T = TypeVar("T")
 
@@ -80,7 +80,7 @@ def prepare_bundled_model(models_dir: Path, console: Console | None = None) -> P
 
 def check_gguf(path: Path) -> None:
     """Refuse a path that is not a readable, well-formed GGUF file, with a message that says
-    why; llama.cpp opens only files that passed (see serai.gguf)."""
+    why; llama.cpp opens only files that passed (see serai.engines.gguf)."""
     if not path.exists():
         raise ModelFileError(f"model file {path} does not exist")
     if not path.is_file():

@@ -26,7 +26,7 @@ from serai.errors import (
     QuotaExceeded,
     RateLimited,
 )
-from serai.request_log import RequestRecord
+from serai.observability.request_log import RequestRecord
 
 # The model label of a request that named no model this server serves (or was refused before
 # its model was read): one fixed value, however many names clients make up.

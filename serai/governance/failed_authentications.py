@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from serai import audit
+from serai.governance import audit
 from serai.storage.db import Database
 
 log = logging.getLogger("serai.audit")

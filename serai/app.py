@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from serai import __version__, console
+from serai import __version__
 from serai.api import admin, anthropic, idempotency, openai, scrape, stored_completions, usage
 from serai.api.deps import Services, ServicesDep
 from serai.api.errors import OpenAIError, documented_errors, install_error_handlers, json_response
@@ -31,6 +31,7 @@ from serai.billing.database_limits import DatabaseLimiter
 from serai.billing.ledger import SET_ASIDE_FILE, LedgerWriter
 from serai.billing.redis_limits import RedisLimiter
 from serai.config import Settings
+from serai.console import site
 from serai.engines.base import Engine
 from serai.engines.router import Router
 from serai.fleet import Fleet, probe_forever
@@ -43,6 +44,21 @@ from serai.observability.metrics import Metrics
 from serai.storage.db import Database
 
 log = logging.getLogger("serai")
+
+
+def configured_tracing(settings: Settings) -> tracing.Tracing:
+    """The tracing `settings` ask for: off without `otel_endpoint`. With it but without the
+    `otel` extra installed, a ValueError says what to install. The OTLP implementation is
+    imported here, at the composition root, so serai.observability.tracing never imports it."""
+    if not settings.otel_endpoint:
+        return tracing.OFF
+    try:
+        from serai.observability.otlp import OtlpTracing
+    except ImportError as error:
+        if not (error.name or "").startswith("opentelemetry"):
+            raise
+        raise ValueError(tracing.OTEL_MISSING) from None
+    return OtlpTracing(endpoint=settings.otel_endpoint, service_name=settings.otel_service_name)
 
 
 def build_router(settings: Settings, local: Sequence[Engine] = ()) -> Router:
@@ -126,7 +142,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
         settings.secret_key.get_secret_value() if settings.secret_key else None,
         settings.secret_key_file)
     # Tracing asked for without OpenTelemetry installed stops everything here too.
-    traces = tracing.configured(settings)
+    traces = configured_tracing(settings)
     metrics = Metrics()  # this app's own registry: apps in one process never mix counts
 
     @asynccontextmanager
@@ -186,7 +202,7 @@ def create_app(settings: Settings, *, engines: Sequence[Engine] | None = None,
     app.include_router(usage.router)
     app.include_router(admin.router)
     app.include_router(scrape.router)
-    console.install(app)
+    site.install(app)
 
     @app.get("/health", tags=["Operations"])
     async def health() -> Response:

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from serai.errors import EngineOverloaded, SeraiError
+from serai.observability.request_log import is_anthropic
 
 log = logging.getLogger("serai.api")
 
@@ -63,17 +64,11 @@ def documented_errors(envelope: type[BaseModel]) -> dict[int | str, dict[str, An
                     "(invalid, unauthenticated, refused, not found, limited)."}}
 
 
-ANTHROPIC_PATHS = ("/v1/messages",)
-
 # Anthropic's error type for each status; Anthropic's clients branch on these.
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                     403: "permission_error", 404: "not_found_error", 413: "request_too_large",
                     429: "rate_limit_error", 529: "overloaded_error"}
 ANTHROPIC_OVERLOADED = 529
-
-
-def is_anthropic(path: str) -> bool:
-    return path.startswith(ANTHROPIC_PATHS)
 
 
 def anthropic_error_body(message: str, *, status: int) -> dict[str, Any]:

@@ -23,8 +23,7 @@ from opentelemetry.util.types import AttributeValue
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serai import __version__
-from serai.api.errors import is_anthropic
-from serai.observability.request_log import RequestRecord
+from serai.observability.request_log import RequestRecord, is_anthropic
 from serai.observability.tracing import Attribute, Span, Tracing, error_code
 
 # The W3C header itself, whatever propagator the process may have set globally.

@@ -31,6 +31,14 @@ MODEL_PATHS: dict[str, Protocol] = {
     "/v1/messages": "anthropic",
 }
 
+ANTHROPIC_PATHS = ("/v1/messages",)
+
+
+def is_anthropic(path: str) -> bool:
+    """Whether `path` speaks Anthropic's wire (its errors, its span attribute), whatever the
+    method: /v1/messages and what lies under it."""
+    return path.startswith(ANTHROPIC_PATHS)
+
 
 @dataclass(slots=True)
 class RequestRecord:

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from serai.config import Settings
 
 Attribute = str | int | float | bool | None  # None: not set
 
@@ -84,17 +83,3 @@ class Tracing:
 
 
 OFF = Tracing()
-
-
-def configured(settings: Settings) -> Tracing:
-    """The tracing `settings` ask for: off without `otel_endpoint`. With it but without the
-    `otel` extra installed, a ValueError says what to install."""
-    if not settings.otel_endpoint:
-        return OFF
-    try:
-        from serai.observability.otlp import OtlpTracing
-    except ImportError as error:
-        if not (error.name or "").startswith("opentelemetry"):
-            raise
-        raise ValueError(OTEL_MISSING) from None
-    return OtlpTracing(endpoint=settings.otel_endpoint, service_name=settings.otel_service_name)

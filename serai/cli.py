@@ -335,12 +335,12 @@ def keys_update(
     data_dir: DataDir = None,
 ) -> None:
     """Change a key's retention policy."""
-    fields: dict[str, object] = {}
+    fields: dict[str, Any] = {}
     if retention is not None:
         fields["retention"] = None if retention == "inherit" else retention
     with _session(data_dir) as session:
         key = accounts.update_key(session=session, ref=ref, retention_days=retention_days,
-                                  **fields)  # type: ignore[arg-type]
+                                  **fields)
     shown = key.retention.describe() if key.retention else "its organization's"
     err.print(f"Key {key.id} ({key.prefix}…) retention: {shown}.")
 
@@ -425,7 +425,7 @@ def orgs_update(
     """Change an organization's name, plan, price book, limits, regions, retention or state."""
     with _session(data_dir) as session:
         found = accounts.find_org(session=session, ref=org)
-        fields: dict[str, object] = {}
+        fields: dict[str, Any] = {}
         if plan is not None:
             fields["plan_id"] = None if plan == "none" else plans.find_plan(
                 session=session, ref=plan).id
@@ -438,7 +438,7 @@ def orgs_update(
         updated = accounts.update_org(session=session, org_id=found.id, name=name,
                                       disabled=disable, retention=retention,
                                       retention_days=retention_days,
-                                      **fields)  # type: ignore[arg-type]
+                                      **fields)
         table = _org_table(session, [updated])
     Console().print(table)
 

@@ -80,7 +80,7 @@ def open_engine(item: Declared, settings: Settings) -> Engine:
     path = admit_model(model.path, settings, sha256=model.sha256)
     assert model.context_length is not None and model.parallel is not None
     assert model.queue_size is not None and model.prompt_format is not None
-    options = {"context_length": model.context_length, "threads": model.threads,
+    options: dict[str, Any] = {"context_length": model.context_length, "threads": model.threads,
                "prompt_format": model.prompt_format,
                "default_max_tokens": settings.default_max_tokens,
                "parallel": model.parallel, "queue_size": model.queue_size,
@@ -98,7 +98,7 @@ def open_engine(item: Declared, settings: Settings) -> Engine:
                               # each replica batches `parallel`; Serve queues the rest
                               max_ongoing_requests=model.parallel,
                               max_queued_requests=model.queue_size)
-    return LlamaCppEngine(path, name=model.name, **options)  # type: ignore[arg-type]
+    return LlamaCppEngine(path, name=model.name, **options)
 
 
 def _add(router: Router, item: Declared, engine: Engine) -> Deployment:

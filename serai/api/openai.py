@@ -257,6 +257,7 @@ def _response_format(value: dict[str, Any] | None) -> ResponseFormat | None:
     if not isinstance(schema, dict | bool):
         raise InvalidRequest("'response_format.json_schema.schema' must be a JSON Schema.",
                              param="response_format.json_schema.schema")
+    # A boolean schema (true: anything) is valid JSON Schema; the grammar converter reads it.
     return ResponseFormat("json_schema", schema=schema, name=spec["name"])  # type: ignore[arg-type]
 
 

@@ -125,7 +125,7 @@ class LlamaCppEngine:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self._longest_token = _longest_token(self._vocab)
         self._format: PromptFormat = choose_prompt_format(
-            prompt_format,  # type: ignore[arg-type]
+            prompt_format,  # type: ignore[arg-type]  # the settings allow only a format's name
             self._vocab_only.metadata,
             path.name,
             bos_token=self._token_text(self._vocab_only.token_bos()),

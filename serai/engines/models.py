@@ -114,6 +114,7 @@ def _once_per_version(what: str, path: Path, compute: Callable[[], T]) -> T:
     with _known_lock:
         known = _known.get((what, path))
     if known is not None and known[0] == version:
+        # One cache for every `what`; each caller's `compute` gives the type it reads back.
         return known[1]  # type: ignore[return-value]
     result = compute()
     with _known_lock:

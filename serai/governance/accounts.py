@@ -99,11 +99,13 @@ def key_info(row: ApiKey) -> KeyInfo:
 
 
 def _key_retention(row: ApiKey) -> Retention | None:
+    # The column holds only a Policy: every write goes through retention.Policy.
     return None if row.retention is None else Retention(row.retention,  # type: ignore[arg-type]
                                                         row.retention_days)
 
 
 def _org_retention(row: Organization) -> Retention:
+    # The column holds only a Policy: every write goes through retention.Policy.
     return Retention(row.retention, row.retention_days)  # type: ignore[arg-type]
 
 

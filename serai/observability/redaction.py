@@ -58,5 +58,7 @@ def install() -> None:
         _MASK.filter(record)
         return record
 
+    # A mark on the factory, read by the check that it is installed once; functions take
+    # attributes, which mypy does not model.
     masked_record.masks_keys = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(masked_record)

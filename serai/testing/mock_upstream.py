@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,7 +29,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 Failure = Literal["none", "503", "429", "400", "401", "hang", "cut", "no_usage", "absurd_usage"]
-FAILURES: tuple[str, ...] = Failure.__args__  # type: ignore[attr-defined]
+FAILURES: tuple[str, ...] = get_args(Failure)
 # Put in error bodies, so tests can check an upstream's error body never reaches a client.
 SECRET_IN_ERRORS = "mock-internal-detail-7f3a"
 

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from serai.billing.base import UNMETERED, Admission, Limiter, UsageRecord, UsageStatus
 from serai.billing.database_limits import DatabaseLimiter
@@ -244,6 +245,16 @@ async def _give_back(limiter: Limiter, admission: Admission) -> None:
     await asyncio.to_thread(limiter.release, admission)
 
 
+@dataclass(frozen=True, slots=True)
+class Admissible:
+    """A request that passed the checks needing no engine, under its model's canonical name:
+    what Gateway.start runs. Made only by Gateway.admissible, so a run cannot skip them and the
+    API layer, which must claim an Idempotency-Key between them and admission, runs them once."""
+
+    key: KeyInfo
+    request: GenerationRequest
+
+
 class CountRate:
     """Token counts (`/v1/messages/count_tokens`) a key may ask for per minute, in this process.
     A count bills nothing, so without a rate of its own it would be free tokenizing for anyone
@@ -323,13 +334,13 @@ class Gateway:
         self.database = database
         self.limiter = limiter if limiter is not None else DatabaseLimiter(database)
 
-    async def start(self, *, key: KeyInfo, request: GenerationRequest, endpoint: str) -> Run:
-        """Start a run of `request` once it is `admissible` (see `_start`)."""
-        request = self.admissible(key, request)
+    async def start(self, admissible: Admissible, *, endpoint: str) -> Run:
+        """Start a run of a request that passed `admissible` (see `_start`)."""
+        key, request = admissible.key, admissible.request
         self.tracing.annotate(model=request.model, org_id=key.org_id)
         return await self._start(key=key, request=request, endpoint=endpoint)
 
-    def admissible(self, key: KeyInfo, request: GenerationRequest) -> GenerationRequest:
+    def admissible(self, key: KeyInfo, request: GenerationRequest) -> Admissible:
         """`request` under its model's canonical name, once the checks that need no engine
         passed: the model is served, and this key may use it by whatever name it was asked
         for. They come before any tokenising or grammar compiling, which cost the server
@@ -338,13 +349,15 @@ class Gateway:
         self.router.deployments(model)  # UnknownModel (404) before anything else
         key.check_may_use(model, canonical=self.router.canonical)
         self.refused.check(key)
-        return request if model == request.model else dataclasses.replace(request, model=model)
+        if model != request.model:
+            request = dataclasses.replace(request, model=model)
+        return Admissible(key, request)
 
     async def measure(self, request: GenerationRequest, *, key: KeyInfo) -> Measure:
         """The size of `request` on a deployment of its model in the key's regions, without
         running it: nothing is admitted, generated or recorded (token counting endpoints). The
         deployment is held meanwhile, so a reload cannot close its engine mid-count."""
-        request = self.admissible(key, request)
+        request = self.admissible(key, request).request
         self.count_rate.check(key)
         ticket = self.router.pick(request.model, regions=key.allowed_regions)
         try:

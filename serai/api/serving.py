@@ -115,20 +115,20 @@ async def _start(gateway: Gateway, *, key: KeyInfo, generation: GenerationReques
     """The started run of `generation`, or the response to send again instead of running it.
 
     The Idempotency-Key is claimed once the checks that need no engine have passed (a refusal
-    that costs nothing holds no key; the gateway repeats them, they are lookups) and before
-    admission. A twin still running or another payload under the key is refused here, and a
-    run refused before it started frees the key for a retry.
+    that costs nothing holds no key) and before admission. A twin still running or another
+    payload under the key is refused here, and a run refused before it started frees the key
+    for a retry.
     """
+    admissible = gateway.admissible(key, generation)
     if idempotency is None:
-        return await gateway.start(key=key, request=generation, endpoint=endpoint)
-    generation = gateway.admissible(key, generation)
+        return await gateway.start(admissible, endpoint=endpoint)
     replay = await idempotency.claim(database=gateway.database, key_id=key.id,
                                      request_id=generation.request_id,
                                      in_memory=not key.effective_retention.stores)
     if replay is not None:
         return replay
     try:
-        run = await gateway.start(key=key, request=generation, endpoint=endpoint)
+        run = await gateway.start(admissible, endpoint=endpoint)
     except BaseException:
         await idempotency.release()
         raise

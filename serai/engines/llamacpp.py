@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -39,7 +40,7 @@ GRAMMARS_KEPT = 256  # grammars llama.cpp has parsed: a client sends the same to
 GRAMMAR_BYTES_KEPT = 8 * 1024 * 1024  # ... and their size: one may be half a megabyte
 
 
-def _longest_token(vocab: llama_cpp.llama_vocab_p) -> int:
+def _longest_token_bytes(vocab: llama_cpp.llama_vocab_p) -> int:
     """Bytes of the vocabulary's longest token (48 for Gemma 3's 262,144; 0.3 s to find)."""
     piece = (ctypes.c_char * 256)()
     return max(1, max(llama_cpp.llama_token_to_piece(vocab, token, piece, len(piece), 0, True)
@@ -123,7 +124,6 @@ class LlamaCppEngine:
         if not self._model:
             raise EngineUnavailable(f"llama.cpp could not load {path}")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self._longest_token = _longest_token(self._vocab)
         self._format: PromptFormat = choose_prompt_format(
             prompt_format,  # type: ignore[arg-type]  # the settings allow only a format's name
             self._vocab_only.metadata,
@@ -294,13 +294,19 @@ class LlamaCppEngine:
         vocabulary's longest, so a text of more bytes than the context holds of those is
         refused without tokenizing it (4 MB took the tokenizer 4 s of CPU)."""
         n_ctx = self._info.context_length
-        if len(text) > n_ctx * self._longest_token:
+        # The longest token is a byte at least, so a text no longer than the context in bytes
+        # always passes; only a longer one needs it, found once then (not at every start-up).
+        if len(text) > n_ctx and len(text) > n_ctx * self._longest_token:
             at_least = len(text) // self._longest_token
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {n_ctx} tokens. However, the {where} "
                 f"holds at least {at_least} tokens ({len(text)} bytes). Please reduce the length "
                 f"of the {where}.", param=where)
         return text
+
+    @functools.cached_property
+    def _longest_token(self) -> int:
+        return _longest_token_bytes(self._vocab)
 
     def _check_grammar(self, grammar: str) -> None:
         """Refuse a grammar llama.cpp cannot parse before the request is admitted."""
